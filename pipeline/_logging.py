@@ -1,0 +1,95 @@
+"""structlog set-up: JSON lines, secrets redacted, phone numbers masked.
+
+Events are per batch and per state change, never per recipient.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Iterable, MutableMapping
+from typing import Any, BinaryIO
+
+import orjson
+import structlog
+
+__all__ = ("Redactor", "configure_logging", "mask_phone")
+
+_PHONE = re.compile(r"\+?\d{7,15}")
+
+
+def mask_phone(text: str) -> str:
+    """``8613812345678`` → ``*********5678``."""
+    return _PHONE.sub(lambda m: "*" * (len(m.group()) - 4) + m.group()[-4:], text)
+
+
+class Redactor:
+    """A processor removing secrets and masking phone numbers in every string."""
+
+    __slots__ = ("_secrets",)
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        self._secrets = tuple(s for s in secrets if s)
+
+    def _clean(self, value: object) -> object:
+        if isinstance(value, str):
+            for s in self._secrets:
+                if s in value:
+                    value = value.replace(s, "[redacted]")
+            return mask_phone(value)
+        if isinstance(value, dict):
+            return {k: self._clean(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self._clean(v) for v in value]
+        return value
+
+    def __call__(
+        self, logger: object, method: str, event: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        for k, v in event.items():
+            if isinstance(v, str | dict | list | tuple):
+                event[k] = self._clean(v)
+        return event
+
+
+class _Tee:
+    """A structlog logger writing each rendered line to several binary files."""
+
+    def __init__(self, targets: list[BinaryIO]) -> None:
+        self._targets = targets
+
+    def msg(self, message: bytes) -> None:
+        for t in self._targets:
+            t.write(message + b"\n")
+            t.flush()
+
+    info = debug = warning = error = critical = exception = msg
+
+
+def configure_logging(
+    log_file: BinaryIO | None,
+    *,
+    secrets: Iterable[str] = (),
+    echo: bool = False,
+    level: str = "info",
+) -> None:
+    """Send events to ``log_file`` (and stderr when ``echo``), as JSON lines."""
+    targets: list[BinaryIO] = []
+    if log_file is not None:
+        targets.append(log_file)
+    if echo:
+        targets.append(sys.stderr.buffer)
+    tee = _Tee(targets)
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            Redactor(secrets),
+            structlog.processors.JSONRenderer(serializer=orjson.dumps),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=lambda *args: tee,
+        cache_logger_on_first_use=False,
+    )

@@ -1,0 +1,58 @@
+"""Batch: group rendered messages into provider requests.
+
+Messages with the same provider ``batch_key`` share a request (Aliyun: one
+template; SUBMAIL batchsend: one content). A batch leaves when it is full;
+a partial one leaves after ``linger`` seconds so a slow source never stalls
+sending, and everything left leaves when the source ends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+
+from providers.base import Batch, Message
+
+__all__ = ("Batcher",)
+
+
+class Batcher:
+    """Accumulates messages per batch key and hands out full batches."""
+
+    def __init__(self, size: int, key: Callable[[Message], Hashable], first_id: int = 1) -> None:
+        if size < 1:
+            raise ValueError("batch size must be at least 1")
+        self.size = size
+        self._key = key
+        self._open: dict[Hashable, list[Message]] = {}
+        self._next_id = first_id
+
+    def _seal(self, messages: list[Message]) -> Batch:
+        batch = Batch(self._next_id, messages)
+        self._next_id += 1
+        return batch
+
+    def add(self, messages: list[Message]) -> list[Batch]:
+        """Add messages; return the batches that filled up."""
+        full: list[Batch] = []
+        key_of = self._key
+        size = self.size
+        for m in messages:
+            k = key_of(m)
+            group = self._open.get(k)
+            if group is None:
+                group = self._open[k] = []
+            group.append(m)
+            if len(group) >= size:
+                full.append(self._seal(group))
+                del self._open[k]
+        return full
+
+    def drain(self) -> list[Batch]:
+        """Every partial batch, now (on linger or at the end of the source)."""
+        out = [self._seal(group) for group in self._open.values()]
+        self._open.clear()
+        return out
+
+    @property
+    def pending(self) -> int:
+        return sum(len(g) for g in self._open.values())

@@ -1,0 +1,359 @@
+"""The ``sluice`` command.
+
+Exit codes:
+  0    every recipient settled, none unknown or deferred
+  1    an unexpected error (a bug: please report it)
+  2    a bad campaign file, option or run directory; nothing was sent
+  3    finished, but some recipients are unknown or deferred (see ``sluice status``)
+  4    stopped early: the provider refused the whole request (credentials,
+       balance, template...); pending recipients are sent by a resume
+  130  stopped by SIGINT, 143 by SIGTERM, after flushing the ledger
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import orjson
+import structlog
+from rich.console import Console
+from rich.table import Table
+
+from pipeline._logging import configure_logging
+from pipeline.api import resume_run, run_status, start_run
+from pipeline.campaign import Campaign, load_campaign
+from pipeline.engine import RunResult
+from pipeline.errors import CampaignError, RunDirError, SluiceError, SourceError
+from pipeline.progress import ProgressReporter
+from pipeline.rundir import RunDir
+
+__all__ = ("main",)
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNSETTLED, EXIT_STOPPED = 0, 1, 2, 3, 4
+SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
+SECRET_VARS = ("ALIYUN_ACCESS_KEY_SECRET", "ALIYUN_ACCESS_KEY_ID")
+
+log = structlog.get_logger("sluice")
+
+
+# -- the embedded simulator ----------------------------------------------------
+@contextmanager
+def embedded_simulator(*args: str, env: dict[str, str] | None = None) -> Iterator[str]:
+    """Start ``python -m providers.simulator`` on a free loopback port; yield its URL."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "providers.simulator", "--host", "127.0.0.1", "--port", "0", *args],
+        stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        env=env,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().decode().strip()
+        if not line.startswith("http://"):
+            raise SluiceError(f"the simulator did not start (exit {proc.wait()})")
+        yield line
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _count_rows(campaign: Campaign) -> int | None:
+    """A quick row count for the ETA (lines, for CSV and JSONL)."""
+    try:
+        with open(campaign.source.path, "rb") as f:
+            n = sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 20), b""))
+    except OSError:
+        return None
+    return max(0, n - 1) if campaign.source.kind == "csv" else n
+
+
+# -- running ------------------------------------------------------------------
+def _exit_code(result: RunResult, signalled: int | None) -> int:
+    if signalled is not None:
+        return SIGNAL_EXIT.get(signal.Signals(signalled), 130)
+    if result.stopped is not None:
+        return EXIT_STOPPED
+    c = result.counts
+    if not result.complete or c["unknown"] or c["deferred"] or c.get("inflight"):
+        return EXIT_UNSETTLED
+    return EXIT_OK
+
+
+def _summary(console: Console, result: RunResult, run_dir: Path) -> None:
+    c = result.counts
+    rate = (c["sent"] + c["failed"]) / result.elapsed if result.elapsed > 0 else 0.0
+    table = Table(title=f"run {run_dir}", show_header=False)
+    for k in ("sent", "failed", "rejected", "unknown", "deferred", "pending"):
+        table.add_row(k, f"{c[k]:,}")
+    table.add_row("elapsed", f"{result.elapsed:.2f} s")
+    table.add_row("recipients/s", f"{rate:,.0f}")
+    table.add_row("requests", f"{result.requests:,}")
+    table.add_row("throttled", f"{result.throttles:,}")
+    console.print(table)
+    if result.stopped:
+        console.print(f"[bold red]stopped:[/] {result.stopped}")
+    if c["unknown"]:
+        console.print(
+            f"{c['unknown']:,} recipients are unknown (they may have reached the provider); "
+            "`sluice resume --resend-unknown` would send them again."
+        )
+
+
+async def _drive(fn: Any, kwargs: dict[str, Any], console: Console) -> tuple[RunResult, int | None]:
+    """Run ``fn`` with a stop event wired to SIGINT/SIGTERM and a progress display."""
+    stop = anyio.Event()
+    signalled: list[int] = []
+    async with anyio.create_task_group() as tg:
+
+        async def watch() -> None:
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for signum in signals:
+                    signalled.append(signum)
+                    stop.set()
+                    console.print(f"stopping on {signal.Signals(signum).name}: finishing in-flight requests…")
+
+        tg.start_soon(watch)
+        with ProgressReporter(console) as reporter:
+            result = await fn(**kwargs, stop=stop, on_progress=reporter)
+        tg.cancel_scope.cancel()
+    return result, (signalled[0] if signalled else None)
+
+
+def _run_async(fn: Any, kwargs: dict[str, Any], console: Console) -> tuple[RunResult, int | None]:
+    return anyio.run(_drive, fn, kwargs, console, backend="asyncio", backend_options=_backend_options())
+
+
+def _backend_options() -> dict[str, Any]:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return {}
+    return {"use_uvloop": True}
+
+
+def _open_log(run_dir: Path, echo: bool) -> None:
+    log_file = open(run_dir / "log.jsonl", "ab", buffering=0)
+    os.chmod(run_dir / "log.jsonl", 0o600)
+    secrets = [os.environ.get(v, "") for v in SECRET_VARS]
+    configure_logging(log_file, secrets=secrets, echo=echo)
+
+
+def _execute(
+    campaign: Campaign, run_dir: Path, resume: bool, args: argparse.Namespace, console: Console
+) -> int:
+    kwargs: dict[str, Any] = {"force": args.force, "total_hint": _count_rows(campaign)}
+    if resume:
+        fn: Any = resume_run
+        kwargs.update(run_dir=run_dir, resend_unknown=args.resend_unknown)
+    else:
+        fn = start_run
+        kwargs.update(campaign=campaign, run_dir=run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _open_log(run_dir, echo=not console.is_terminal)
+    if campaign.provider.kind == "simulator" and campaign.provider.endpoint is None:
+        with embedded_simulator() as url:
+            result, signalled = _run_async(fn, {**kwargs, "endpoint": url}, console)
+    else:
+        result, signalled = _run_async(fn, kwargs, console)
+    _summary(console, result, run_dir)
+    return _exit_code(result, signalled)
+
+
+def cmd_run(args: argparse.Namespace, console: Console) -> int:
+    campaign = load_campaign(Path(args.campaign))
+    run_dir = Path(args.run_dir) if args.run_dir else None
+    if run_dir is None and campaign.run.dir:
+        run_dir = Path(campaign.run.dir)
+    if run_dir is None:
+        raise CampaignError("run.dir", "no run directory: set [run] dir or pass --run-dir")
+    return _execute(campaign, run_dir, False, args, console)
+
+
+def cmd_resume(args: argparse.Namespace, console: Console) -> int:
+    from pipeline.api import pinned_campaign
+
+    run_dir = Path(args.run_dir)
+    campaign, _ = pinned_campaign(RunDir(run_dir))
+    return _execute(campaign, run_dir, True, args, console)
+
+
+def cmd_status(args: argparse.Namespace, console: Console) -> int:
+    status = run_status(Path(args.run_dir))
+    if args.json:
+        sys.stdout.buffer.write(orjson.dumps(status) + b"\n")
+        return EXIT_OK
+    table = Table(title=f"run {args.run_dir}", show_header=False)
+    for k, v in status.items():
+        table.add_row(k, f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v))
+    Console().print(table)
+    return EXIT_OK
+
+
+def cmd_simulate(args: argparse.Namespace, console: Console) -> int:
+    from providers.simulator.__main__ import main as simulator_main
+
+    return simulator_main(args.simulator_args)
+
+
+def _write_demo_recipients(path: Path, n: int, seed: int = 7) -> None:
+    rng = random.Random(seed)
+    first = ["Li", "Wang", "Zhang", "Liu", "Chen", "Yang", "Zhao", "Huang", "Zhou", "Wu"]
+    with path.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "phone", "first_name", "code"])
+        for i in range(1, n + 1):
+            w.writerow(
+                [
+                    f"c{i}",
+                    f"13{rng.randrange(10**9):09d}",
+                    first[i % 10],
+                    f"{rng.randrange(10**6):06d}",
+                ]
+            )
+
+
+def cmd_demo(args: argparse.Namespace, console: Console) -> int:
+    base = Path(args.dir or f"sluice-demo-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    base.mkdir(parents=True, exist_ok=True)
+    recipients = base / "recipients.csv"
+    console.print(f"writing {args.recipients:,} synthetic recipients to {recipients}")
+    _write_demo_recipients(recipients, args.recipients)
+    receipts = base / "simulator-receipts.jsonl"
+    campaign_file = base / "campaign.toml"
+    campaign_file.write_text(
+        f"""# A demo campaign against the local simulator (no credentials needed).
+[source]
+kind = "csv"
+path = "recipients.csv"
+key = "id"
+phone = "phone"
+
+[provider]
+kind = "simulator"     # no endpoint: sluice starts the simulator itself
+
+[message]
+template_code = "SMS_154950909"
+sign_name = "Acme"
+params = {{ name = "{{first_name}}", code = "{{code}}" }}
+
+[limits]
+requests_per_second = {args.rps}
+concurrency = {args.concurrency}
+batch_size = 100
+
+[run]
+dir = "run"
+""",
+        encoding="utf-8",
+    )
+    campaign = load_campaign(campaign_file)
+    run_dir = Path(campaign.run.dir or base / "run")
+    run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _open_log(run_dir, echo=not console.is_terminal)
+    sim_args = [
+        "--receipts",
+        str(receipts),
+        "--latency-ms",
+        str(args.latency_ms),
+        "--qps",
+        str(args.rps),
+    ]
+    with embedded_simulator(*sim_args) as url:
+        console.print(f"simulator at {url}; sending…")
+        result, signalled = _run_async(
+            start_run,
+            {
+                "campaign": campaign,
+                "run_dir": run_dir,
+                "endpoint": url,
+                "total_hint": args.recipients,
+            },
+            console,
+        )
+    _summary(console, result, run_dir)
+    accepted: dict[str, int] = {}
+    with receipts.open("rb") as f:
+        for line in f:
+            phone = orjson.loads(line)["phone"]
+            accepted[phone] = accepted.get(phone, 0) + 1
+    dupes = sum(1 for v in accepted.values() if v > 1)
+    console.print(
+        f"simulator receipts: {sum(accepted.values()):,} accepted, {len(accepted):,} distinct numbers, "
+        f"{dupes:,} numbers accepted more than once (synthetic numbers may repeat by chance)"
+    )
+    console.print(f"run directory: {run_dir}  (try: sluice status {run_dir})")
+    return _exit_code(result, signalled)
+
+
+# -- argument parsing ----------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sluice", description="Bulk SMS through provider batch APIs.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="start (or continue) a campaign")
+    r.add_argument("campaign", help="campaign file (TOML)")
+    r.add_argument("--run-dir", help="run directory (default: [run] dir of the campaign)")
+    r.add_argument("--force", action="store_true", help="continue a run dir of a changed campaign/source")
+    r.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("resume", help="resume a run after a crash or a stop")
+    s.add_argument("run_dir")
+    s.add_argument("--resend-unknown", action="store_true", help="send unknown recipients again")
+    s.add_argument("--force", action="store_true", help="resume even though the source changed")
+    s.set_defaults(func=cmd_resume)
+
+    st = sub.add_parser("status", help="where a run stands")
+    st.add_argument("run_dir")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=cmd_status)
+
+    sim = sub.add_parser("simulate", help="serve the provider simulator on loopback", add_help=False)
+    sim.add_argument("simulator_args", nargs=argparse.REMAINDER)
+    sim.set_defaults(func=cmd_simulate)
+
+    d = sub.add_parser("demo", help="a real campaign against the embedded simulator")
+    d.add_argument("--recipients", type=int, default=100_000)
+    d.add_argument("--dir", help="where to put the demo files (default: ./sluice-demo-<time>)")
+    d.add_argument("--rps", type=int, default=2000, help="requests per second")
+    d.add_argument("--concurrency", type=int, default=64)
+    d.add_argument("--latency-ms", type=int, default=20, help="simulated provider latency")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    console = Console(stderr=True)
+    try:
+        code: int = args.func(args, console)
+    except CampaignError as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        return EXIT_USAGE
+    except (RunDirError, SourceError) as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        return EXIT_USAGE
+    except SluiceError as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        return EXIT_ERROR
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""Dispatch: send batches over one HTTP client with retries, and record outcomes.
+
+For each attempt: wait for the rate limiter, sign, write the intent to the
+ledger, send, classify, then write the outcome. Retries (with exponential
+backoff and full jitter) happen only where the request provably was not
+processed: connect errors, throttling, signature or timestamp rejections.
+Everything ambiguous becomes ``unknown`` and is never re-sent silently.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import anyio
+import httpx
+import structlog
+
+from pipeline.ledger import LedgerWriter
+from pipeline.limit import RateGovernor
+from providers.base import Batch, BatchOutcome, Outcome, Provider, classify_transport_error
+
+__all__ = ("Dispatcher", "RetryPolicy")
+
+log = structlog.get_logger("sluice.dispatch")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int = 5
+    backoff_base: float = 0.2
+    backoff_max: float = 30.0
+    max_throttles: int = 50  # throttles are not failures, but are bounded too
+
+    def backoff(self, attempt: int, rng: random.Random) -> float:
+        ceiling = min(self.backoff_max, self.backoff_base * (2 ** (attempt - 1)))
+        return rng.uniform(ceiling / 2, ceiling)
+
+
+class Dispatcher:
+    """Sends one batch at a time per worker; all workers share this object."""
+
+    def __init__(
+        self,
+        *,
+        provider: Provider,
+        client: httpx.AsyncClient,
+        ledger: LedgerWriter,
+        governor: RateGovernor,
+        policy: RetryPolicy,
+        run_id: str,
+        on_fatal: Callable[[BatchOutcome], None],
+        rng: random.Random | None = None,
+    ) -> None:
+        self._provider = provider
+        self._client = client
+        self._ledger = ledger
+        self._governor = governor
+        self._policy = policy
+        self._run_id = run_id
+        self._on_fatal = on_fatal
+        self._rng = rng or random.Random()
+        self.stopping = False
+        self.requests = 0
+        self.retries = 0
+
+    async def _attempt(self, batch: Batch) -> tuple[BatchOutcome, float]:
+        request = self._provider.build_request(batch)
+        self._ledger.intent(batch)
+        started = time.perf_counter()
+        self.requests += 1
+        try:
+            response = await self._client.send(request)
+        except httpx.TransportError as exc:
+            result = classify_transport_error(exc)
+        else:
+            try:
+                result = self._provider.parse_response(batch, response)
+            except Exception as exc:  # a provider bug must not lose the batch
+                log.error("parse_failed", batch=batch.id, error=repr(exc))
+                result = BatchOutcome(Outcome.UNKNOWN, code="ParseError")
+        return result, (time.perf_counter() - started) * 1000
+
+    async def send(self, batch: Batch) -> None:
+        """Send ``batch`` until it has an outcome (or the run is stopping)."""
+        policy = self._policy
+        failures = throttles = 0
+        result: BatchOutcome | None = None
+        while True:
+            await self._governor.acquire()
+            if self.stopping:
+                return  # never sent: the rows stay pending
+            batch.attempt = failures + throttles + 1
+            batch.out_id = f"{self._run_id}-{batch.id}-{batch.attempt}"
+            try:
+                result, ms = await self._attempt(batch)
+            except anyio.get_cancelled_exc_class():
+                # Stopped past the deadline with the request in flight.
+                self._ledger.unknown_rows((m.row for m in batch.messages), "Stopped")
+                raise
+            kind = result.outcome
+            if kind is Outcome.THROTTLED:
+                throttles += 1
+                self._governor.throttled(result.retry_after)
+                self._ledger.attempt(batch, result, "retry", ms)
+                log.info("provider_throttled", batch=batch.id, code=result.code)
+                if throttles < policy.max_throttles:
+                    continue
+            elif kind is Outcome.RETRY:
+                failures += 1
+                self._ledger.attempt(batch, result, "retry", ms)
+                if failures < policy.max_attempts:
+                    self.retries += 1
+                    delay = policy.backoff(failures, self._rng)
+                    log.info("batch_retry", batch=batch.id, code=result.code, delay=round(delay, 3))
+                    await anyio.sleep(delay)
+                    continue
+            elif kind is Outcome.FATAL:
+                self._ledger.attempt(batch, result, "fatal", ms)
+                self._on_fatal(result)
+                return
+            else:
+                if kind is Outcome.SENT:
+                    self._governor.succeeded()
+                elif kind is not Outcome.FAILED:
+                    log.warning("batch_" + kind.value, batch=batch.id, code=result.code)
+                self._ledger.outcome(batch, result, ms)
+                return
+            # The retry budget is spent on a retryable error: defer.
+            deferred = BatchOutcome(Outcome.DEFER, code=result.code, message=result.message)
+            self._ledger.outcome(batch, deferred, 0.0)
+            log.warning("batch_deferred", batch=batch.id, code=result.code)
+            return

@@ -1,0 +1,420 @@
+"""The engine: wires Source → Render → Batch → Limit → Dispatch → Ledger.
+
+::
+
+    source task ──chunks of rows──▶ prepare task ──batches──▶ N dispatch workers
+                                    (skip done rows,            (rate limit, send,
+                                     reject duplicates,          classify, retry)
+                                     render, batch, linger)            │
+                                                                       ▼
+                                                                 ledger writer
+
+Streams between tasks are small and bounded, so the source reads only as fast
+as the dispatchers send and memory stays flat at any number of recipients.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import structlog
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from pipeline.batch import Batcher
+from pipeline.campaign import Campaign
+from pipeline.dispatch import Dispatcher, RetryPolicy
+from pipeline.errors import RunDirError
+from pipeline.keys import KeySet
+from pipeline.ledger import Durability, LedgerState, LedgerWriter, Status, replay
+from pipeline.limit import RateGovernor
+from pipeline.render import Rejection, Renderer
+from pipeline.rundir import RunDir
+from pipeline.source import CsvSource, JsonlSource, Rows, Source
+from pipeline.transport import AiohttpTransport
+from providers.base import Batch, BatchOutcome, Message, Provider
+
+__all__ = ("Progress", "RunResult", "open_source", "run_campaign")
+
+log = structlog.get_logger("sluice.engine")
+
+
+@dataclass
+class Progress:
+    """A snapshot for progress displays, counted from ledger outcomes."""
+
+    counts: dict[str, int]
+    rows_read: int
+    total: int | None
+    elapsed: float
+    requests: int
+    throttles: int
+    rate_limit: float
+    done: bool = False
+
+    @property
+    def settled(self) -> int:
+        return sum(self.counts.values())
+
+
+@dataclass
+class RunResult:
+    counts: dict[str, int]
+    complete: bool
+    stopped: str | None = None
+    stop_code: str | None = None
+    elapsed: float = 0.0
+    requests: int = 0
+    throttles: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def open_source(campaign: Campaign) -> Source:
+    spec = campaign.source
+    if spec.kind == "csv":
+        return CsvSource(Path(spec.path), delimiter=spec.delimiter)
+    return JsonlSource(Path(spec.path))
+
+
+class _Run:
+    """State shared by the tasks of one run."""
+
+    def __init__(
+        self,
+        campaign: Campaign,
+        state: LedgerState,
+        writer: LedgerWriter,
+        provider: Provider,
+        run_id: str,
+        *,
+        resend_unknown: bool,
+    ) -> None:
+        self.campaign = campaign
+        self.state = state
+        self.writer = writer
+        self.provider = provider
+        self.run_id = run_id
+        self.skip = bytearray(256)  # indexed by a row's status byte: 1 = do not send
+        for st in (Status.SENT, Status.FAILED, Status.REJECTED):
+            self.skip[st] = 1
+        if not resend_unknown:
+            self.skip[Status.UNKNOWN] = 1
+        sign, params = campaign.templates()
+        self.renderer = Renderer(
+            phone_column=campaign.source.phone,
+            sign_name=sign,
+            params=params,
+            default_country=campaign.source.default_country,
+        )
+        self.keys = KeySet() if campaign.source.key else None
+        self.rows_read = 0
+        self.stop_reason: str | None = None
+        self.stop_code: str | None = None
+        self.stop_event = anyio.Event()
+        self.dispatcher: Dispatcher | None = None
+
+    def stop(self, reason: str, code: str | None = None) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = reason
+            self.stop_code = code
+            log.warning("run_stopping", reason=reason, code=code)
+        if self.dispatcher is not None:
+            self.dispatcher.stopping = True
+        self.stop_event.set()
+
+    # -- prepare: skip, de-duplicate, render ------------------------------
+    def prepare(self, chunk: Rows) -> list[Message]:
+        status = self.state.status
+        n_status = len(status)
+        skip = self.skip
+        key_col = self.campaign.source.key
+        dup: list[bool] | None = None
+        keys: list[str]
+        if key_col is None:
+            keys = [str(row) for row, _ in chunk]
+        else:
+            keys = []
+            for row, rec in chunk:
+                value = rec.get(key_col) if not isinstance(rec, str) else None
+                keys.append(str(row) if value is None or value == "" else str(value))
+            assert self.keys is not None
+            dup = self.keys.add(keys)
+        rejects: list[tuple[int, str, str]] = []
+        out: list[Message] = []
+        render = self.renderer.render
+        for i, (row, rec) in enumerate(chunk):
+            if row < n_status and skip[status[row]]:
+                continue
+            key = keys[i]
+            if isinstance(rec, str):
+                rejects.append((row, key, rec))
+            elif key_col is not None and rec.get(key_col) in (None, ""):
+                rejects.append((row, key, f"missing key column {key_col!r}"))
+            elif dup is not None and dup[i]:
+                rejects.append((row, key, "duplicate key"))
+            else:
+                m = render(row, key, rec)
+                if isinstance(m, Rejection):
+                    rejects.append((m.row, m.key, m.reason))
+                else:
+                    out.append(m)
+        if rejects:
+            self.writer.rejected(rejects)
+        self.rows_read += len(chunk)
+        return out
+
+
+async def _prepare_task(
+    run: _Run,
+    recv: MemoryObjectReceiveStream[Rows],
+    send: MemoryObjectSendStream[Batch],
+    batcher: Batcher,
+    linger: float,
+) -> None:
+    async with recv, send:
+        try:
+            await _prepare_loop(run, recv, send, batcher, linger)
+        except anyio.BrokenResourceError:
+            return  # every worker has stopped
+
+
+async def _prepare_loop(
+    run: _Run,
+    recv: MemoryObjectReceiveStream[Rows],
+    send: MemoryObjectSendStream[Batch],
+    batcher: Batcher,
+    linger: float,
+) -> None:
+    while True:
+        chunk: Rows | None = None
+        with anyio.move_on_after(linger if batcher.pending else None):
+            try:
+                chunk = await recv.receive()
+            except anyio.EndOfStream:
+                break
+        if run.stop_event.is_set():
+            return
+        if chunk is None:  # lingered: flush partial batches
+            for b in batcher.drain():
+                await send.send(b)
+            continue
+        for b in batcher.add(run.prepare(chunk)):
+            await send.send(b)
+    if not run.stop_event.is_set():
+        for b in batcher.drain():
+            await send.send(b)
+
+
+async def _worker(run: _Run, dispatcher: Dispatcher, recv: MemoryObjectReceiveStream[Batch]) -> None:
+    async with recv:
+        async for batch in recv:
+            if dispatcher.stopping:
+                return
+            await dispatcher.send(batch)
+
+
+def _settle_interrupted(state: LedgerState, writer: LedgerWriter) -> int:
+    """Rows whose intent has no result: the process died mid-flight."""
+    status = state.status
+    inflight = bytes((Status.INFLIGHT,))
+    rows: list[int] = []
+    pos = status.find(inflight)
+    while pos >= 0:
+        rows.append(pos)
+        status[pos] = Status.UNKNOWN
+        pos = status.find(inflight, pos + 1)
+    state.open_intents.clear()
+    if rows:
+        writer.unknown_rows(rows, "Interrupted")
+        writer.flush()
+    return len(rows)
+
+
+async def run_campaign(
+    campaign: Campaign,
+    run_dir: RunDir,
+    *,
+    provider: Provider,
+    run_id: str,
+    transport: httpx.AsyncBaseTransport | None = None,
+    resend_unknown: bool = False,
+    on_progress: Callable[[Progress], None] | None = None,
+    progress_interval: float = 0.25,
+    stop: anyio.Event | None = None,
+    total_hint: int | None = None,
+    rng: random.Random | None = None,
+) -> RunResult:
+    """Run (or resume) ``campaign`` into ``run_dir``; returns when every row is settled,
+    the source is exhausted, or the run was stopped.
+
+    The run directory must have been created (see :mod:`pipeline.runs`).
+    """
+    if not run_dir.exists():
+        raise RunDirError(f"{run_dir.path} has no run.json")
+    started = time.monotonic()
+    state = replay(run_dir.ledger, repair=True)
+    durability = Durability(campaign.run.durability)
+    writer = LedgerWriter(
+        run_dir.ledger,
+        durability=durability,
+        fsync_interval=campaign.run.fsync_interval_ms / 1000,
+    )
+    interrupted = _settle_interrupted(state, writer)
+    writer.counts = dict.fromkeys(writer.counts, 0)  # count this session's outcomes only
+    if interrupted or state.torn_tail:
+        log.warning("resume_repaired", interrupted=interrupted, torn_bytes=state.torn_tail)
+    base_counts = {k: state.count(Status[k.upper()]) for k in writer.counts}
+    run = _Run(campaign, state, writer, provider, run_id, resend_unknown=resend_unknown)
+    # Outcomes already in the ledger are not counted again; a row re-sent on
+    # resume (deferred, or unknown with --resend-unknown) moves between counts.
+    resent = {Status.DEFERRED} | ({Status.UNKNOWN} if resend_unknown else set())
+    for st in resent:
+        base_counts[st.name.lower()] = 0
+    limits = campaign.limits
+    governor = RateGovernor(limits.requests_per_second)
+    policy = RetryPolicy(
+        max_attempts=limits.max_attempts,
+        backoff_base=limits.backoff_base_ms / 1000,
+        backoff_max=limits.backoff_max_ms / 1000,
+    )
+    timeout = httpx.Timeout(campaign.provider.timeout, connect=campaign.provider.connect_timeout, pool=None)
+    if transport is None:
+        transport = AiohttpTransport(max_connections=limits.concurrency, verify=campaign.provider.verify_tls)
+    source = open_source(campaign)
+    batcher = Batcher(limits.batch_size, provider.batch_key, first_id=state.next_batch)
+
+    def counts() -> dict[str, int]:
+        c = dict(base_counts)
+        for k, v in writer.counts.items():
+            c[k] = c.get(k, 0) + v
+        return c
+
+    def snapshot(done: bool = False) -> Progress:
+        return Progress(
+            counts=counts(),
+            rows_read=run.rows_read,
+            total=state.eof_rows or total_hint,
+            elapsed=time.monotonic() - started,
+            requests=dispatcher.requests,
+            throttles=governor.throttles,
+            rate_limit=governor.current,
+            done=done,
+        )
+
+    def on_fatal(result: BatchOutcome) -> None:
+        run.stop(
+            f"the provider refused the whole request with {result.code}: {result.message or ''}".strip(),
+            result.code,
+        )
+
+    structlog.contextvars.bind_contextvars(run_id=run_id, provider=provider.name)
+    log.info(
+        "run_started",
+        resume=bool(state.status),
+        rate=limits.requests_per_second,
+        concurrency=limits.concurrency,
+        batch_size=limits.batch_size,
+    )
+    try:
+        async with httpx.AsyncClient(transport=transport, timeout=timeout) as client:
+            dispatcher = Dispatcher(
+                provider=provider,
+                client=client,
+                ledger=writer,
+                governor=governor,
+                policy=policy,
+                run_id=run_id,
+                on_fatal=on_fatal,
+                rng=rng,
+            )
+            run.dispatcher = dispatcher
+            rows_send, rows_recv = anyio.create_memory_object_stream[Rows](2)
+            batch_send, batch_recv = anyio.create_memory_object_stream[Batch](limits.concurrency)
+            async with anyio.create_task_group() as tg:
+
+                async def source_task() -> None:
+                    async with rows_send:
+                        try:
+                            async for chunk in source.chunks():
+                                if run.stop_event.is_set():
+                                    return
+                                await rows_send.send(chunk)
+                        except anyio.BrokenResourceError:
+                            return
+                    if not run.stop_event.is_set():
+                        run_eof.set()
+
+                run_eof = anyio.Event()
+
+                async def prepare_and_eof() -> None:
+                    await _prepare_task(run, rows_recv, batch_send, batcher, limits.linger_ms / 1000)
+                    if run_eof.is_set() and not run.stop_event.is_set():
+                        state.eof_rows = run.rows_read
+                        writer.eof(run.rows_read)
+
+                async def workers() -> None:
+                    async with batch_recv, anyio.create_task_group() as wg:
+                        for _ in range(limits.concurrency):
+                            wg.start_soon(_worker, run, dispatcher, batch_recv.clone())
+
+                async def watch_stop(scope: anyio.CancelScope) -> None:
+                    if stop is not None:
+                        async with anyio.create_task_group() as inner:
+
+                            async def external() -> None:
+                                await stop.wait()
+                                run.stop("stop requested")
+
+                            inner.start_soon(external)
+                            await run.stop_event.wait()
+                            inner.cancel_scope.cancel()
+                    else:
+                        await run.stop_event.wait()
+                    # Let in-flight requests finish, up to the deadline.
+                    await anyio.sleep(campaign.run.stop_deadline_s)
+                    scope.cancel()
+
+                async def ticker() -> None:
+                    while True:
+                        await anyio.sleep(progress_interval)
+                        writer.flush()
+                        if on_progress is not None:
+                            on_progress(snapshot())
+
+                async with anyio.create_task_group() as main:
+                    main.start_soon(source_task)
+                    main.start_soon(prepare_and_eof)
+                    main.start_soon(workers)
+                    tg.start_soon(watch_stop, main.cancel_scope)
+                    tg.start_soon(ticker)
+                tg.cancel_scope.cancel()
+    finally:
+        structlog.contextvars.unbind_contextvars("run_id", "provider")
+        writer.close()
+    final = snapshot(done=True)
+    if on_progress is not None:
+        on_progress(final)
+    result_counts = replay(run_dir.ledger).counts()
+    complete = (
+        run.stop_reason is None
+        and result_counts["pending"] == 0
+        and result_counts["deferred"] == 0
+        and result_counts["inflight"] == 0
+        and state.eof_rows is not None
+    )
+    log.info("run_finished", complete=complete, elapsed=round(final.elapsed, 3), **result_counts)
+    return RunResult(
+        counts=result_counts,
+        complete=complete,
+        stopped=run.stop_reason,
+        stop_code=run.stop_code,
+        elapsed=final.elapsed,
+        requests=dispatcher.requests,
+        throttles=governor.throttles,
+    )

@@ -1,0 +1,303 @@
+"""Ledger: the append-only JSONL record of every recipient's fate.
+
+Line shapes (short keys: these lines are most of a run's I/O)::
+
+    {"i":7,"a":1,"o":"3f9c2a1b-7-1","r":[11,12,...],"t":1700000000.1}   intent: batch 7, attempt 1
+    {"b":7,"a":1,"s":"sent","c":"OK","id":"9006^0","ms":41.2,"t":...}      what the attempt came to
+    {"r":11,"s":"sent","b":7,"k":"cust-11"}                                one line per recipient
+    {"r":3,"s":"rejected","k":"cust-3","e":"invalid phone number ..."}
+    {"eof":1000000}                                                         the source ended with N rows
+
+An intent is written (to the OS, and fsynced if the durability mode asks) before
+the request leaves. A recipient whose last word is an intent with no result is
+``unknown`` on replay: the process died while its request was in flight.
+The last recipient line for a row wins (a resumed ``deferred`` row becomes
+``sent``). ``k`` is omitted when the key is the row number.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import orjson
+
+from providers.base import Batch, BatchOutcome, Outcome, RecipientOutcome
+
+__all__ = (
+    "TERMINAL",
+    "Durability",
+    "LedgerState",
+    "LedgerWriter",
+    "Status",
+    "replay",
+)
+
+
+class Status(enum.IntEnum):
+    """A row's state, one byte per row in :class:`LedgerState`."""
+
+    PENDING = 0
+    INFLIGHT = 1
+    SENT = 2
+    FAILED = 3
+    REJECTED = 4
+    UNKNOWN = 5
+    DEFERRED = 6
+
+
+TERMINAL = frozenset({Status.SENT, Status.FAILED, Status.REJECTED, Status.UNKNOWN})
+
+_BY_NAME = {
+    b"sent": Status.SENT,
+    b"failed": Status.FAILED,
+    b"rejected": Status.REJECTED,
+    b"unknown": Status.UNKNOWN,
+    b"deferred": Status.DEFERRED,
+}
+_OUTCOME_STATUS = {
+    Outcome.SENT: "sent",
+    Outcome.FAILED: "failed",
+    Outcome.UNKNOWN: "unknown",
+    Outcome.DEFER: "deferred",
+    Outcome.THROTTLED: "deferred",
+    Outcome.RETRY: "deferred",
+    Outcome.FATAL: "deferred",
+}
+
+
+class Durability(enum.Enum):
+    """When the ledger reaches the disk.
+
+    ``process``: every intent is written to the OS before its request leaves;
+    survives a crash of the process (the default). ``batch``: also fsynced
+    before the request leaves; survives a machine crash, at a syscall's cost
+    per batch. ``interval``: like ``process``, plus an fsync every N ms;
+    a machine crash loses at most that window.
+    """
+
+    PROCESS = "process"
+    BATCH = "batch"
+    INTERVAL = "interval"
+
+
+@dataclass
+class LedgerState:
+    """What a ledger says, one byte per row: small enough for 100M rows."""
+
+    status: bytearray = field(default_factory=bytearray)
+    eof_rows: int | None = None
+    next_batch: int = 1
+    open_intents: dict[int, list[int]] = field(default_factory=dict)
+    bad_lines: int = 0
+    torn_tail: int = 0
+
+    def set(self, row: int, status: Status) -> None:
+        if row >= len(self.status):
+            self.status.extend(bytes(max(row + 1 - len(self.status), len(self.status) // 2)))
+        self.status[row] = status
+
+    def get(self, row: int) -> Status:
+        return Status(self.status[row]) if row < len(self.status) else Status.PENDING
+
+    def count(self, status: Status) -> int:
+        return self.status.count(bytes((status,))) if status else 0
+
+    def counts(self) -> dict[str, int]:
+        out = {s.name.lower(): self.status.count(bytes((s,))) for s in Status if s}
+        seen = sum(out.values())
+        out["pending"] = max(0, self.eof_rows - seen) if self.eof_rows is not None else 0
+        return out
+
+
+def replay(path: Path, *, repair: bool = False) -> LedgerState:
+    """Read a ledger into a :class:`LedgerState` without holding its lines.
+
+    A torn last line (the process died mid-write) is ignored, and cut off the
+    file when ``repair`` is true so that appends start on a fresh line.
+    Rows still in flight at the end stay ``INFLIGHT``: the caller decides
+    (``resume`` writes them as ``unknown``).
+    """
+    state = LedgerState()
+    if not path.exists():
+        return state
+    good_end = 0
+    status = state.status
+    with path.open("rb") as f:
+        for line in f:
+            if not line.endswith(b"\n"):
+                state.torn_tail = len(line)
+                break
+            good_end += len(line)
+            if line.startswith(b'{"r":'):
+                # Hot path, one per recipient: {"r":N,"s":"word",...}
+                comma = line.find(b",", 5)
+                quote = line.find(b'"', comma + 6)
+                st = _BY_NAME.get(line[comma + 6 : quote])
+                if comma < 0 or st is None or line[comma : comma + 6] != b',"s":"':
+                    state.bad_lines += 1
+                    continue
+                row = int(line[5:comma])
+                if row >= len(status):
+                    state.set(row, st)
+                else:
+                    status[row] = st
+                continue
+            try:
+                obj = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                state.bad_lines += 1
+                continue
+            if "i" in obj:
+                rows = obj["r"]
+                state.open_intents[obj["i"]] = rows
+                for r in rows:
+                    state.set(r, Status.INFLIGHT)
+                state.next_batch = max(state.next_batch, obj["i"] + 1)
+            elif "b" in obj:
+                rows = state.open_intents.pop(obj["b"], [])
+                if obj.get("s") in ("retry", "fatal"):
+                    # Provably not processed: the rows go back to pending.
+                    for r in rows:
+                        if state.get(r) == Status.INFLIGHT:
+                            state.status[r] = Status.PENDING
+            elif "eof" in obj:
+                state.eof_rows = obj["eof"]
+    if state.torn_tail and repair:
+        with path.open("r+b") as f:
+            f.truncate(good_end)
+    return state
+
+
+class LedgerWriter:
+    """Buffered appends; an intent flushes everything before it to the OS."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        durability: Durability = Durability.PROCESS,
+        fsync_interval: float = 1.0,
+        buffer_bytes: int = 1 << 18,
+    ) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self._buf = bytearray()
+        self._limit = buffer_bytes
+        self._durability = durability
+        self._fsync_interval = fsync_interval
+        self._last_fsync = time.monotonic()
+        self.counts: dict[str, int] = dict.fromkeys(("sent", "failed", "rejected", "unknown", "deferred"), 0)
+
+    # -- writing ---------------------------------------------------------
+    def _recipient(self, row: int, key: str, status: str, tail: bytes) -> None:
+        self._buf += b'{"r":%d,"s":"%s"%s' % (row, status.encode(), tail)
+        if key != str(row):
+            self._buf += b',"k":' + orjson.dumps(key)
+        self._buf += b"}\n"
+
+    def rejected(self, rejections: Iterable[tuple[int, str, str]]) -> None:
+        n = 0
+        for row, key, reason in rejections:
+            self._recipient(row, key, "rejected", b',"e":' + orjson.dumps(reason))
+            n += 1
+        self.counts["rejected"] += n
+        self._maybe_flush()
+
+    def intent(self, batch: Batch) -> None:
+        """Record that ``batch`` is about to be sent, and put it on the OS."""
+        self._buf += orjson.dumps(
+            {
+                "i": batch.id,
+                "a": batch.attempt,
+                "o": batch.out_id,
+                "r": [m.row for m in batch.messages],
+                "t": round(time.time(), 3),
+            }
+        )
+        self._buf += b"\n"
+        self.flush(sync=self._durability is Durability.BATCH)
+
+    def attempt(self, batch: Batch, result: BatchOutcome, status: str, latency_ms: float) -> None:
+        """The batch-level line: what one attempt came to."""
+        line: dict[str, object] = {"b": batch.id, "a": batch.attempt, "s": status}
+        if result.code is not None:
+            line["c"] = result.code
+        if result.provider_id is not None:
+            line["id"] = result.provider_id
+        if result.retry_after is not None:
+            line["ra"] = result.retry_after
+        line["ms"] = round(latency_ms, 1)
+        line["t"] = round(time.time(), 3)
+        self._buf += orjson.dumps(line)
+        self._buf += b"\n"
+
+    def outcome(self, batch: Batch, result: BatchOutcome, latency_ms: float) -> None:
+        """The attempt's line and one line per recipient, in one buffered append."""
+        per: Sequence[RecipientOutcome] | None = result.recipients
+        status = _OUTCOME_STATUS[result.outcome] if per is None else "mixed"
+        self.attempt(batch, result, status, latency_ms)
+        b = b',"b":%d' % batch.id
+        if per is None:
+            tail = b
+            if result.code is not None and result.outcome is not Outcome.SENT:
+                tail += b',"c":' + orjson.dumps(result.code)
+            for m in batch.messages:
+                self._recipient(m.row, m.key, status, tail)
+            self.counts[status] += len(batch.messages)
+        else:
+            for m, r in zip(batch.messages, per, strict=True):
+                st = _OUTCOME_STATUS[r.outcome]
+                tail = b
+                if r.code is not None and r.outcome is not Outcome.SENT:
+                    tail += b',"c":' + orjson.dumps(r.code)
+                if r.provider_id is not None:
+                    tail += b',"id":' + orjson.dumps(r.provider_id)
+                self._recipient(m.row, m.key, st, tail)
+                self.counts[st] += 1
+        self._maybe_flush()
+
+    def unknown_rows(self, rows: Iterable[int], code: str) -> int:
+        """Settle rows whose intent has no result (used by resume and stop)."""
+        tail = b',"c":' + orjson.dumps(code)
+        n = 0
+        for row in rows:
+            self._buf += b'{"r":%d,"s":"unknown"%s}\n' % (row, tail)
+            n += 1
+        self.counts["unknown"] += n
+        self._maybe_flush()
+        return n
+
+    def eof(self, rows: int) -> None:
+        self._buf += b'{"eof":%d}\n' % rows
+        self.flush()
+
+    # -- flushing --------------------------------------------------------
+    def _maybe_flush(self) -> None:
+        if len(self._buf) >= self._limit:
+            self.flush()
+
+    def flush(self, *, sync: bool = False) -> None:
+        if self._buf:
+            view = memoryview(self._buf)
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+            view.release()
+            self._buf.clear()
+        if sync or (
+            self._durability is Durability.INTERVAL
+            and time.monotonic() - self._last_fsync >= self._fsync_interval
+        ):
+            os.fsync(self._fd)
+            self._last_fsync = time.monotonic()
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            self.flush(sync=self._durability is not Durability.PROCESS)
+            os.close(self._fd)
+            self._fd = -1

@@ -1,0 +1,124 @@
+"""Progress: a live display on a terminal, structured events elsewhere.
+
+Counts come from ledger outcomes (what was settled), not from rows read.
+"""
+
+from __future__ import annotations
+
+import time
+from types import TracebackType
+
+import structlog
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from pipeline.engine import Progress
+
+__all__ = ("ProgressReporter", "format_duration")
+
+log = structlog.get_logger("sluice.progress")
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None or seconds != seconds or seconds == float("inf"):
+        return "–"
+    s = int(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+class ProgressReporter:
+    """Call with each :class:`Progress` snapshot; renders on a TTY, logs otherwise."""
+
+    def __init__(self, console: Console | None = None, *, log_every: float = 5.0) -> None:
+        self.console = console or Console(stderr=True)
+        self._live: Live | None = None
+        self._log_every = log_every
+        self._last_log = 0.0
+        self._window: list[tuple[float, int]] = []
+        self.last: Progress | None = None
+
+    def __enter__(self) -> ProgressReporter:
+        if self.console.is_terminal:
+            self._live = Live(console=self.console, refresh_per_second=4, transient=False)
+            self._live.__enter__()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._live is not None:
+            if self.last is not None:
+                self._live.update(self.render(self.last))
+            self._live.__exit__(exc_type, exc, tb)
+
+    def rates(self, p: Progress) -> tuple[float, float]:
+        """(current recipients/s over the last ~5 s, average since start)."""
+        now = time.monotonic()
+        settled = p.counts["sent"] + p.counts["failed"] + p.counts["unknown"] + p.counts["deferred"]
+        self._window.append((now, settled))
+        while len(self._window) > 2 and now - self._window[0][0] > 5:
+            self._window.pop(0)
+        t0, s0 = self._window[0]
+        current = (settled - s0) / (now - t0) if now > t0 else 0.0
+        average = settled / p.elapsed if p.elapsed > 0 else 0.0
+        return current, average
+
+    def render(self, p: Progress) -> Table:
+        current, average = self.rates(p)
+        remaining = None
+        if p.total is not None and current > 0:
+            remaining = max(0, p.total - p.settled) / current
+        table = Table(title="sluice", show_header=True, expand=False)
+        for name in (
+            "sent",
+            "failed",
+            "rejected",
+            "unknown",
+            "deferred",
+            "rate/s",
+            "avg/s",
+            "elapsed",
+            "ETA",
+        ):
+            table.add_column(name, justify="right")
+        c = p.counts
+        total = f"/{p.total:,}" if p.total else ""
+        table.add_row(
+            f"{c['sent']:,}{total}",
+            f"{c['failed']:,}",
+            f"{c['rejected']:,}",
+            f"{c['unknown']:,}",
+            f"{c['deferred']:,}",
+            f"{current:,.0f}",
+            f"{average:,.0f}",
+            format_duration(p.elapsed),
+            "done" if p.done else format_duration(remaining),
+        )
+        if p.throttles:
+            table.caption = f"throttled {p.throttles}×, rate now {p.rate_limit:,.0f} req/s"
+        return table
+
+    def __call__(self, p: Progress) -> None:
+        self.last = p
+        if self._live is not None:
+            self._live.update(self.render(p))
+            return
+        now = time.monotonic()
+        if p.done or now - self._last_log >= self._log_every:
+            self._last_log = now
+            current, average = self.rates(p)
+            log.info(
+                "progress",
+                **p.counts,
+                rows_read=p.rows_read,
+                total=p.total,
+                rate=round(current, 1),
+                avg_rate=round(average, 1),
+                requests=p.requests,
+                throttles=p.throttles,
+                done=p.done,
+            )

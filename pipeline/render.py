@@ -1,0 +1,193 @@
+"""Render: turn a source row into a :class:`~providers.base.Message` or a rejection.
+
+Templates are deliberately tiny: ``"Hello {first_name}"`` may name a column and
+nothing else. ``{{`` and ``}}`` are literal braces. Attribute access, indexing
+and format specs (everything ``str.format`` would allow) are refused when the
+campaign is loaded, so untrusted rows can never reach an object's internals.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from providers.base import Message
+
+__all__ = ("Rejection", "Renderer", "Template", "TemplateError", "normalize_phone")
+
+_FIELD = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+class TemplateError(ValueError):
+    """A template placeholder is malformed or reaches beyond a column name."""
+
+
+@dataclass(frozen=True, slots=True)
+class Template:
+    """A compiled template: literal text interleaved with column names."""
+
+    source: str
+    parts: tuple[str, ...]  # even indexes: literals; odd indexes: column names
+
+    @classmethod
+    def compile(cls, text: str) -> Template:
+        parts: list[str] = []
+        literal: list[str] = []
+        pos = 0
+        for m in _FIELD.finditer(text):
+            literal.append(text[pos : m.start()])
+            token = m.group(0)
+            if token in ("{{", "}}"):
+                literal.append(token[0])
+            elif token in ("{", "}"):
+                raise TemplateError(f"unmatched {token!r} in {text!r} (write {token * 2} for a brace)")
+            else:
+                name = m.group(1).strip()
+                if not _NAME.match(name):
+                    raise TemplateError(
+                        f"placeholder {{{m.group(1)}}} in {text!r} must be a plain column name"
+                    )
+                parts.append("".join(literal))
+                parts.append(name)
+                literal = []
+            pos = m.end()
+        literal.append(text[pos:])
+        parts.append("".join(literal))
+        return cls(text, tuple(parts))
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return self.parts[1::2]
+
+    @property
+    def is_literal(self) -> bool:
+        return len(self.parts) == 1
+
+    def render(self, row: Mapping[str, object]) -> str:
+        """Fill the template; raises KeyError naming the first missing column."""
+        parts = self.parts
+        if len(parts) == 1:
+            return parts[0]
+        if len(parts) == 3 and not parts[0] and not parts[2]:
+            return _text(row, parts[1])
+        out = [parts[0]]
+        for i in range(1, len(parts), 2):
+            out.append(_text(row, parts[i]))
+            out.append(parts[i + 1])
+        return "".join(out)
+
+
+def _text(row: Mapping[str, object], column: str) -> str:
+    value = row.get(column)
+    if value is None or value == "":
+        raise KeyError(column)
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool | int | float):
+        return str(value)
+    raise TypeError(column)
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """A row that will never be sent, with the reason written to the ledger."""
+
+    row: int
+    key: str
+    reason: str
+
+
+_PHONE_JUNK = str.maketrans("", "", " -().\t")
+
+
+def normalize_phone(raw: str, default_country: str = "86") -> str | None:
+    """Return E.164 digits without ``+`` (``8613800000000``), or None if invalid.
+
+    Accepts ``+CC…``, ``00CC…``, mainland China numbers bare or with ``86`` /
+    ``+86`` / ``0086``, and national numbers of ``default_country`` when it is
+    ``86``. Everything else must carry its country code.
+    """
+    s = raw.strip().translate(_PHONE_JUNK)
+    international = s.startswith(("+", "00"))
+    s = s[1:] if s.startswith("+") else s[2:] if international else s
+    if not s.isdigit() or not s.isascii():
+        return None
+    if not international and default_country == "86" and s[0] == "1":
+        if len(s) != 11:
+            return None  # a mainland mobile number with a digit too many or too few
+        s = "86" + s
+    if s.startswith("86") and len(s) != 13 and s[2:3] == "1":
+        return None
+    if s.startswith("861") and (len(s) != 13 or s[3] not in "3456789"):
+        return None
+    if not 8 <= len(s) <= 15 or s[0] == "0":
+        return None
+    return s
+
+
+class Renderer:
+    """Renders rows of one campaign: the phone, the sign name and the parameters."""
+
+    __slots__ = ("_content", "_country", "_params", "_phone", "_sign")
+
+    def __init__(
+        self,
+        *,
+        phone_column: str,
+        sign_name: Template,
+        params: Mapping[str, Template],
+        content: Template | None = None,
+        default_country: str = "86",
+    ) -> None:
+        self._phone = phone_column
+        self._sign = sign_name
+        self._params = tuple(params.items())
+        self._content = content
+        self._country = default_country
+
+    @property
+    def columns(self) -> set[str]:
+        """Every column the campaign reads (for checking a CSV header up front)."""
+        cols = {self._phone, *self._sign.columns}
+        for _, t in self._params:
+            cols.update(t.columns)
+        if self._content is not None:
+            cols.update(self._content.columns)
+        return cols
+
+    def render(self, row: int, key: str, record: Mapping[str, object]) -> Message | Rejection:
+        raw = record.get(self._phone)
+        if raw is None or raw == "":
+            return Rejection(row, key, f"missing column {self._phone!r}")
+        if not isinstance(raw, str | int):
+            return Rejection(row, key, f"column {self._phone!r} is not a phone number")
+        phone = normalize_phone(str(raw), self._country)
+        if phone is None:
+            return Rejection(row, key, f"invalid phone number in column {self._phone!r}")
+        try:
+            sign = self._sign.render(record)
+            params = {name: t.render(record) for name, t in self._params}
+            content = None if self._content is None else self._content.render(record)
+        except KeyError as exc:
+            return Rejection(row, key, f"missing column {exc.args[0]!r}")
+        except TypeError as exc:
+            return Rejection(row, key, f"column {exc.args[0]!r} is not text or a number")
+        for value in (sign, content, *params.values()):
+            if value is not None and not value.isascii() and not _clean(value):
+                return Rejection(row, key, "invalid UTF-8 or control characters in a field")
+        if "\x00" in sign or (content and "\x00" in content):
+            return Rejection(row, key, "NUL byte in a field")
+        if any("\x00" in v for v in params.values()):
+            return Rejection(row, key, "NUL byte in a field")
+        return Message(row, key, phone, params, sign, content)
+
+
+def _clean(value: str) -> bool:
+    """False for text holding undecodable bytes (surrogate escapes)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -1,0 +1,252 @@
+"""Unit tests of the engine's pure stages: render, batch, keys, ledger, campaign."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import orjson
+import pytest
+
+from pipeline.batch import Batcher
+from pipeline.campaign import load_campaign, parse_campaign
+from pipeline.errors import CampaignError
+from pipeline.keys import KeySet
+from pipeline.ledger import LedgerWriter, Status, replay
+from pipeline.render import Rejection, Renderer, Template, TemplateError, normalize_phone
+from providers.base import Batch, BatchOutcome, Message, Outcome, RecipientOutcome
+
+
+class TestTemplate:
+    def test_columns_and_literals(self) -> None:
+        t = Template.compile("Hi {name}, {{code}} is {code}!")
+        assert t.columns == ("name", "code")
+        assert t.render({"name": "Li", "code": "42"}) == "Hi Li, {code} is 42!"
+
+    @pytest.mark.parametrize(
+        "text", ["{a.b}", "{a[0]}", "{a!r}", "{a:>10}", "{0}", "{}", "{__class__.__mro__}", "x{", "}x"]
+    )
+    def test_refuses_anything_but_a_column(self, text: str) -> None:
+        with pytest.raises(TemplateError):
+            Template.compile(text)
+
+    def test_missing_column_is_named(self) -> None:
+        with pytest.raises(KeyError, match="code"):
+            Template.compile("{name}{code}").render({"name": "x"})
+
+    def test_values_are_not_reinterpreted(self) -> None:
+        assert Template.compile("{a}").render({"a": "{b.__class__}"}) == "{b.__class__}"
+
+
+class TestPhone:
+    @pytest.mark.parametrize(
+        ("raw", "want"),
+        [
+            ("13800000000", "8613800000000"),
+            ("+86 138-0000-0000", "8613800000000"),
+            ("008613800000000", "8613800000000"),
+            ("8613800000000", "8613800000000"),
+            ("+14155550123", "14155550123"),
+            ("  +44 20 7946 0958 ", "442079460958"),
+        ],
+    )
+    def test_valid(self, raw: str, want: str) -> None:
+        assert normalize_phone(raw) == want
+
+    @pytest.mark.parametrize(
+        "raw", ["", "abc", "1380000000", "138000000001", "12800000000", "+0123456789", "١٣٨٠٠٠٠٠٠٠٠", "1" * 16]
+    )
+    def test_invalid(self, raw: str) -> None:
+        assert normalize_phone(raw) is None
+
+
+class TestRenderer:
+    def renderer(self) -> Renderer:
+        return Renderer(
+            phone_column="phone",
+            sign_name=Template.compile("Acme"),
+            params={"name": Template.compile("{first}")},
+        )
+
+    def test_message(self) -> None:
+        m = self.renderer().render(3, "k3", {"phone": "13800000000", "first": "Li"})
+        assert m == Message(3, "k3", "8613800000000", {"name": "Li"}, "Acme", None)
+
+    @pytest.mark.parametrize(
+        ("record", "reason"),
+        [
+            ({"first": "Li"}, "missing column 'phone'"),
+            ({"phone": "12", "first": "Li"}, "invalid phone number"),
+            ({"phone": "13800000000"}, "missing column 'first'"),
+            ({"phone": "13800000000", "first": "a\udcff"}, "invalid UTF-8"),
+            ({"phone": "13800000000", "first": "a\x00"}, "NUL byte"),
+            ({"phone": "13800000000", "first": {"x": 1}}, "not text or a number"),
+        ],
+    )
+    def test_rejections(self, record: dict[str, object], reason: str) -> None:
+        r = self.renderer().render(1, "1", record)
+        assert isinstance(r, Rejection)
+        assert reason in r.reason
+
+
+class TestBatcher:
+    def msg(self, row: int, sign: str = "A") -> Message:
+        return Message(row, str(row), "8613800000000", {}, sign)
+
+    def test_full_batches_and_drain(self) -> None:
+        b = Batcher(3, key=lambda m: m.sign_name)
+        full = b.add([self.msg(i, "A" if i % 2 else "B") for i in range(1, 8)])
+        assert [[m.row for m in x.messages] for x in full] == [[1, 3, 5], [2, 4, 6]]
+        rest = b.drain()
+        assert [[m.row for m in x.messages] for x in rest] == [[7]]
+        assert [x.id for x in full + rest] == [1, 2, 3]
+        assert b.pending == 0
+
+
+class TestKeySet:
+    def test_duplicates_within_and_across_chunks(self) -> None:
+        ks = KeySet()
+        assert ks.add(["a", "b", "a"]) == [False, False, True]
+        assert ks.add(["c", "b"]) == [False, True]
+        for i in range(50):  # force several merges
+            assert not any(ks.add([f"k{i}-{j}" for j in range(37)]))
+        assert ks.add(["k3-5", "new", "c"]) == [True, False, True]
+        assert ks.size == 3 + 50 * 37 + 1
+
+
+def _batch(rows: list[int], bid: int = 1) -> Batch:
+    return Batch(bid, [Message(r, str(r), "8613800000000", {}, "A") for r in rows], 1, f"x-{bid}-1")
+
+
+class TestLedger:
+    def test_round_trip(self, tmp_path: Path) -> None:
+        path = tmp_path / "ledger.jsonl"
+        w = LedgerWriter(path)
+        w.rejected([(1, "k1", "bad phone")])
+        b = _batch([2, 3])
+        w.intent(b)
+        w.outcome(b, BatchOutcome(Outcome.SENT, code="OK", provider_id="9^0"), 12.0)
+        b2 = _batch([4, 5, 6], 2)
+        w.intent(b2)
+        w.outcome(
+            b2,
+            BatchOutcome(
+                Outcome.SENT,
+                recipients=[
+                    RecipientOutcome(Outcome.SENT, provider_id="s1"),
+                    RecipientOutcome(Outcome.FAILED, code="114"),
+                    RecipientOutcome(Outcome.DEFER, code="115"),
+                ],
+            ),
+            3.0,
+        )
+        b3 = _batch([7], 3)
+        w.intent(b3)  # no result: in flight at the "crash"
+        w.eof(7)
+        w.close()
+        assert oct(os.stat(path).st_mode & 0o777) == "0o600"
+        state = replay(path)
+        got = [state.get(r) for r in range(1, 8)]
+        assert got == [
+            Status.REJECTED, Status.SENT, Status.SENT, Status.SENT, Status.FAILED, Status.DEFERRED,
+            Status.INFLIGHT,
+        ]
+        assert state.next_batch == 4 and state.eof_rows == 7
+        counts = state.counts()
+        assert counts["pending"] == 0 and counts["inflight"] == 1
+
+    def test_retry_line_returns_rows_to_pending(self, tmp_path: Path) -> None:
+        path = tmp_path / "ledger.jsonl"
+        w = LedgerWriter(path)
+        b = _batch([1, 2])
+        w.intent(b)
+        w.attempt(b, BatchOutcome(Outcome.THROTTLED, code="Throttling.User"), "retry", 1.0)
+        w.close()
+        state = replay(path)
+        assert state.get(1) == Status.PENDING and not state.open_intents
+
+    def test_torn_tail_repaired(self, tmp_path: Path) -> None:
+        path = tmp_path / "ledger.jsonl"
+        w = LedgerWriter(path)
+        w.rejected([(1, "1", "x"), (2, "2", "y")])
+        w.close()
+        data = path.read_bytes()
+        path.write_bytes(data[:-7])
+        state = replay(path, repair=True)
+        assert state.get(1) == Status.REJECTED and state.get(2) == Status.PENDING
+        assert state.torn_tail > 0
+        assert path.read_bytes() == data[: data.index(b"\n") + 1]
+
+    def test_keys_kept_when_not_the_row(self, tmp_path: Path) -> None:
+        path = tmp_path / "ledger.jsonl"
+        w = LedgerWriter(path)
+        w.rejected([(1, "1", "x"), (2, 'we"ird', "y")])
+        w.close()
+        lines = [orjson.loads(x) for x in path.read_bytes().splitlines()]
+        assert "k" not in lines[0] and lines[1]["k"] == 'we"ird'
+
+
+CAMPAIGN = """
+[source]
+kind = "csv"
+path = "r.csv"
+phone = "phone"
+[provider]
+kind = "simulator"
+[message]
+template_code = "SMS_1"
+sign_name = "Acme"
+params = { name = "{first}" }
+[limits]
+requests_per_second = 100
+"""
+
+
+class TestCampaign:
+    def test_loads_and_resolves_paths(self, tmp_path: Path) -> None:
+        f = tmp_path / "c.toml"
+        f.write_text(CAMPAIGN)
+        c = load_campaign(f)
+        assert c.source.path == str(tmp_path / "r.csv")
+        assert c.limits.requests_per_second == 100.0 and c.limits.batch_size == 100
+
+    @pytest.mark.parametrize(
+        ("patch", "field"),
+        [
+            ({"source": {"kind": "xml"}}, "source.kind"),
+            ({"source": {"colour": "red"}}, "source.colour"),
+            ({"limits": {"batch_size": 101}}, "limits.batch_size"),
+            ({"limits": {"batch_size": "10"}}, "limits.batch_size"),
+            ({"limits": {"concurrency": 0}}, "limits.concurrency"),
+            ({"limits": {"requests_per_second": -1}}, "limits.requests_per_second"),
+            ({"provider": {"signature": "v4"}}, "provider.signature"),
+            ({"provider": {"endpoint": "ftp://x"}}, "provider.endpoint"),
+            ({"message": {"params": {"name": "{first.__class__}"}}}, "message.params.name"),
+            ({"message": {"sign_name": "{a[0]}"}}, "message.sign_name"),
+            ({"run": {"durability": "sometimes"}}, "run.durability"),
+            ({"extra": {}}, "extra"),
+        ],
+    )
+    def test_bad_fields_are_named(self, tmp_path: Path, patch: dict[str, dict[str, object]], field: str) -> None:
+        import tomllib
+
+        data = tomllib.loads(CAMPAIGN)
+        for section, values in patch.items():
+            data.setdefault(section, {}).update(values)
+        with pytest.raises(CampaignError) as info:
+            parse_campaign(data, tmp_path)
+        assert info.value.field == field
+
+    def test_missing_required(self, tmp_path: Path) -> None:
+        import tomllib
+
+        data = tomllib.loads(CAMPAIGN)
+        del data["message"]["template_code"]
+        with pytest.raises(CampaignError, match="message.template_code"):
+            parse_campaign(data, tmp_path)
+
+    def test_bad_toml(self, tmp_path: Path) -> None:
+        f = tmp_path / "c.toml"
+        f.write_text("[source\n")
+        with pytest.raises(CampaignError, match="not valid TOML"):
+            load_campaign(f)
