@@ -1,0 +1,178 @@
+"""The engine with a fake provider over httpx.MockTransport (unit level).
+
+End-to-end behaviour over real sockets against the simulator is in test_e2e.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+
+from pipeline.api import run_status
+from pipeline.campaign import Campaign, parse_campaign
+from pipeline.engine import run_campaign
+from pipeline.ledger import Status, replay
+from pipeline.rundir import RunDir
+from providers.base import Batch, BatchOutcome, Message, Outcome
+
+
+class FakeProvider:
+    """Sends the batch's phones as JSON; the handler decides the answer."""
+
+    name = "fake"
+    max_batch_size = 10
+
+    def batch_key(self, message: Message) -> Hashable:
+        return None
+
+    def build_request(self, batch: Batch) -> httpx.Request:
+        body = orjson.dumps({"out_id": batch.out_id, "phones": [m.phone for m in batch.messages]})
+        return httpx.Request("POST", "http://fake.invalid/send", content=body)
+
+    def parse_response(self, batch: Batch, response: httpx.Response) -> BatchOutcome:
+        data = orjson.loads(response.content)
+        return BatchOutcome(Outcome(data["outcome"]), code=data.get("code"), provider_id=data.get("id"))
+
+
+def make_campaign(tmp_path: Path, rows: list[dict[str, str]], **limits: object) -> Campaign:
+    src = tmp_path / "r.csv"
+    cols = ["id", "phone", "first"]
+    src.write_text(
+        ",".join(cols) + "\n" + "".join(",".join(r.get(c, "") for c in cols) + "\n" for r in rows)
+    )
+    return parse_campaign(
+        {
+            "source": {"kind": "csv", "path": "r.csv", "phone": "phone", "key": "id"},
+            "provider": {"kind": "simulator", "endpoint": "http://fake.invalid"},
+            "message": {"template_code": "T", "sign_name": "S", "params": {"n": "{first}"}},
+            "limits": {"requests_per_second": 10000, "concurrency": 4, "batch_size": 10,
+                       "backoff_base_ms": 1, "backoff_max_ms": 2, **limits},
+        },
+        tmp_path,
+    )
+
+
+def rows(n: int) -> list[dict[str, str]]:
+    return [{"id": f"k{i}", "phone": f"138{i:08d}", "first": f"n{i}"} for i in range(1, n + 1)]
+
+
+async def run(campaign: Campaign, tmp_path: Path, handler: object, **kw: object):  # type: ignore[no-untyped-def]
+    rd = RunDir(tmp_path / "run")
+    if not rd.exists():
+        rd.create(campaign.to_dict(), campaign.digest(), {})
+    return await run_campaign(
+        campaign, rd, provider=FakeProvider(), run_id="t", transport=httpx.MockTransport(handler),  # type: ignore[arg-type]
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def ok(request: httpx.Request) -> httpx.Response:
+    return httpx.Response(200, json={"outcome": "sent", "id": "B1"})
+
+
+@pytest.mark.anyio
+class TestEngine:
+    async def test_all_sent_and_rejects(self, tmp_path: Path) -> None:
+        data = rows(95)
+        data[4]["phone"] = "12"  # invalid
+        data[9]["first"] = ""  # missing param column
+        data[20]["id"] = "k1"  # duplicate key
+        c = make_campaign(tmp_path, data)
+        seen: list[str] = []
+
+        def handler(request: httpx.Request) -> httpx.Response:
+            seen.extend(orjson.loads(request.content)["phones"])
+            return ok(request)
+
+        result = await run(c, tmp_path, handler)
+        assert result.complete
+        assert result.counts["sent"] == 92 and result.counts["rejected"] == 3
+        assert len(seen) == len(set(seen)) == 92
+        status = run_status(tmp_path / "run")
+        assert status["sent"] == 92 and status["complete"] and status["pending"] == 0
+        lines = [orjson.loads(x) for x in (tmp_path / "run" / "ledger.jsonl").read_bytes().splitlines()]
+        reasons = {x["r"]: x["e"] for x in lines if x.get("s") == "rejected"}
+        assert reasons == {5: "invalid phone number in column 'phone'", 10: "missing column 'first'",
+                           21: "duplicate key"}
+
+    async def test_connect_errors_retry_and_read_timeouts_are_unknown(self, tmp_path: Path) -> None:
+        c = make_campaign(tmp_path, rows(30))
+        calls = {"n": 0}
+
+        def handler(request: httpx.Request) -> httpx.Response:
+            calls["n"] += 1
+            out_id = orjson.loads(request.content)["out_id"]
+            if out_id.startswith("t-1-"):
+                if out_id == "t-1-1":
+                    raise httpx.ConnectError("refused", request=request)
+                return ok(request)
+            if out_id.startswith("t-2-"):
+                raise httpx.ReadTimeout("slow", request=request)
+            return ok(request)
+
+        result = await run(c, tmp_path, handler)
+        assert result.counts["sent"] == 20 and result.counts["unknown"] == 10
+        assert result.complete  # unknown is settled; the exit code (3) says it is not clean
+        state = replay(tmp_path / "run" / "ledger.jsonl")
+        assert {state.get(r) for r in range(11, 21)} == {Status.UNKNOWN}
+
+    async def test_retry_budget_spent_defers_then_resume_sends(self, tmp_path: Path) -> None:
+        c = make_campaign(tmp_path, rows(10), max_attempts=2)
+
+        def refuse(request: httpx.Request) -> httpx.Response:
+            raise httpx.ConnectError("refused", request=request)
+
+        first = await run(c, tmp_path, refuse)
+        assert first.counts["deferred"] == 10 and not first.complete
+        second = await run(c, tmp_path, ok)
+        assert second.counts["sent"] == 10 and second.counts["deferred"] == 0 and second.complete
+
+    async def test_fatal_stops_the_run_and_leaves_rows_pending(self, tmp_path: Path) -> None:
+        c = make_campaign(tmp_path, rows(100), concurrency=1)
+
+        def fatal(request: httpx.Request) -> httpx.Response:
+            return httpx.Response(200, json={"outcome": "fatal", "code": "isv.AMOUNT_NOT_ENOUGH"})
+
+        result = await run(c, tmp_path, fatal)
+        assert result.stopped and result.stop_code == "isv.AMOUNT_NOT_ENOUGH"
+        assert result.counts["sent"] == result.counts["failed"] == 0
+        status = run_status(tmp_path / "run")
+        assert status["sent"] == 0 and not status["complete"]
+        again = await run(c, tmp_path, ok)
+        assert again.complete and again.counts["sent"] == 100
+
+    async def test_throttles_are_not_failures(self, tmp_path: Path) -> None:
+        c = make_campaign(tmp_path, rows(20))
+        state = {"n": 0}
+
+        def throttle_twice(request: httpx.Request) -> httpx.Response:
+            state["n"] += 1
+            if state["n"] <= 2:
+                return httpx.Response(200, json={"outcome": "throttled", "code": "Throttling.User"})
+            return ok(request)
+
+        result = await run(c, tmp_path, throttle_twice)
+        assert result.complete and result.counts["sent"] == 20 and result.throttles == 2
+
+    async def test_resume_skips_settled_and_settles_interrupted(self, tmp_path: Path) -> None:
+        c = make_campaign(tmp_path, rows(30))
+        await run(c, tmp_path, ok)
+        ledger = tmp_path / "run" / "ledger.jsonl"
+        # Simulate a crash: keep everything up to the second intent line.
+        lines = ledger.read_bytes().splitlines(keepends=True)
+        intents = [i for i, x in enumerate(lines) if x.startswith(b'{"i":')]
+        ledger.write_bytes(b"".join(lines[: intents[1] + 1]))
+        sent_before = sum(1 for x in lines[: intents[1]] if b'"s":"sent"' in x and x.startswith(b'{"r"'))
+        seen: list[str] = []
+
+        def handler(request: httpx.Request) -> httpx.Response:
+            seen.extend(orjson.loads(request.content)["phones"])
+            return ok(request)
+
+        result = await run(c, tmp_path, handler)
+        assert len(seen) == 30 - sent_before - 10  # the interrupted batch is unknown, not re-sent
+        assert result.counts["unknown"] == 10 and result.counts["sent"] == 20
