@@ -264,6 +264,7 @@ async def run_campaign(
         run_dir.ledger,
         durability=durability,
         fsync_interval=campaign.run.fsync_interval_ms / 1000,
+        state=state,
     )
     interrupted = _settle_interrupted(state, writer)
     writer.counts = dict.fromkeys(writer.counts, 0)  # count this session's outcomes only
@@ -355,7 +356,6 @@ async def run_campaign(
                 async def prepare_and_eof() -> None:
                     await _prepare_task(run, rows_recv, batch_send, batcher, limits.linger_ms / 1000)
                     if run_eof.is_set() and not run.stop_event.is_set():
-                        state.eof_rows = run.rows_read
                         writer.eof(run.rows_read)
 
                 async def workers() -> None:
@@ -400,7 +400,7 @@ async def run_campaign(
     final = snapshot(done=True)
     if on_progress is not None:
         on_progress(final)
-    result_counts = replay(run_dir.ledger).counts()
+    result_counts = state.counts()
     complete = (
         run.stop_reason is None
         and result_counts["pending"] == 0

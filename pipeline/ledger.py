@@ -96,7 +96,7 @@ class LedgerState:
     bad_lines: int = 0
     torn_tail: int = 0
 
-    def set(self, row: int, status: Status) -> None:
+    def set(self, row: int, status: int) -> None:
         if row >= len(self.status):
             self.status.extend(bytes(max(row + 1 - len(self.status), len(self.status) // 2)))
         self.status[row] = status
@@ -183,8 +183,10 @@ class LedgerWriter:
         durability: Durability = Durability.PROCESS,
         fsync_interval: float = 1.0,
         buffer_bytes: int = 1 << 18,
+        state: LedgerState | None = None,
     ) -> None:
         self.path = path
+        self.state = state or LedgerState()  # kept in step with every recipient line
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         self._buf = bytearray()
         self._limit = buffer_bytes
@@ -195,6 +197,7 @@ class LedgerWriter:
 
     # -- writing ---------------------------------------------------------
     def _recipient(self, row: int, key: str, status: str, tail: bytes) -> None:
+        self.state.set(row, _BY_NAME[status.encode()])
         self._buf += b'{"r":%d,"s":"%s"%s' % (row, status.encode(), tail)
         if key != str(row):
             self._buf += b',"k":' + orjson.dumps(key)
@@ -266,6 +269,7 @@ class LedgerWriter:
         tail = b',"c":' + orjson.dumps(code)
         n = 0
         for row in rows:
+            self.state.set(row, Status.UNKNOWN)
             self._buf += b'{"r":%d,"s":"unknown"%s}\n' % (row, tail)
             n += 1
         self.counts["unknown"] += n
@@ -273,6 +277,7 @@ class LedgerWriter:
         return n
 
     def eof(self, rows: int) -> None:
+        self.state.eof_rows = rows
         self._buf += b'{"eof":%d}\n' % rows
         self.flush()
 

@@ -41,16 +41,20 @@ class FakeProvider:
 def make_campaign(tmp_path: Path, rows: list[dict[str, str]], **limits: object) -> Campaign:
     src = tmp_path / "r.csv"
     cols = ["id", "phone", "first"]
-    src.write_text(
-        ",".join(cols) + "\n" + "".join(",".join(r.get(c, "") for c in cols) + "\n" for r in rows)
-    )
+    src.write_text(",".join(cols) + "\n" + "".join(",".join(r.get(c, "") for c in cols) + "\n" for r in rows))
     return parse_campaign(
         {
             "source": {"kind": "csv", "path": "r.csv", "phone": "phone", "key": "id"},
             "provider": {"kind": "simulator", "endpoint": "http://fake.invalid"},
             "message": {"template_code": "T", "sign_name": "S", "params": {"n": "{first}"}},
-            "limits": {"requests_per_second": 10000, "concurrency": 4, "batch_size": 10,
-                       "backoff_base_ms": 1, "backoff_max_ms": 2, **limits},
+            "limits": {
+                "requests_per_second": 10000,
+                "concurrency": 4,
+                "batch_size": 10,
+                "backoff_base_ms": 1,
+                "backoff_max_ms": 2,
+                **limits,
+            },
         },
         tmp_path,
     )
@@ -65,7 +69,11 @@ async def run(campaign: Campaign, tmp_path: Path, handler: object, **kw: object)
     if not rd.exists():
         rd.create(campaign.to_dict(), campaign.digest(), {})
     return await run_campaign(
-        campaign, rd, provider=FakeProvider(), run_id="t", transport=httpx.MockTransport(handler),  # type: ignore[arg-type]
+        campaign,
+        rd,
+        provider=FakeProvider(),
+        run_id="t",
+        transport=httpx.MockTransport(handler),  # type: ignore[arg-type]
         **kw,  # type: ignore[arg-type]
     )
 
@@ -96,8 +104,11 @@ class TestEngine:
         assert status["sent"] == 92 and status["complete"] and status["pending"] == 0
         lines = [orjson.loads(x) for x in (tmp_path / "run" / "ledger.jsonl").read_bytes().splitlines()]
         reasons = {x["r"]: x["e"] for x in lines if x.get("s") == "rejected"}
-        assert reasons == {5: "invalid phone number in column 'phone'", 10: "missing column 'first'",
-                           21: "duplicate key"}
+        assert reasons == {
+            5: "invalid phone number in column 'phone'",
+            10: "missing column 'first'",
+            21: "duplicate key",
+        }
 
     async def test_connect_errors_retry_and_read_timeouts_are_unknown(self, tmp_path: Path) -> None:
         c = make_campaign(tmp_path, rows(30))

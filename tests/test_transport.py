@@ -59,7 +59,7 @@ async def server() -> AsyncIterator[Callable[[str], str]]:
                     await gate.wait()
                     return
                 elif mode["m"] == "truncated":
-                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"Co")
+                    writer.write(b'HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{"Co')
                     await writer.drain()
                     return
         except (asyncio.IncompleteReadError, ConnectionError):

@@ -54,7 +54,8 @@ class TestPhone:
         assert normalize_phone(raw) == want
 
     @pytest.mark.parametrize(
-        "raw", ["", "abc", "1380000000", "138000000001", "12800000000", "+0123456789", "١٣٨٠٠٠٠٠٠٠٠", "1" * 16]
+        "raw",
+        ["", "abc", "1380000000", "138000000001", "12800000000", "+0123456789", "١٣٨٠٠٠٠٠٠٠٠", "1" * 16],
     )
     def test_invalid(self, raw: str) -> None:
         assert normalize_phone(raw) is None
@@ -148,7 +149,12 @@ class TestLedger:
         state = replay(path)
         got = [state.get(r) for r in range(1, 8)]
         assert got == [
-            Status.REJECTED, Status.SENT, Status.SENT, Status.SENT, Status.FAILED, Status.DEFERRED,
+            Status.REJECTED,
+            Status.SENT,
+            Status.SENT,
+            Status.SENT,
+            Status.FAILED,
+            Status.DEFERRED,
             Status.INFLIGHT,
         ]
         assert state.next_batch == 4 and state.eof_rows == 7
@@ -227,7 +233,9 @@ class TestCampaign:
             ({"extra": {}}, "extra"),
         ],
     )
-    def test_bad_fields_are_named(self, tmp_path: Path, patch: dict[str, dict[str, object]], field: str) -> None:
+    def test_bad_fields_are_named(
+        self, tmp_path: Path, patch: dict[str, dict[str, object]], field: str
+    ) -> None:
         import tomllib
 
         data = tomllib.loads(CAMPAIGN)
@@ -242,7 +250,7 @@ class TestCampaign:
 
         data = tomllib.loads(CAMPAIGN)
         del data["message"]["template_code"]
-        with pytest.raises(CampaignError, match="message.template_code"):
+        with pytest.raises(CampaignError, match=r"message\.template_code"):
             parse_campaign(data, tmp_path)
 
     def test_bad_toml(self, tmp_path: Path) -> None:

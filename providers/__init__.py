@@ -1,0 +1,1 @@
+"""Provider API modules (sans-I/O) and the local simulator."""
