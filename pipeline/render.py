@@ -159,13 +159,24 @@ class Renderer:
 
     def render(self, row: int, key: str, record: Mapping[str, object]) -> Message | Rejection:
         raw = record.get(self._phone)
-        if raw is None or raw == "":
+        if (
+            type(raw) is str
+            and len(raw) == 11
+            and raw[0] == "1"
+            and raw.isdigit()
+            and raw.isascii()
+            and raw[1] in "3456789"
+            and self._country == "86"
+        ):
+            phone: str | None = "86" + raw  # the common case: a bare mainland mobile number
+        elif raw is None or raw == "":
             return Rejection(row, key, f"missing column {self._phone!r}")
-        if not isinstance(raw, str | int):
+        elif not isinstance(raw, str | int) or isinstance(raw, bool):
             return Rejection(row, key, f"column {self._phone!r} is not a phone number")
-        phone = normalize_phone(str(raw), self._country)
-        if phone is None:
-            return Rejection(row, key, f"invalid phone number in column {self._phone!r}")
+        else:
+            phone = normalize_phone(str(raw), self._country)
+            if phone is None:
+                return Rejection(row, key, f"invalid phone number in column {self._phone!r}")
         try:
             sign = self._sign.render(record)
             params = {name: t.render(record) for name, t in self._params}
@@ -174,13 +185,11 @@ class Renderer:
             return Rejection(row, key, f"missing column {exc.args[0]!r}")
         except TypeError as exc:
             return Rejection(row, key, f"column {exc.args[0]!r} is not text or a number")
-        for value in (sign, content, *params.values()):
-            if value is not None and not value.isascii() and not _clean(value):
-                return Rejection(row, key, "invalid UTF-8 or control characters in a field")
-        if "\x00" in sign or (content and "\x00" in content):
+        text = sign + "".join(params.values()) + (content or "")
+        if "\x00" in text:
             return Rejection(row, key, "NUL byte in a field")
-        if any("\x00" in v for v in params.values()):
-            return Rejection(row, key, "NUL byte in a field")
+        if not text.isascii() and not _clean(text):
+            return Rejection(row, key, "invalid UTF-8 or control characters in a field")
         return Message(row, key, phone, params, sign, content)
 
 
