@@ -57,6 +57,7 @@ def simulator(tmp: Path, *args: str) -> Iterator[SimulatorProcess]:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        proc.stdout.close()
 
 
 def write_recipients(path: Path, n: int) -> dict[int, str]:
