@@ -7,9 +7,10 @@ keeps the bucket to a small slice of the rate (``burst``, 1 % by default) and
 sends at a hair under the configured rate (``headroom``), so any one-second
 window sees at most ``rate`` requests.
 
-On a throttle it halves the rate and pauses for the provider's ``Retry-After``
-(when sent); after enough clean responses it climbs back toward the configured
-rate. Throttles never count against recipients.
+On a throttle it pauses for the provider's ``Retry-After`` (when sent) and cuts
+the rate by 30 %, at most once a second (the other requests in flight were sent
+at the old rate); after two quiet seconds it climbs back 20 % a second toward
+the configured rate. Throttles never count against recipients.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class RateGovernor:
         headroom: float = 0.99,
         burst_fraction: float = 0.01,
         min_rate: float = 1.0,
-        recover_after: int = 50,
+        cut: float = 0.7,
     ) -> None:
         if rate <= 0:
             raise ValueError("rate must be positive")
@@ -40,8 +41,9 @@ class RateGovernor:
         self._headroom = headroom
         self._burst_fraction = burst_fraction
         self._min_rate = min(min_rate, rate)
-        self._recover_after = recover_after
-        self._clean = 0
+        self._cut = cut
+        self._last_cut = -1e9
+        self._last_raise = -1e9
         self._paused_until = 0.0
         self.throttles = 0
         self.current = rate
@@ -60,23 +62,25 @@ class RateGovernor:
         await self._limiter.acquire()
 
     def throttled(self, retry_after: float | None) -> None:
-        """The provider said slow down: halve the rate, honour its pause."""
+        """The provider said slow down: honour its pause, cut the rate once per second."""
+        now = anyio.current_time()
         self.throttles += 1
-        self._clean = 0
         pause = retry_after if retry_after is not None and retry_after > 0 else 0.0
-        pause = min(pause, 60.0)
-        self._paused_until = max(self._paused_until, anyio.current_time() + pause)
-        new_rate = max(self._min_rate, self.current / 2)
+        self._paused_until = max(self._paused_until, now + min(pause, 60.0))
+        if now - self._last_cut < 1.0:
+            return  # requests in flight during the last cut say nothing new
+        self._last_cut = now
+        new_rate = max(self._min_rate, self.current * self._cut)
         if new_rate < self.current:
             self.current = new_rate
             self._limiter = self._make(new_rate)
 
     def succeeded(self) -> None:
-        """A clean response; climb back after ``recover_after`` of them."""
+        """A clean response: after two quiet seconds, climb back 20 % a second."""
         if self.current >= self.target:
             return
-        self._clean += 1
-        if self._clean >= self._recover_after:
-            self._clean = 0
-            self.current = min(self.target, self.current * 1.25)
+        now = anyio.current_time()
+        if now - self._last_cut >= 2.0 and now - self._last_raise >= 1.0:
+            self._last_raise = now
+            self.current = min(self.target, self.current * 1.2)
             self._limiter = self._make(self.current)
