@@ -59,9 +59,7 @@ _BY_NAME = {
     b"unknown": Status.UNKNOWN,
     b"deferred": Status.DEFERRED,
 }
-_BY_INITIAL = bytes(
-    next((st for name, st in _BY_NAME.items() if name[0] == i), 0) for i in range(256)
-)
+_BY_INITIAL = bytes(next((st for name, st in _BY_NAME.items() if name[0] == i), 0) for i in range(256))
 _OUTCOME_STATUS = {
     Outcome.SENT: "sent",
     Outcome.FAILED: "failed",

@@ -175,8 +175,8 @@ class Renderer:
             return Rejection(row, key, f"column {self._phone!r} is not a phone number")
         else:
             phone = normalize_phone(str(raw), self._country)
-            if phone is None:
-                return Rejection(row, key, f"invalid phone number in column {self._phone!r}")
+        if phone is None:
+            return Rejection(row, key, f"invalid phone number in column {self._phone!r}")
         try:
             sign = self._sign.render(record)
             params = {name: t.render(record) for name, t in self._params}

@@ -111,8 +111,14 @@ def v3_canonical_request(
     """``headers`` keyed by lower-case name; ``signed_headers`` lower-case, sorted."""
     canonical_headers = "".join(f"{h}:{headers.get(h, '').strip()}\n" for h in signed_headers)
     return "\n".join(
-        (method.upper(), path, _canonical_query(query), canonical_headers, ";".join(signed_headers),
-         body_sha256)
+        (
+            method.upper(),
+            path,
+            _canonical_query(query),
+            canonical_headers,
+            ";".join(signed_headers),
+            body_sha256,
+        )
     )
 
 
@@ -159,7 +165,9 @@ def verify_v3(
         return False
     if "host" not in signed or any(h not in headers for h in signed):
         return False
-    expected = v3_signature(v3_canonical_request(method, path or "/", query, headers, signed, body_hash), secret)
+    expected = v3_signature(
+        v3_canonical_request(method, path or "/", query, headers, signed, body_hash), secret
+    )
     return hmac.compare_digest(expected, given)
 
 
@@ -317,7 +325,9 @@ class AliyunSms:
             ]
             if self._region:
                 query.append(("RegionId", self._region))
-            query.append(("Signature", rpc_signature("POST", dict(query + form), self._creds.access_key_secret)))
+            query.append(
+                ("Signature", rpc_signature("POST", dict(query + form), self._creds.access_key_secret))
+            )
         body = "&".join(f"{percent_encode(k)}={percent_encode(v)}" for k, v in form).encode()
         qs = "&".join(f"{percent_encode(k)}={percent_encode(v)}" for k, v in query)
         headers = {
@@ -353,7 +363,9 @@ class AliyunSms:
             data = None
         if not isinstance(data, dict) or not isinstance(data.get("Code"), str):
             if status == 429:
-                return BatchOutcome(Outcome.THROTTLED, code=f"HTTP{status}", retry_after=_retry_after(response))
+                return BatchOutcome(
+                    Outcome.THROTTLED, code=f"HTTP{status}", retry_after=_retry_after(response)
+                )
             # 2xx or 5xx with an unreadable body: the request reached the provider.
             kind = Outcome.FATAL if 400 <= status < 500 else Outcome.UNKNOWN
             return BatchOutcome(kind, code=f"HTTP{status}", message="unreadable response body")

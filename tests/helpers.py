@@ -74,8 +74,15 @@ def write_recipients(path: Path, n: int) -> dict[int, str]:
 
 
 def write_campaign(path: Path, endpoint: str, **limits: object) -> Path:
-    lim = {"requests_per_second": 500, "concurrency": 8, "batch_size": 50, "max_attempts": 5,
-           "backoff_base_ms": 10, "backoff_max_ms": 100, **limits}
+    lim = {
+        "requests_per_second": 500,
+        "concurrency": 8,
+        "batch_size": 50,
+        "max_attempts": 5,
+        "backoff_base_ms": 10,
+        "backoff_max_ms": 100,
+        **limits,
+    }
     limits_toml = "\n".join(f"{k} = {v}" for k, v in lim.items())
     path.write_text(
         f"""

@@ -13,7 +13,7 @@ from tests.helpers import final_statuses, simulator, sluice, write_campaign, wri
 
 def run_to_end(*args: str, timeout: float = 120) -> tuple[int, str]:
     p = sluice(*args)
-    out, err = p.communicate(timeout=timeout)
+    _, err = p.communicate(timeout=timeout)
     return p.returncode, err.decode()
 
 

@@ -1,102 +1,132 @@
 """A local gateway speaking the providers' protocols, for demos, tests and benchmarks.
 
 It binds to loopback unless told otherwise, verifies signatures, enforces the
-providers' limits with their own error responses, injects faults, and records
-every recipient it accepted in a receipts file so duplicates and losses can be
-counted from the provider's side.
+provider's limits with its own error responses, adds latency, injects faults,
+and appends every recipient it accepted to a receipts file, so a test can
+count duplicates and losses from the provider's side. ``GET /__stats``
+returns its counters.
 
 ::
 
-    async with serve(SimulatorConfig(qps=1000)) as sim:
-        print(sim.base_url)
+    async with serve(SimulatorConfig(qps=1000, receipts=Path("r.jsonl"))) as sim:
+        ...  # send to sim.base_url
+        sim.stats()["accepted_recipients"]
 """
 
 from __future__ import annotations
 
-import ipaddress
-import os
-from collections.abc import AsyncIterator, Mapping
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from providers.aliyun import TEST_CREDENTIALS, AliyunCredentials
-from providers.simulator.aliyun import FAULT_KINDS, AliyunGateway, GatewayConfig
-from providers.simulator.server import serve_http
+import orjson
 
-__all__ = ("FAULT_KINDS", "Simulator", "SimulatorConfig", "default_credentials", "serve")
+from providers.simulator.aliyun import AliyunGateway
+from providers.simulator.config import SimulatorConfig, default_credentials
+from providers.simulator.core import FAULT_KINDS, ReceiptLog, Stats
+from providers.simulator.server import Connection, JsonEndpoint, Router, start_server
 
-
-def default_credentials(environ: Mapping[str, str] = os.environ) -> AliyunCredentials:
-    """The client's environment credentials when set, else the documented test ones."""
-    if environ.get("ALIYUN_ACCESS_KEY_ID") and environ.get("ALIYUN_ACCESS_KEY_SECRET"):
-        return AliyunCredentials.from_env(environ)
-    return TEST_CREDENTIALS
+__all__ = ("FAULT_KINDS", "Simulator", "SimulatorConfig", "default_credentials", "run_forever", "serve")
 
 
-@dataclass(frozen=True)
-class SimulatorConfig:
-    host: str = "127.0.0.1"
-    port: int = 0
-    latency_ms: float = 0.0
-    jitter_ms: float = 0.0
-    qps: int = 0
-    fault_rate: float = 0.0
-    fault_mix: Mapping[str, float] = field(default_factory=lambda: dict.fromkeys(FAULT_KINDS, 1.0))
-    slow_ms: float = 10_000.0
-    receipts: Path | None = None
-    verify: bool = True
-    check_time: bool = True
-    retry_after_header: bool = True
-    index_receipts: bool = True
-    seed: int | None = None
-    credentials: AliyunCredentials | None = None
-    allow_remote: bool = False
-
-    def gateway(self) -> GatewayConfig:
-        return GatewayConfig(
-            credentials=self.credentials or default_credentials(),
-            latency_ms=self.latency_ms,
-            jitter_ms=self.jitter_ms,
-            qps=self.qps,
-            fault_rate=self.fault_rate,
-            fault_mix=self.fault_mix,
-            slow_ms=self.slow_ms,
-            verify=self.verify,
-            check_time=self.check_time,
-            retry_after_header=self.retry_after_header,
-            index_receipts=self.index_receipts,
-            seed=self.seed,
-        )
-
-
-@dataclass
 class Simulator:
-    base_url: str
-    receipts: Path | None
-    gateway: AliyunGateway
+    """A running simulator (from :func:`serve`)."""
+
+    def __init__(
+        self, config: SimulatorConfig, host: str, port: int, stats: Stats, receipts: ReceiptLog,
+        live: set[Connection],
+    ) -> None:
+        self.config = config
+        self.host = host
+        self.port = port
+        self.base_url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        self._stats = stats
+        self._receipts = receipts
+        self._live = live
+        self._started = time.monotonic()
+
+    @property
+    def receipts(self) -> Path | None:
+        """The receipts file (None when not recording to a file)."""
+        return self._receipts.path
+
+    @property
+    def accepted(self) -> int:
+        """Recipients accepted so far."""
+        return self._receipts.accepted
 
     def stats(self) -> dict[str, Any]:
-        return self.gateway.stats
-
-
-def _check_host(host: str, allow_remote: bool) -> None:
-    if allow_remote or host == "localhost":
-        return
-    if not ipaddress.ip_address(host).is_loopback:
-        raise ValueError(f"refusing to bind the simulator to non-loopback {host} (allow_remote=False)")
+        s = self._stats
+        return {
+            "requests": s.requests,
+            "accepted_requests": s.accepted_requests,
+            "accepted_recipients": self._receipts.accepted,
+            "throttled": s.throttled,
+            "faults": dict(s.faults),
+            "rejected": dict(s.rejected),
+            "actions": dict(s.actions),
+            "connections": len(self._live),
+            "uptime_s": round(time.monotonic() - self._started, 3),
+            "cpu_s": round(time.process_time(), 4),  # the whole process, for benchmarks
+        }
 
 
 @asynccontextmanager
-async def serve(config: SimulatorConfig) -> AsyncIterator[Simulator]:
-    """Serve until the block exits."""
-    _check_host(config.host, config.allow_remote)
-    gateway = AliyunGateway(config.gateway(), config.receipts)
-    server = await serve_http(gateway.handle, config.host, config.port, on_head=gateway.on_head)
+async def serve(config: SimulatorConfig | None = None) -> AsyncIterator[Simulator]:
+    """Serve on the running asyncio loop until the block exits.
+
+    On exit it stops accepting, closes every connection and fsyncs the receipts.
+
+    Raises:
+        OSError: the address cannot be bound.
+    """
+    config = config or SimulatorConfig()
+    stats = Stats()
+    receipts = ReceiptLog(config.receipts, index=config.index_receipts)
     try:
-        port = server.sockets[0].getsockname()[1]
-        yield Simulator(f"http://{config.host}:{port}", config.receipts, gateway)
+        gateway = AliyunGateway(config, stats, receipts)
+        holder: list[Simulator] = []
+        router = Router({"/": gateway, "/__stats": JsonEndpoint(lambda: orjson.dumps(holder[0].stats()))})
+        server, live = await start_server(router, config.host, config.port)
+        try:
+            port = server.sockets[0].getsockname()[1]
+            sim = Simulator(config, config.host, port, stats, receipts, live)
+            holder.append(sim)
+            yield sim
+        finally:
+            server.close()
+            for conn in list(live):
+                conn.close()
+            await server.wait_closed()
     finally:
-        server.close()
-        gateway.close()
+        receipts.close()
+
+
+def run_forever(
+    config: SimulatorConfig, *, on_ready: Callable[[Simulator], None] | None = None
+) -> dict[str, Any]:
+    """Serve until SIGINT or SIGTERM (blocking; on uvloop when importable); return the final stats."""
+
+    async def main() -> dict[str, Any]:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):  # no signal handlers on Windows loops
+                loop.add_signal_handler(sig, stop.set)
+        async with serve(config) as sim:
+            if on_ready is not None:
+                on_ready(sim)
+            await stop.wait()
+        return sim.stats()
+
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main())
+    result: dict[str, Any] = uvloop.run(main())
+    return result

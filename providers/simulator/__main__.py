@@ -1,103 +1,107 @@
-"""``python -m providers.simulator`` (also ``sluice simulate``): serve until SIGINT/SIGTERM.
+"""``python -m providers.simulator`` (also ``sluice simulate``): serve until SIGINT or SIGTERM.
 
-Prints its base URL as the first line of stdout once it accepts connections;
-final statistics go to stderr as JSON.
+The first line of stdout is the base URL, printed once connections are
+accepted; nothing else goes to stdout. Final statistics go to stderr as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import orjson
 
-from providers.simulator import FAULT_KINDS, SimulatorConfig, serve
+from providers.simulator import FAULT_KINDS, Simulator, SimulatorConfig, run_forever
 
-__all__ = ("build_parser", "main")
+__all__ = ("build_parser", "config_from_args", "main")
 
 
-def _mix(text: str) -> dict[str, float]:
-    mix: dict[str, float] = {}
-    for part in text.split(","):
-        kind, _, weight = part.partition("=")
+def _weights(text: str) -> dict[str, float]:
+    """``kind=number,kind...`` (a bare kind means 1)."""
+    out: dict[str, float] = {}
+    for part in filter(None, text.split(",")):
+        kind, _, value = part.partition("=")
+        kind = kind.strip()
         if kind not in FAULT_KINDS:
             raise argparse.ArgumentTypeError(f"unknown fault kind {kind!r} (one of {', '.join(FAULT_KINDS)})")
-        mix[kind] = float(weight or 1)
-    return mix
+        try:
+            out[kind] = float(value) if value else 1.0
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    return out
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sluice simulate", description="Serve the provider simulator.")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=0)
-    p.add_argument("--latency-ms", type=float, default=0.0)
-    p.add_argument("--jitter-ms", type=float, default=0.0)
-    p.add_argument("--qps", type=int, default=0, help="requests per second per AccessKeyId (0: unlimited)")
-    p.add_argument("--fault-rate", type=float, default=0.0, help="fraction of requests given a fault")
-    p.add_argument("--fault-mix", type=_mix, default=None, help=f"kind=weight,... of {', '.join(FAULT_KINDS)}")
-    p.add_argument("--slow-ms", type=float, default=10_000.0, help="delay of a 'slow' fault")
-    p.add_argument("--receipts", type=Path, help="append every accepted recipient here (JSONL)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--no-verify", action="store_true", help="skip signature checks")
-    p.add_argument("--no-time-check", action="store_true", help="skip timestamp and nonce checks")
-    p.add_argument("--minimal", action="store_true", help="benchmark mode: no checks, no index")
+def build_parser(prog: str = "python -m providers.simulator") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Serve the SMS provider simulator (Aliyun dysmsapi).")
+    p.add_argument("--host", default="127.0.0.1", help="listen address (loopback unless --allow-remote)")
+    p.add_argument("--port", type=int, default=0, help="0: a free port (the URL is printed)")
     p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --host")
+    p.add_argument("--latency-ms", type=float, default=0.0, help="delay before every response")
+    p.add_argument("--jitter-ms", type=float, default=0.0, help="plus a uniform random 0..N ms")
+    p.add_argument("--qps", type=int, default=0, help="requests per second per AccessKeyId (0: unlimited)")
+    p.add_argument("--no-retry-after", action="store_true", help="no x-acs-retry-after header on throttles")
+    p.add_argument("--fault-rate", type=float, default=0.0, help="fraction of send requests given a fault")
+    p.add_argument("--fault-mix", type=_weights, default=None,
+                   help=f"relative weights kind=w,... (default: all equal) of {', '.join(FAULT_KINDS)}")
+    p.add_argument("--fault-rates", type=_weights, default=None, help="absolute per-kind rates kind=r,...")
+    p.add_argument("--slow-ms", type=float, default=10_000.0, help="response delay of a 'slow' fault")
+    p.add_argument("--business-error-code", default="isv.MOBILE_NUMBER_ILLEGAL",
+                   help="Code of a 'business_error' fault")
+    p.add_argument("--receipts", type=Path, help="append every accepted recipient here (JSONL)")
+    p.add_argument("--seed", type=int, help="seed of the fault and jitter draws")
+    p.add_argument("--no-verify", action="store_true", help="skip access key, signature and version checks")
+    p.add_argument("--no-time-check", action="store_true", help="skip timestamp windows")
+    p.add_argument("--no-nonce-check", action="store_true", help="skip SignatureNonceUsed")
+    p.add_argument("--no-index", action="store_true", help="no receipt index (QuerySendDetails unavailable)")
+    p.add_argument("--minimal", action="store_true",
+                   help="benchmark mode: --no-verify --no-time-check --no-nonce-check --no-index")
     return p
 
 
-def config_from(args: argparse.Namespace) -> SimulatorConfig:
-    extra = {"fault_mix": args.fault_mix} if args.fault_mix else {}
+def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
+    """Raises ValueError for inconsistent settings."""
+    extra: dict[str, object] = {}
+    if args.fault_mix:
+        extra["fault_mix"] = args.fault_mix
+    if args.fault_rates:
+        extra["fault_rates"] = args.fault_rates
+    minimal = args.minimal
     return SimulatorConfig(
         host=args.host,
         port=args.port,
+        allow_remote=args.allow_remote,
         latency_ms=args.latency_ms,
         jitter_ms=args.jitter_ms,
         qps=args.qps,
+        retry_after_header=not args.no_retry_after,
         fault_rate=args.fault_rate,
         slow_ms=args.slow_ms,
+        business_error_code=args.business_error_code,
         receipts=args.receipts,
-        verify=not (args.no_verify or args.minimal),
-        check_time=not (args.no_time_check or args.minimal),
-        index_receipts=not args.minimal,
         seed=args.seed,
-        allow_remote=args.allow_remote,
-        **extra,
+        verify=not (minimal or args.no_verify),
+        check_time=not (minimal or args.no_time_check),
+        check_nonce=not (minimal or args.no_nonce_check),
+        index_receipts=not (minimal or args.no_index),
+        **extra,  # type: ignore[arg-type]
     )
 
 
-async def run_forever(config: SimulatorConfig) -> dict[str, object]:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    async with serve(config) as sim:
-        sys.stdout.write(sim.base_url + "\n")
-        sys.stdout.flush()
-        await stop.wait()
-        return sim.stats()
+def _ready(sim: Simulator) -> None:
+    sys.stdout.write(sim.base_url + "\n")
+    sys.stdout.flush()
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
-        config = config_from(args)
-        if not config.allow_remote:
-            import ipaddress
-
-            if config.host != "localhost" and not ipaddress.ip_address(config.host).is_loopback:
-                raise ValueError(f"refusing non-loopback --host {config.host} without --allow-remote")
+        config = config_from_args(args)
     except ValueError as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        return 2
-    try:
-        import uvloop
-
-        stats = uvloop.run(run_forever(config))
-    except ImportError:
-        stats = asyncio.run(run_forever(config))
+        parser.error(str(exc))  # exits 2
+    stats = run_forever(config, on_ready=_ready)
     sys.stderr.write(orjson.dumps(stats).decode() + "\n")
     return 0
 

@@ -1,311 +1,459 @@
 """The simulated Aliyun dysmsapi gateway: SendBatchSms, SendBatchCardSms, QuerySendDetails.
 
-Checks signatures (V3 and V2), timestamps, nonces, the 100-number limit and a
-per-AccessKeyId request rate in fixed one-second windows, answering with the
-provider's own error shapes; injects faults; records every accepted recipient.
+Facts from PROTOCOLS.md §1. Parameters come from the query and, for
+``application/x-www-form-urlencoded`` bodies, the form. Order of checks:
+access key, per-key rate window, injected pre-processing faults, signature
+(V3 ``ACS3-HMAC-SHA256`` or RPC V2), version, timestamp, nonce, then the
+action's own parameters. Gateway errors use ``{"RequestId","HostId","Code",
+"Message","Recommend"}`` with an HTTP error status; business errors use
+``{"Code","Message","RequestId"}`` with HTTP 200.
 """
 
 from __future__ import annotations
 
-import asyncio
-import calendar
-import itertools
-import os
 import random
 import time
-import uuid
-from collections import deque
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 from urllib.parse import parse_qsl
 
 import orjson
 
-from providers.aliyun import AliyunCredentials, parse_v3_authorization, verify_v2, verify_v3
-from providers.simulator.server import Abort, Close, Outcome, Request, Response
+from providers.aliyun import parse_v3_authorization, verify_v2, verify_v3
+from providers.simulator.config import SimulatorConfig
+from providers.simulator.core import (
+    PRE_FAULTS,
+    FaultPlan,
+    FixedWindowLimiter,
+    IdSource,
+    NonceCache,
+    ReceiptLog,
+    Sent,
+    Stats,
+)
+from providers.simulator.server import Connection, Request
 
-__all__ = ("FAULT_KINDS", "AliyunGateway", "GatewayConfig")
+__all__ = ("API_VERSION", "MAX_NUMBERS", "SEND_ACTIONS", "AliyunGateway", "phone_key")
 
-FAULT_KINDS = ("http500", "http503", "throttle", "drop_before", "drop_after", "slow", "reset", "garbage",
-               "business_error")
+API_VERSION = "2017-05-25"
+MAX_NUMBERS = 100
+SEND_ACTIONS = frozenset({"SendBatchSms", "SendBatchCardSms"})
+HOST_ID = "dysmsapi.aliyuncs.com"
+V3_WINDOW = 15 * 60.0
+V2_WINDOW = 31 * 60.0
+_BEIJING = 8 * 3600  # Aliyun dates (SendDate, minute windows) are China time
+_UNDECIDED = object()  # the action was not visible in the head: draw the fault later
+
+_MESSAGES = {
+    "Throttling.User": "Request was denied due to user flow control.",
+    "SignatureDoesNotMatch": "Specified signature does not match our calculation.",
+    "IncompleteSignature": "The request signature does not conform to Aliyun standards.",
+    "InvalidAccessKeyId.NotFound": "Specified access key is not found.",
+    "InvalidTimeStamp.Expired": "Specified time stamp or date value is expired.",
+    "InvalidTimeStamp.Format": "Specified time stamp or date value is not well formatted.",
+    "SignatureNonceUsed": "Specified signature nonce was used already.",
+    "InvalidVersion": "Specified parameter Version is not valid.",
+    "InvalidAction.NotFound": "Specified api is not found, please check your url and method.",
+    "UnsupportedHTTPMethod": "This http method is not supported.",
+    "InternalError": "The request processing has failed due to some unknown error, exception or failure.",
+    "ServiceUnavailable": "The request has failed due to a temporary failure of the server.",
+    "isv.MOBILE_COUNT_OVER_LIMIT": "The number of mobile numbers exceeds the limit.",
+    "isv.MOBILE_NUMBER_ILLEGAL": "The mobile number is illegal.",
+    "isv.INVALID_PARAMETERS": "Invalid parameters.",
+    "isv.INVALID_JSON_PARAM": "JSON parameter is invalid: only string values are accepted.",
+    "isv.SMS_SIGNATURE_ILLEGAL": "The signature is illegal.",
+    "isv.BUSINESS_LIMIT_CONTROL": "Business flow control: the number was sent too often.",
+    "isv.AMOUNT_NOT_ENOUGH": "The account balance is not enough.",
+}
 
 
-@dataclass(frozen=True)
-class GatewayConfig:
-    credentials: AliyunCredentials
-    latency_ms: float = 0.0
-    jitter_ms: float = 0.0
-    qps: int = 0  # per AccessKeyId, fixed one-second windows; 0 = unlimited
-    fault_rate: float = 0.0
-    fault_mix: Mapping[str, float] = field(default_factory=lambda: dict.fromkeys(FAULT_KINDS, 1.0))
-    slow_ms: float = 10_000.0
-    verify: bool = True
-    check_time: bool = True
-    retry_after_header: bool = True
-    index_receipts: bool = True
-    seed: int | None = None
+class _Reject(Exception):
+    """A request refused with an Aliyun error (``status`` 200: a business error)."""
+
+    def __init__(self, status: int, code: str, message: str | None = None) -> None:
+        super().__init__(code)
+        self.status = status
+        self.code = code
+        self.message = message or _MESSAGES.get(code, code)
 
 
-def _gateway_error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
-    body = orjson.dumps({"RequestId": str(uuid.uuid4()).upper(), "HostId": "dysmsapi.aliyuncs.com",
-                         "Code": code, "Message": message, "Recommend": ""})
-    return Response(status, body, headers or {})
+def _missing(name: str) -> _Reject:
+    return _Reject(
+        400, "MissingParameter",
+        f'The input parameter "{name}" that is mandatory for processing this request is not supplied.',
+    )
 
 
-def _business_error(code: str, message: str) -> Response:
-    return Response(200, orjson.dumps({"Code": code, "Message": message, "RequestId": str(uuid.uuid4()).upper()}))
+def phone_key(phone: str) -> str:
+    """The index key of a number: mainland numbers lose ``+86``/``0086``/``86``."""
+    if len(phone) == 11:
+        return phone
+    p = phone.removeprefix("+")
+    p = p.removeprefix("00")
+    return p[2:] if len(p) == 13 and p.startswith("861") else p
 
 
-def _parse_time(value: str) -> float | None:
+def _json_list(params: dict[str, str], name: str) -> list[Any]:
     try:
-        return float(calendar.timegm(time.strptime(value, "%Y-%m-%dT%H:%M:%SZ")))
+        value = orjson.loads(params[name])
+    except orjson.JSONDecodeError:
+        raise _Reject(200, "isv.INVALID_JSON_PARAM", f"{name} is not valid JSON.") from None
+    if not isinstance(value, list):
+        raise _Reject(200, "isv.INVALID_PARAMETERS", f"{name} must be a JSON array.")
+    return value
+
+
+def _parse_stamp(value: str) -> float | None:
+    if len(value) != 20 or value[10] != "T" or value[19] != "Z":
+        return None
+    try:
+        return datetime.fromisoformat(value).timestamp()
     except ValueError:
         return None
 
 
+def _beijing(t: float, fmt: str) -> str:
+    return time.strftime(fmt, time.gmtime(t + _BEIJING))
+
+
 class AliyunGateway:
-    """Request handler; one instance per simulator."""
+    """The dysmsapi endpoint (path ``/``); an :class:`~providers.simulator.server.App`."""
 
-    def __init__(
-        self,
-        config: GatewayConfig,
-        receipts: Path | None,
-        *,
-        monotonic: Callable[[], float] = time.monotonic,
-        wall: Callable[[], float] = time.time,
-    ) -> None:
-        self.config = config
-        self._rng = random.Random(config.seed)
-        kinds = [k for k in FAULT_KINDS if config.fault_mix.get(k, 0) > 0]
-        self._kinds = kinds
-        self._weights = [config.fault_mix[k] for k in kinds]
-        self._monotonic = monotonic
-        self._wall = wall
-        self._windows: dict[str, tuple[int, int]] = {}
-        self._nonces: dict[str, float] = {}
-        self._nonce_order: deque[tuple[float, str]] = deque()
-        self._receipts_fd = (
-            os.open(receipts, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600) if receipts else None
+    def __init__(self, config: SimulatorConfig, stats: Stats, receipts: ReceiptLog) -> None:
+        seed = config.seed
+        self._cfg = config
+        self._stats = stats
+        self._receipts = receipts
+        self._faults = FaultPlan(
+            config.fault_rate, config.fault_mix, config.fault_rates,
+            random.Random(None if seed is None else f"{seed}:faults"),
         )
-        self._index: dict[str, list[tuple[str, str, float, str]]] = {}
-        self._biz = itertools.count(900619746936498440)
-        self._drop_next: set[int] = set()
-        self.stats: dict[str, Any] = {"requests": 0, "accepted": 0, "throttled": 0, "faults": {},
-                                      "rejected": {}}
+        self._jitter_rng = random.Random(None if seed is None else f"{seed}:jitter")
+        self._ids = IdSource(random.Random(None if seed is None else f"{seed}:ids"))
+        self._limiter = FixedWindowLimiter(config.qps, config.monotonic)
+        self._nonces = NonceCache()
+        self._secrets = {c.access_key_id: c.access_key_secret for c in config.resolved_credentials()}
+        self._latency = config.latency_ms / 1000
+        self._jitter = config.jitter_ms / 1000
+        self._slow = config.slow_ms / 1000
+        self._faulty = self._faults.total > 0
 
-    def close(self) -> None:
-        if self._receipts_fd is not None:
-            os.close(self._receipts_fd)
-            self._receipts_fd = None
-
-    # -- faults -------------------------------------------------------------
-    def _fault(self) -> str | None:
-        if self.config.fault_rate <= 0 or not self._kinds or self._rng.random() >= self.config.fault_rate:
-            return None
-        kind = self._rng.choices(self._kinds, self._weights)[0]
-        faults = self.stats["faults"]
-        faults[kind] = faults.get(kind, 0) + 1
-        return kind
-
-    def on_head(self, req: Request) -> bool:
-        """Decides the fault for a request as its head arrives; False drops it unread."""
-        kind = self._fault()
-        if kind == "drop_before":
-            self.stats["requests"] += 1
+    # -- App ---------------------------------------------------------------------
+    def on_head(self, request: Request) -> bool:
+        """Draws the fault of a send request as its head arrives; ``drop_before`` closes here."""
+        if not self._faulty:
+            return True
+        action = request.headers.get("x-acs-action")
+        if action is None:
+            q = request.query
+            i = q.find("Action=")
+            if i < 0 or (i and q[i - 1] != "&"):
+                request.state = _UNDECIDED
+                return True
+            action = q[i + 7 :].partition("&")[0]
+        if action not in SEND_ACTIONS:
+            return True
+        fault = self._faults.draw()
+        if fault == "drop_before":
+            self._stats.requests += 1
+            self._stats.fault(fault)
             return False
-        req.headers["x-sim-fault"] = kind or ""
+        request.state = fault
         return True
 
-    # -- the request path ------------------------------------------------------
-    def _reject(self, code: str) -> None:
-        rej = self.stats["rejected"]
-        rej[code] = rej.get(code, 0) + 1
+    def handle(self, request: Request, conn: Connection) -> None:
+        self._stats.requests += 1
+        try:
+            self._handle(request, conn)
+        except _Reject as r:
+            self._stats.reject(r.code)
+            if r.status == 200:
+                self._business(conn, r.code, r.message)
+            else:
+                self._gateway(conn, r.status, r.code, r.message)
 
-    def _throttled(self, key_id: str) -> Response | None:
-        if self.config.qps <= 0:
-            return None
-        now = self._monotonic()
-        window = int(now)
-        start, count = self._windows.get(key_id, (window, 0))
-        if start != window:
-            start, count = window, 0
-        if count >= self.config.qps:
-            self.stats["throttled"] += 1
-            headers = {}
-            if self.config.retry_after_header:
-                headers["x-acs-retry-after"] = str(max(1, int((window + 1 - now) * 1000)))
-            return _gateway_error(400, "Throttling.User", "Request was denied due to user flow control.", headers)
-        self._windows[key_id] = (start, count + 1)
-        return None
-
-    def _nonce_used(self, nonce: str, ttl: float) -> bool:
-        now = self._wall()
-        while self._nonce_order and self._nonce_order[0][0] < now - ttl:
-            _, old = self._nonce_order.popleft()
-            self._nonces.pop(old, None)
-        if nonce in self._nonces:
-            return True
-        self._nonces[nonce] = now
-        self._nonce_order.append((now, nonce))
-        return False
-
-    def _authenticate(self, req: Request, params: dict[str, str], query: list[tuple[str, str]]) -> tuple[
-        str, str
-    ] | Response:
-        """Returns (action, access key id) or the error response."""
-        cfg = self.config
-        auth = req.headers.get("authorization")
-        if auth:
-            parsed = parse_v3_authorization(auth)
-            if parsed is None:
-                return _gateway_error(400, "IncompleteSignature", "The request signature does not conform.")
-            key_id, action = parsed[0], req.headers.get("x-acs-action", "")
-            stamp, nonce, ttl = req.headers.get("x-acs-date", ""), req.headers.get("x-acs-signature-nonce", ""), 900.0
+    # -- the request path -----------------------------------------------------------
+    def _handle(self, req: Request, conn: Connection) -> None:
+        cfg = self._cfg
+        if req.method != "POST" and req.method != "GET":
+            raise _Reject(405, "UnsupportedHTTPMethod")
+        query = parse_qsl(req.query, keep_blank_values=True) if req.query else []
+        params = dict(query)
+        if req.body:
+            ctype = req.headers.get("content-type", "")
+            if ctype.partition(";")[0].strip().lower() == "application/x-www-form-urlencoded":
+                params.update(parse_qsl(req.body.decode("utf-8", "replace"), keep_blank_values=True))
+        auth = req.headers.get("authorization", "")
+        v3 = auth.startswith("ACS3-HMAC-SHA256")
+        signed: tuple[str, list[str], str] | None = None
+        if v3:
+            signed = parse_v3_authorization(auth)
+            if signed is None:
+                raise _Reject(400, "IncompleteSignature")
+            key_id, action = signed[0], req.headers.get("x-acs-action", "")
         else:
             key_id, action = params.get("AccessKeyId", ""), params.get("Action", "")
-            stamp, nonce, ttl = params.get("Timestamp", ""), params.get("SignatureNonce", ""), 31 * 60.0
-        if not cfg.verify:
-            return action, key_id
-        if key_id != cfg.credentials.access_key_id:
-            return _gateway_error(404, "InvalidAccessKeyId.NotFound", "Specified access key is not found.")
-        secret = cfg.credentials.access_key_secret
-        ok = (
-            verify_v3(req.method, req.path or "/", query, req.headers, req.body, secret)
-            if auth
-            else verify_v2(req.method, params, secret)
-        )
-        if not ok:
-            return _gateway_error(400, "SignatureDoesNotMatch", "Specified signature is not matched with our calculation.")
-        if cfg.check_time:
-            t = _parse_time(stamp)
-            if t is None or abs(self._wall() - t) > ttl:
-                return _gateway_error(400, "InvalidTimeStamp.Expired", "Specified time stamp or date value is expired.")
-        if not nonce:
-            return _gateway_error(400, "MissingParameter", "SignatureNonce is mandatory for this action.")
-        if cfg.check_time and self._nonce_used(nonce, ttl):
-            return _gateway_error(400, "SignatureNonceUsed", "Specified signature nonce was used already.")
-        return action, key_id
 
-    async def handle(self, req: Request) -> Outcome:
-        if req.path == "/__stats":
-            return Response(200, orjson.dumps(self.stats))
-        fault = req.headers.pop("x-sim-fault", "")
-        self.stats["requests"] += 1
-        query = parse_qsl(req.query, keep_blank_values=True)
-        params = dict(query)
-        if req.body and "x-www-form-urlencoded" in req.headers.get("content-type", ""):
-            params.update(parse_qsl(req.body.decode("utf-8", "replace"), keep_blank_values=True))
-        who = self._authenticate(req, params, query)
-        if isinstance(who, Response):
-            self._reject(orjson.loads(who.body)["Code"])
-            return who
-        action, key_id = who
-        throttled = self._throttled(key_id)
-        if throttled is not None:
-            return throttled
-        if fault == "throttle":
-            return _gateway_error(400, "Throttling.User", "Request was denied due to user flow control.")
-        if fault in ("http500", "http503"):
-            status = 500 if fault == "http500" else 503
-            code = "InternalError" if status == 500 else "ServiceUnavailable"
-            return _gateway_error(status, code, "The request processing has failed due to some unknown error.")
-        if fault == "business_error":
-            return _business_error("isv.MOBILE_NUMBER_ILLEGAL", "illegal mobile number")
-        if action in ("SendBatchSms", "SendBatchCardSms"):
-            resp = self._send(action, params)
+        fault = req.state
+        if fault is _UNDECIDED:
+            fault = self._faults.draw() if action in SEND_ACTIONS else None
+            if fault == "drop_before":  # the action was only in the body: drop it unprocessed
+                self._stats.fault(fault)
+                conn.drop()
+                return
+        if not action:
+            raise _missing("x-acs-action" if v3 else "Action")
+        self._stats.action(action)
+
+        secret = ""
+        if cfg.verify:
+            if not key_id:
+                raise _missing("AccessKeyId")
+            found = self._secrets.get(key_id)
+            if found is None:
+                raise _Reject(404, "InvalidAccessKeyId.NotFound")
+            secret = found
+
+        wait = self._limiter.acquire(key_id)
+        if wait is not None:
+            self._stats.throttled += 1
+            self._throttle(conn, wait)
+            return
+        if fault in PRE_FAULTS:
+            self._pre_fault(conn, str(fault))
+            return
+
+        if cfg.verify:
+            self._authenticate(req, params, query, v3, secret)
+
+        if action in SEND_ACTIONS:
+            self._send(req, conn, params, action, fault)
         elif action == "QuerySendDetails":
-            resp = self._query(params)
+            conn.respond(200, self._query(params), delay=self._delay())
         else:
-            return _gateway_error(404, "InvalidAction.NotFound", f"Specified api is not found: {action}")
-        if self.config.latency_ms or self.config.jitter_ms:
-            delay = self.config.latency_ms + self._rng.uniform(0, self.config.jitter_ms)
-            await asyncio.sleep(delay / 1000)
-        if resp.status != 200 or b'"Code":"OK"' not in resp.body:
-            return resp
-        if fault == "drop_after":
-            return Close()
-        if fault == "reset":
-            return Abort()
-        if fault == "slow":
-            await asyncio.sleep(self.config.slow_ms / 1000)
-        if fault == "garbage":
-            return Response(200, resp.body[: len(resp.body) // 2])
-        return resp
+            raise _Reject(404, "InvalidAction.NotFound")
 
-    # -- actions -----------------------------------------------------------------
-    def _send(self, action: str, params: dict[str, str]) -> Response:
+    def _authenticate(
+        self, req: Request, params: dict[str, str], query: Sequence[tuple[str, str]], v3: bool, secret: str
+    ) -> None:
+        cfg = self._cfg
+        h = req.headers
+        if v3:
+            ok = verify_v3(req.method, req.path, query, h, req.body, secret)
+            version, stamp, nonce, window = (
+                h.get("x-acs-version"), h.get("x-acs-date"), h.get("x-acs-signature-nonce"), V3_WINDOW)
+            names = ("x-acs-version", "x-acs-date", "x-acs-signature-nonce")
+        else:
+            if "Signature" not in params:
+                raise _missing("Signature")
+            ok = verify_v2(req.method, params, secret)
+            version, stamp, nonce, window = (
+                params.get("Version"), params.get("Timestamp"), params.get("SignatureNonce"), V2_WINDOW)
+            names = ("Version", "Timestamp", "SignatureNonce")
+        if not ok:
+            raise _Reject(400, "SignatureDoesNotMatch")
+        if version is None:
+            raise _missing(names[0])
+        if version != API_VERSION:
+            raise _Reject(400, "InvalidVersion")
+        if cfg.check_time:
+            if stamp is None:
+                raise _missing(names[1])
+            t = _parse_stamp(stamp)
+            if t is None:
+                raise _Reject(400, "InvalidTimeStamp.Format")
+            if abs(cfg.clock() - t) > window:
+                raise _Reject(400, "InvalidTimeStamp.Expired")
+        if cfg.check_nonce:
+            if not nonce:
+                raise _missing(names[2])
+            if self._nonces.seen(nonce, cfg.monotonic(), window):
+                raise _Reject(400, "SignatureNonceUsed")
+
+    # -- SendBatchSms / SendBatchCardSms ------------------------------------------------
+    def _send(
+        self, req: Request, conn: Connection, params: dict[str, str], action: str, fault: object
+    ) -> None:
         card = action == "SendBatchCardSms"
-        template = params.get("CardTemplateCode" if card else "TemplateCode")
-        if not template or "PhoneNumberJson" not in params or "SignNameJson" not in params:
-            missing = next(
-                p for p in ("CardTemplateCode" if card else "TemplateCode", "PhoneNumberJson", "SignNameJson")
-                if not params.get(p)
-            )
-            self._reject("MissingParameter")
-            return _gateway_error(400, "MissingParameter", f"{missing} is mandatory for this action.")
-        try:
-            phones = orjson.loads(params["PhoneNumberJson"])
-            signs = orjson.loads(params["SignNameJson"])
-            tparams = orjson.loads(params["TemplateParamJson"]) if params.get("TemplateParamJson") else None
-        except orjson.JSONDecodeError:
-            self._reject("isv.INVALID_JSON_PARAM")
-            return _business_error("isv.INVALID_JSON_PARAM", "JSON parameter is invalid")
-        if not isinstance(phones, list) or not all(isinstance(p, str) for p in phones) or not phones:
-            self._reject("isv.INVALID_PARAMETERS")
-            return _business_error("isv.INVALID_PARAMETERS", "PhoneNumberJson must be a list of strings")
-        if len(phones) > 100:
-            self._reject("isv.MOBILE_COUNT_OVER_LIMIT")
-            return _business_error("isv.MOBILE_COUNT_OVER_LIMIT", "too many mobile numbers")
-        if not isinstance(signs, list) or len(signs) != len(phones):
-            self._reject("isv.INVALID_PARAMETERS")
-            return _business_error("isv.INVALID_PARAMETERS", "SignNameJson does not match PhoneNumberJson")
-        if tparams is not None and (not isinstance(tparams, list) or len(tparams) != len(phones)):
-            self._reject("isv.INVALID_PARAMETERS")
-            return _business_error("isv.INVALID_PARAMETERS", "TemplateParamJson does not match PhoneNumberJson")
-        out_id = params.get("OutId", "")
-        biz = f"{next(self._biz)}^0"
-        self._record(phones, signs, out_id, biz, template)
+        template_name = "CardTemplateCode" if card else "TemplateCode"
+        for name in (template_name, "PhoneNumberJson", "SignNameJson"):
+            if not params.get(name):
+                raise _missing(name)
         if card:
-            body = {"Code": "OK", "Success": True, "RequestId": str(uuid.uuid4()).upper(),
-                    "Data": {"BizCardId": biz, "BizSmsId": "", "BizDigitalId": "", "MediaMobiles": ",".join(phones),
-                             "NotMediaMobiles": "", "CardTmpState": 1}}
-            return Response(200, orjson.dumps(body))
-        return Response(200, orjson.dumps({"Code": "OK", "Message": "OK", "BizId": biz,
-                                           "RequestId": str(uuid.uuid4()).upper()}))
+            fallback = params.get("FallbackType")
+            if not fallback:
+                raise _missing("FallbackType")
+            need = {"SMS": "SmsTemplateCode", "DIGITALSMS": "DigitalTemplateCode"}.get(fallback)
+            if fallback != "NONE" and need is None:
+                raise _Reject(200, "isv.INVALID_PARAMETERS", "FallbackType must be SMS, DIGITALSMS or NONE.")
+            if need and not params.get(need):
+                raise _missing(need)
+        phones = _json_list(params, "PhoneNumberJson")
+        n = len(phones)
+        if n > MAX_NUMBERS:
+            raise _Reject(200, "isv.MOBILE_COUNT_OVER_LIMIT")
+        if not n:
+            raise _Reject(200, "isv.INVALID_PARAMETERS", "PhoneNumberJson is empty.")
+        for p in phones:
+            if type(p) is not str:
+                raise _Reject(200, "isv.INVALID_JSON_PARAM")
+            digits = p[1:] if p[:1] == "+" else p
+            if not (digits.isascii() and digits.isdigit() and 5 <= len(digits) <= 20):
+                raise _Reject(200, "isv.MOBILE_NUMBER_ILLEGAL", f"The mobile number {p[:24]!r} is illegal.")
+        signs = _json_list(params, "SignNameJson")
+        if len(signs) != n:
+            raise _Reject(200, "isv.INVALID_PARAMETERS", "SignNameJson and PhoneNumberJson differ in length.")
+        for s in signs:
+            if type(s) is not str:
+                raise _Reject(200, "isv.INVALID_JSON_PARAM")
+            if not s:
+                raise _Reject(200, "isv.SMS_SIGNATURE_ILLEGAL")
+        for name in (("CardTemplateParamJson", "SmsTemplateParamJson", "DigitalTemplateParamJson",
+                      "TemplateParamJson") if card else ("TemplateParamJson",)):
+            if params.get(name):
+                items = _json_list(params, name)
+                if len(items) != n:
+                    raise _Reject(200, "isv.INVALID_PARAMETERS", f"{name} length differs.")
+                if not all(type(d) is dict for d in items):
+                    raise _Reject(200, "isv.INVALID_JSON_PARAM")
+                if name != "CardTemplateParamJson" and not all(
+                        type(v) is str for d in items for v in d.values()):
+                    raise _Reject(200, "isv.INVALID_JSON_PARAM")
+        if params.get("SmsUpExtendCodeJson") and len(_json_list(params, "SmsUpExtendCodeJson")) != n:
+            raise _Reject(200, "isv.INVALID_PARAMETERS", "SmsUpExtendCodeJson and PhoneNumberJson differ.")
+        out_id = params.get("OutId", "")
+        if len(out_id) >= 256:
+            raise _Reject(200, "isv.INVALID_PARAMETERS", "OutId is too long.")
 
-    def _record(self, phones: list[str], signs: list[Any], out_id: str, biz: str, template: str) -> None:
-        now = round(self._wall(), 3)
-        self.stats["accepted"] += len(phones)
-        if self._receipts_fd is not None:
-            lines = b"".join(
-                orjson.dumps({"phone": p, "out_id": out_id, "biz_id": biz, "template": template, "sign": s,
-                              "t": now}) + b"\n"
-                for p, s in zip(phones, signs, strict=True)
-            )
-            os.write(self._receipts_fd, lines)
-        if self.config.index_receipts:
-            for p in phones:
-                self._index.setdefault(p, []).append((out_id, biz, now, template))
+        if fault == "business_error":
+            self._stats.fault("business_error")
+            code = self._cfg.business_error_code
+            self._business(conn, code, _MESSAGES.get(code, code))
+            return
 
-    def _query(self, params: dict[str, str]) -> Response:
-        phone, date = params.get("PhoneNumber", ""), params.get("SendDate", "")
-        if not phone or not date:
-            return _gateway_error(400, "MissingParameter", "PhoneNumber and SendDate are mandatory.")
-        try:
-            size = max(1, min(50, int(params.get("PageSize", "10"))))
-            page = max(1, int(params.get("CurrentPage", "1")))
-        except ValueError:
-            return _gateway_error(400, "InvalidParameter", "PageSize and CurrentPage must be numbers.")
+        # Accepted: record first (one write, flushed to the OS), answer after.
+        biz = self._ids.biz_id()
+        template = params[template_name]
+        t = self._cfg.clock()
+        self._receipts.write(_receipt_lines(phones, signs, out_id, biz, template, t), n)
+        if self._receipts.index is not None:
+            self._receipts.add([phone_key(p) for p in phones], Sent(out_id, biz, template, t))
+        self._stats.accepted_requests += 1
+        rid = self._ids.request_id()
+        if card:
+            body = orjson.dumps({
+                "Code": "OK", "Success": True, "RequestId": rid,
+                "Data": {"BizCardId": biz, "BizSmsId": "", "BizDigitalId": "",
+                         "MediaMobiles": ",".join(phones), "NotMediaMobiles": "", "CardTmpState": 1},
+            })
+        else:
+            body = b'{"Code":"OK","Message":"OK","BizId":"%s","RequestId":"%s"}' % (
+                biz.encode(), rid.encode())
+        delay = self._delay()
+        if fault is None:
+            conn.respond(200, body, delay=delay)
+            return
+        self._stats.fault(str(fault))
+        if fault == "drop_after":
+            conn.drop(delay=delay)
+        elif fault == "reset":
+            conn.reset(delay=delay)
+        elif fault == "slow":
+            conn.respond(200, body, delay=delay + self._slow)
+        elif fault == "garbage":
+            conn.respond(200, body[: len(body) // 2], delay=delay)
+        else:
+            raise AssertionError(f"unhandled fault {fault!r}")
+
+    # -- QuerySendDetails ---------------------------------------------------------------------
+    def _query(self, params: dict[str, str]) -> bytes:
+        for name in ("PhoneNumber", "SendDate", "PageSize", "CurrentPage"):
+            if not params.get(name):
+                raise _missing(name)
+        if self._receipts.index is None:
+            raise _Reject(503, "ServiceUnavailable", "QuerySendDetails needs the simulator's receipt index.")
+        phone, date = params["PhoneNumber"], params["SendDate"]
+        size, page = params["PageSize"], params["CurrentPage"]
+        if not (size.isascii() and size.isdigit() and 1 <= int(size) <= 50):
+            raise _Reject(200, "isv.INVALID_PARAMETERS", "PageSize must be between 1 and 50.")
+        if not (page.isascii() and page.isdigit() and int(page) >= 1):
+            raise _Reject(200, "isv.INVALID_PARAMETERS", "CurrentPage must be a positive integer.")
+        if not (len(date) == 8 and date.isascii() and date.isdigit()):
+            raise _Reject(200, "isv.INVALID_PARAMETERS", "SendDate must be yyyyMMdd.")
         biz = params.get("BizId")
-        rows = [r for r in self._index.get(phone, []) if time.strftime("%Y%m%d", time.localtime(r[2])) == date
-                and (not biz or r[1] == biz)]
-        chosen = rows[(page - 1) * size : page * size]
-        dtos = [{"PhoneNum": phone, "SendStatus": 3, "ErrCode": "DELIVERED", "TemplateCode": r[3], "Content": "",
-                 "SendDate": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r[2])),
-                 "ReceiveDate": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r[2])), "OutId": r[0]}
-                for r in chosen]
-        return Response(200, orjson.dumps({"Code": "OK", "Message": "OK", "RequestId": str(uuid.uuid4()).upper(),
-                                           "TotalCount": len(rows),
-                                           "SmsSendDetailDTOs": {"SmsSendDetailDTO": dtos}}))
+        rows = [s for s in self._receipts.lookup(phone_key(phone))
+                if _beijing(s.t, "%Y%m%d") == date and (not biz or s.biz_id == biz)]
+        first = (int(page) - 1) * int(size)
+        dtos = [
+            {"PhoneNum": phone, "SendStatus": 3, "ErrCode": "DELIVERED", "TemplateCode": s.template,
+             "Content": "", "SendDate": _beijing(s.t, "%Y-%m-%d %H:%M:%S"),
+             "ReceiveDate": _beijing(s.t + 1, "%Y-%m-%d %H:%M:%S"), "OutId": s.out_id}
+            for s in rows[first : first + int(size)]
+        ]
+        return orjson.dumps({
+            "Code": "OK", "Message": "OK", "RequestId": self._ids.request_id(), "TotalCount": len(rows),
+            "SmsSendDetailDTOs": {"SmsSendDetailDTO": dtos},
+        })
+
+    # -- answers ---------------------------------------------------------------------------------
+    def _delay(self) -> float:
+        if self._jitter:
+            return self._latency + self._jitter_rng.uniform(0, self._jitter)
+        return self._latency
+
+    def _gateway(
+        self, conn: Connection, status: int, code: str, message: str | None = None,
+        headers: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        rid = self._ids.request_id()
+        body = orjson.dumps({
+            "RequestId": rid, "HostId": HOST_ID, "Code": code,
+            "Message": message or _MESSAGES.get(code, code),
+            "Recommend": f"https://api.aliyun.com/troubleshoot?q={code}&product=Dysmsapi&requestId={rid}",
+        })
+        conn.respond(status, body, headers, delay=self._delay())
+
+    def _business(self, conn: Connection, code: str, message: str) -> None:
+        body = orjson.dumps({"Code": code, "Message": message, "RequestId": self._ids.request_id()})
+        conn.respond(200, body, delay=self._delay())
+
+    def _throttle(self, conn: Connection, wait: float) -> None:
+        headers = [("x-acs-retry-after", str(max(1, int(wait * 1000 + 0.999))))] \
+            if self._cfg.retry_after_header else []
+        self._gateway(conn, 400, "Throttling.User", headers=headers)
+
+    def _pre_fault(self, conn: Connection, fault: str) -> None:
+        self._stats.fault(fault)
+        if fault == "http500":
+            self._gateway(conn, 500, "InternalError")
+        elif fault == "http503":
+            self._gateway(conn, 503, "ServiceUnavailable")
+        else:  # throttle
+            now = self._cfg.monotonic()
+            self._throttle(conn, int(now) + 1 - now)
+
+
+def _dumps(value: str) -> str:
+    return orjson.dumps(value).decode()
+
+
+def _receipt_lines(
+    phones: list[str], signs: list[str], out_id: str, biz: str, template: str, t: float
+) -> bytes:
+    """One JSONL line per recipient; numbers are validated digits, so they need no escaping."""
+    common = f'"out_id":{_dumps(out_id)},"biz_id":"{biz}","template":{_dumps(template)},"sign":'
+    tail = f',"t":{t!r}}}\n'
+    head = '{"phone":"'
+    first = signs[0]
+    if signs.count(first) == len(signs):
+        post = '",' + common + _dumps(first) + tail
+        return (head + (post + head).join(phones) + post).encode()
+    cache: dict[str, str] = {}
+    parts = []
+    for p, s in zip(phones, signs, strict=True):
+        js = cache.get(s)
+        if js is None:
+            js = cache[s] = _dumps(s)
+        parts.append(f'{head}{p}",{common}{js}{tail}')
+    return "".join(parts).encode()
