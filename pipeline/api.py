@@ -47,7 +47,7 @@ def make_provider(
     environ: Mapping[str, str] = os.environ,
 ) -> Provider:
     """Build the campaign's provider; credentials come from ``environ`` only."""
-    from providers.aliyun import TEST_CREDENTIALS, AliyunCredentials, AliyunSms
+    from providers.aliyun import TEST_CREDENTIALS, AliyunCredentials, AliyunSms, CredentialsError
 
     spec = campaign.provider
     url = endpoint or spec.endpoint
@@ -59,7 +59,10 @@ def make_provider(
                 "provider.endpoint", "a simulator campaign run from the API needs an endpoint"
             )
     else:
-        creds = AliyunCredentials.from_env(environ)
+        try:
+            creds = AliyunCredentials.from_env(environ)
+        except CredentialsError as exc:
+            raise CampaignError("provider.kind", f"{spec.kind} needs credentials: {exc}") from None
         url = url or "https://dysmsapi.aliyuncs.com"
     return AliyunSms(
         credentials=creds,
