@@ -16,7 +16,6 @@ import time
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
-from urllib.parse import parse_qsl
 
 import orjson
 
@@ -32,7 +31,7 @@ from providers.simulator.core import (
     Sent,
     Stats,
 )
-from providers.simulator.server import Connection, Request
+from providers.simulator.server import Connection, Request, parse_urlencoded
 
 __all__ = ("API_VERSION", "MAX_NUMBERS", "SEND_ACTIONS", "AliyunGateway", "phone_key")
 
@@ -178,12 +177,12 @@ class AliyunGateway:
         cfg = self._cfg
         if req.method != "POST" and req.method != "GET":
             raise _Reject(405, "UnsupportedHTTPMethod")
-        query = parse_qsl(req.query, keep_blank_values=True) if req.query else []
+        query = parse_urlencoded(req.query) if req.query else []
         params = dict(query)
         if req.body:
             ctype = req.headers.get("content-type", "")
             if ctype.partition(";")[0].strip().lower() == "application/x-www-form-urlencoded":
-                params.update(parse_qsl(req.body.decode("utf-8", "replace"), keep_blank_values=True))
+                params.update(parse_urlencoded(req.body.decode("utf-8", "replace")))
         auth = req.headers.get("authorization", "")
         v3 = auth.startswith("ACS3-HMAC-SHA256")
         signed: tuple[str, list[str], str] | None = None
