@@ -156,6 +156,8 @@ class _Run:
                 rejects.append((row, key, rec))
             elif key_col is not None and rec.get(key_col) in (None, ""):
                 rejects.append((row, key, f"missing key column {key_col!r}"))
+            elif not key.isascii() and not _valid_text(key):
+                rejects.append((row, key, f"invalid UTF-8 in key column {key_col!r}"))
             elif dup is not None and dup[i]:
                 rejects.append((row, key, "duplicate key"))
             else:
@@ -168,6 +170,14 @@ class _Run:
             self.writer.rejected(rejects)
         self.rows_read += len(chunk)
         return out
+
+
+def _valid_text(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 async def _prepare_task(

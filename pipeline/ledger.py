@@ -71,6 +71,15 @@ _OUTCOME_STATUS = {
 }
 
 
+def _json_text(text: str) -> bytes:
+    """A JSON string; undecodable source bytes (surrogate escapes) written as ``\\xNN``."""
+    try:
+        return orjson.dumps(text)
+    except TypeError:
+        clean = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        return orjson.dumps(clean)
+
+
 class Durability(enum.Enum):
     """When the ledger reaches the disk.
 
@@ -201,7 +210,7 @@ class LedgerWriter:
         self.state.set(row, _BY_NAME[status.encode()])
         self._buf += b'{"r":%d,"s":"%s"%s' % (row, status.encode(), tail)
         if key != str(row):
-            self._buf += b',"k":' + orjson.dumps(key)
+            self._buf += b',"k":' + _json_text(key)
         self._buf += b"}\n"
 
     def rejected(self, rejections: Iterable[tuple[int, str, str]]) -> None:
