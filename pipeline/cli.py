@@ -130,9 +130,15 @@ async def _drive(fn: Any, kwargs: dict[str, Any], console: Console) -> tuple[Run
                     console.print(f"stopping on {signal.Signals(signum).name}: finishing in-flight requests…")
 
         tg.start_soon(watch)
-        with ProgressReporter(console) as reporter:
-            result = await fn(**kwargs, stop=stop, on_progress=reporter)
+        failure: SluiceError | None = None
+        try:
+            with ProgressReporter(console) as reporter:
+                result = await fn(**kwargs, stop=stop, on_progress=reporter)
+        except SluiceError as exc:  # raised outside the task group, not as an ExceptionGroup
+            failure = exc
         tg.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
     return result, (signalled[0] if signalled else None)
 
 
@@ -343,11 +349,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _sluice_error(group: BaseExceptionGroup) -> BaseException:
+    """The engine's own error inside a task group's exception group, else the group."""
+    matched = group.subgroup(SluiceError)
+    while matched is not None and isinstance(matched, BaseExceptionGroup) and len(matched.exceptions) == 1:
+        inner = matched.exceptions[0]
+        if not isinstance(inner, BaseExceptionGroup):
+            return inner
+        matched = inner
+    return group
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console = Console(stderr=True)
     try:
-        code: int = args.func(args, console)
+        try:
+            code: int = args.func(args, console)
+        except BaseExceptionGroup as group:
+            raise _sluice_error(group) from group
     except CampaignError as exc:
         console.print(f"[bold red]error:[/] {exc}")
         return EXIT_USAGE
