@@ -32,12 +32,13 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline._logging import configure_logging
-from pipeline.api import resume_run, run_status, start_run
+from pipeline.api import resume_run, start_run
 from pipeline.campaign import Campaign, load_campaign
 from pipeline.engine import RunResult
 from pipeline.errors import CampaignError, RunDirError, SluiceError, SourceError
 from pipeline.progress import ProgressReporter
 from pipeline.rundir import RunDir
+from pipeline.summary import export_rows, summarize
 
 __all__ = ("main",)
 
@@ -201,14 +202,45 @@ def cmd_resume(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_status(args: argparse.Namespace, console: Console) -> int:
-    status = run_status(Path(args.run_dir))
+    status = summarize(Path(args.run_dir))
     if args.json:
         sys.stdout.buffer.write(orjson.dumps(status) + b"\n")
         return EXIT_OK
+    out = Console()
     table = Table(title=f"run {args.run_dir}", show_header=False)
-    for k, v in status.items():
+    for k in ("sent", "failed", "rejected", "unknown", "deferred", "pending", "source_rows", "complete"):
+        v = status[k]
         table.add_row(k, f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v))
-    Console().print(table)
+    for k in ("first_send", "last_send"):
+        if status[k] is not None:
+            table.add_row(k, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(status[k])))
+    if status["avg_rate"] is not None:
+        table.add_row("avg recipients/s", f"{status['avg_rate']:,.0f}")
+    out.print(table)
+    if status["codes"]:
+        codes = Table(title="recipients by status and provider code")
+        codes.add_column("status:code")
+        codes.add_column("recipients", justify="right")
+        for code, n in status["codes"].items():
+            codes.add_row(code, f"{n:,}")
+        out.print(codes)
+    if status["attempts"]:
+        attempts = Table(title="request attempts by outcome")
+        attempts.add_column("outcome:code")
+        attempts.add_column("attempts", justify="right")
+        for code, n in status["attempts"].items():
+            attempts.add_row(code, f"{n:,}")
+        out.print(attempts)
+    return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace, console: Console) -> int:
+    if args.output == "-":
+        n = export_rows(Path(args.run_dir), args.format, sys.stdout.buffer)
+    else:
+        with open(args.output, "wb") as f:
+            n = export_rows(Path(args.run_dir), args.format, f)
+    console.print(f"exported {n:,} recipients")
     return EXIT_OK
 
 
@@ -335,6 +367,12 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_status)
 
+    ex = sub.add_parser("export", help="the final outcome of every recipient, as CSV or JSONL")
+    ex.add_argument("run_dir")
+    ex.add_argument("--format", choices=("csv", "jsonl"), default="csv")
+    ex.add_argument("--output", "-o", default="-", help="file to write (default: stdout)")
+    ex.set_defaults(func=cmd_export)
+
     sim = sub.add_parser("simulate", help="serve the provider simulator on loopback", add_help=False)
     sim.add_argument("simulator_args", nargs=argparse.REMAINDER)
     sim.set_defaults(func=cmd_simulate)
@@ -377,6 +415,9 @@ def main(argv: list[str] | None = None) -> int:
     except SluiceError as exc:
         console.print(f"[bold red]error:[/] {exc}")
         return EXIT_ERROR
+    except BrokenPipeError:  # `sluice export RUN | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     return code
 
 

@@ -187,3 +187,53 @@ class TestEngine:
         result = await run(c, tmp_path, handler)
         assert len(seen) == 30 - sent_before - 10  # the interrupted batch is unknown, not re-sent
         assert result.counts["unknown"] == 10 and result.counts["sent"] == 20
+
+
+@pytest.mark.anyio
+class TestStatusAndExport:
+    async def test_codes_timing_and_final_outcomes(self, tmp_path: Path) -> None:
+        import io
+
+        from pipeline.summary import export_rows, summarize
+
+        data = rows(30)
+        data[2]["phone"] = "1"
+        c = make_campaign(tmp_path, data, max_attempts=1)
+
+        def handler(request: httpx.Request) -> httpx.Response:
+            out_id = orjson.loads(request.content)["out_id"]
+            if out_id.startswith("t-2-"):
+                return httpx.Response(200, json={"outcome": "failed", "code": "isv.MOBILE_NUMBER_ILLEGAL"})
+            return httpx.Response(200, json={"outcome": "sent", "id": f"biz-{out_id}"})
+
+        await run(c, tmp_path, handler)
+        s = summarize(tmp_path / "run")
+        assert (s["sent"], s["failed"], s["rejected"]) == (19, 10, 1)
+        assert s["codes"] == {"failed:isv.MOBILE_NUMBER_ILLEGAL": 10}
+        assert s["attempts"]["sent:"] == 2 and s["attempts"]["failed:isv.MOBILE_NUMBER_ILLEGAL"] == 1
+        assert s["first_send"] <= s["last_send"] and s["complete"]
+        buf = io.BytesIO()
+        assert export_rows(tmp_path / "run", "jsonl", buf) == 30
+        recs = {r["key"]: r for r in map(orjson.loads, buf.getvalue().splitlines())}
+        assert recs["k1"]["status"] == "sent" and recs["k1"]["provider_id"] == "biz-t-1-1"
+        assert recs["k3"]["status"] == "rejected" and "invalid phone" in recs["k3"]["code"]
+        assert recs["k15"]["code"] == "isv.MOBILE_NUMBER_ILLEGAL"
+        csv_buf = io.BytesIO()
+        assert export_rows(tmp_path / "run", "csv", csv_buf) == 30
+        assert csv_buf.getvalue().splitlines()[0] == b"row,key,status,code,provider_id,batch,time"
+
+    async def test_export_keeps_only_the_last_outcome(self, tmp_path: Path) -> None:
+        import io
+
+        from pipeline.summary import export_rows
+
+        c = make_campaign(tmp_path, rows(10), max_attempts=1)
+
+        def refuse(request: httpx.Request) -> httpx.Response:
+            raise httpx.ConnectError("refused", request=request)
+
+        await run(c, tmp_path, refuse)  # all deferred
+        await run(c, tmp_path, ok)  # then sent
+        buf = io.BytesIO()
+        assert export_rows(tmp_path / "run", "jsonl", buf) == 10
+        assert {orjson.loads(x)["status"] for x in buf.getvalue().splitlines()} == {"sent"}

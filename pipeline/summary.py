@@ -1,0 +1,127 @@
+"""Reading a run back: status with error codes and timing, and the per-recipient export.
+
+Both stream the ledger; memory is one byte per row plus one entry per batch.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+
+from pipeline.ledger import replay
+from pipeline.rundir import RunDir
+
+__all__ = ("export_rows", "summarize")
+
+
+def summarize(run_dir: Path) -> dict[str, Any]:
+    """Counts by status and by error code, first and last send, average rate."""
+    rd = RunDir(run_dir)
+    rd.load()
+    state = replay(rd.ledger)
+    counts = state.counts()
+    inflight = counts.pop("inflight")
+    codes: Counter[str] = Counter()
+    attempts: Counter[str] = Counter()
+    first = last = None
+    batches = 0
+    if rd.ledger.exists():
+        with rd.ledger.open("rb") as f:
+            for line in f:
+                if line.startswith(b'{"r":'):
+                    if b'"c":' in line:
+                        obj = orjson.loads(line)
+                        codes[f"{obj['s']}:{obj['c']}"] += 1
+                elif line.startswith(b'{"b":'):
+                    obj = orjson.loads(line)
+                    batches += 1
+                    attempts[f"{obj['s']}:{obj.get('c', '')}"] += 1
+                    t = obj.get("t")
+                    if t is not None:
+                        first = t if first is None else min(first, t)
+                        last = t if last is None else max(last, t)
+    out: dict[str, Any] = {
+        "sent": counts["sent"],
+        "failed": counts["failed"],
+        "rejected": counts["rejected"],
+        # A row in flight when the process stopped is unknown (resume writes it so).
+        "unknown": counts["unknown"] + inflight,
+        "deferred": counts["deferred"],
+        "pending": counts["pending"],
+        "source_rows": state.eof_rows,
+    }
+    out["complete"] = (
+        state.eof_rows is not None and out["pending"] == 0 and out["deferred"] == 0 and not inflight
+    )
+    out["codes"] = dict(codes.most_common())
+    out["attempts"] = dict(attempts.most_common())
+    out["first_send"] = first
+    out["last_send"] = last
+    span = (last - first) if first is not None and last is not None else 0.0
+    out["avg_rate"] = round((out["sent"] + out["failed"]) / span, 1) if span > 0 else None
+    return out
+
+
+def _final_lines(ledger: Path) -> Iterator[dict[str, Any]]:
+    """Each row's last recipient line, in ledger order, joined with its batch's id and time."""
+    remaining = bytearray()
+    batches: dict[int, tuple[str | None, float | None]] = {}
+    with ledger.open("rb") as f:
+        for line in f:
+            if line.startswith(b'{"r":'):
+                row = int(line[5 : line.index(b",", 5)])
+                if row >= len(remaining):
+                    remaining.extend(bytes(row + 1 - len(remaining) + len(remaining) // 2))
+                remaining[row] = min(255, remaining[row] + 1)
+            elif line.startswith(b'{"b":'):
+                obj = orjson.loads(line)
+                batches[obj["b"]] = (obj.get("id"), obj.get("t"))
+    with ledger.open("rb") as f:
+        for line in f:
+            if not line.startswith(b'{"r":') or not line.endswith(b"\n"):
+                continue
+            row = int(line[5 : line.index(b",", 5)])
+            remaining[row] -= 1
+            if remaining[row]:
+                continue
+            obj = orjson.loads(line)
+            batch_id, batch_time = batches.get(obj.get("b", -1), (None, None))
+            yield {
+                "row": obj["r"],
+                "key": obj.get("k", str(obj["r"])),
+                "status": obj["s"],
+                "code": obj.get("c") or obj.get("e"),
+                "provider_id": obj.get("id") or batch_id,
+                "batch": obj.get("b"),
+                "time": batch_time,
+            }
+
+
+EXPORT_FIELDS = ("row", "key", "status", "code", "provider_id", "batch", "time")
+
+
+def export_rows(run_dir: Path, fmt: str, out: IO[bytes]) -> int:
+    """Write the final outcome of every settled recipient as CSV or JSONL; returns the count."""
+    rd = RunDir(run_dir)
+    rd.load()
+    n = 0
+    if fmt == "jsonl":
+        for rec in _final_lines(rd.ledger):
+            out.write(orjson.dumps(rec) + b"\n")
+            n += 1
+        return n
+    import io
+
+    text = io.TextIOWrapper(out, encoding="utf-8", newline="", write_through=True)
+    writer = csv.DictWriter(text, fieldnames=EXPORT_FIELDS)
+    writer.writeheader()
+    for rec in _final_lines(rd.ledger):
+        writer.writerow(rec)
+        n += 1
+    text.detach()
+    return n
