@@ -1,4 +1,4 @@
-"""Dispatch: send batches over one HTTP client with retries, and record outcomes.
+"""Dispatch: send batches over one HTTP transport with retries, and record outcomes.
 
 For each attempt: wait for the rate limiter, sign, write the intent to the
 ledger, send, classify, then write the outcome. Retries (with exponential
@@ -46,7 +46,8 @@ class Dispatcher:
         self,
         *,
         provider: Provider,
-        client: httpx.AsyncClient,
+        transport: httpx.AsyncBaseTransport,
+        timeout: httpx.Timeout,
         ledger: LedgerWriter,
         governor: RateGovernor,
         policy: RetryPolicy,
@@ -55,7 +56,8 @@ class Dispatcher:
         rng: random.Random | None = None,
     ) -> None:
         self._provider = provider
-        self._client = client
+        self._transport = transport
+        self._timeout = timeout.as_dict()
         self._ledger = ledger
         self._governor = governor
         self._policy = policy
@@ -72,7 +74,14 @@ class Dispatcher:
         started = time.perf_counter()
         self.requests += 1
         try:
-            response = await self._client.send(request)
+            # The transport directly: httpx.AsyncClient's per-request machinery (auth,
+            # redirects, cookies, hooks) costs more CPU than the request itself here.
+            request.extensions["timeout"] = self._timeout
+            response = await self._transport.handle_async_request(request)
+            try:
+                await response.aread()
+            finally:
+                await response.aclose()
         except httpx.TransportError as exc:
             result = classify_transport_error(exc)
         else:

@@ -333,10 +333,11 @@ async def run_campaign(
         batch_size=limits.batch_size,
     )
     try:
-        async with httpx.AsyncClient(transport=transport, timeout=timeout) as client:
+        async with transport:
             dispatcher = Dispatcher(
                 provider=provider,
-                client=client,
+                transport=transport,
+                timeout=timeout,
                 ledger=writer,
                 governor=governor,
                 policy=policy,
