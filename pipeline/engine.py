@@ -275,6 +275,7 @@ async def run_campaign(
         durability=durability,
         fsync_interval=campaign.run.fsync_interval_ms / 1000,
         state=state,
+        keyed=campaign.source.key is not None,
     )
     interrupted = _settle_interrupted(state, writer)
     writer.counts = dict.fromkeys(writer.counts, 0)  # count this session's outcomes only

@@ -106,9 +106,13 @@ class LedgerState:
     bad_lines: int = 0
     torn_tail: int = 0
 
-    def set(self, row: int, status: int) -> None:
+    def reserve(self, row: int) -> None:
+        """Make room for rows up to ``row`` (growing by half, amortised)."""
         if row >= len(self.status):
             self.status.extend(bytes(max(row + 1 - len(self.status), len(self.status) // 2)))
+
+    def set(self, row: int, status: int) -> None:
+        self.reserve(row)
         self.status[row] = status
 
     def get(self, row: int) -> Status:
@@ -194,8 +198,10 @@ class LedgerWriter:
         fsync_interval: float = 1.0,
         buffer_bytes: int = 1 << 18,
         state: LedgerState | None = None,
+        keyed: bool = True,
     ) -> None:
         self.path = path
+        self._keyed = keyed  # False: keys are row numbers, never written
         self.state = state or LedgerState()  # kept in step with every recipient line
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         self._buf = bytearray()
@@ -208,10 +214,9 @@ class LedgerWriter:
     # -- writing ---------------------------------------------------------
     def _recipient(self, row: int, key: str, status: str, tail: bytes) -> None:
         self.state.set(row, _BY_NAME[status.encode()])
-        self._buf += b'{"r":%d,"s":"%s"%s' % (row, status.encode(), tail)
-        if key != str(row):
-            self._buf += b',"k":' + _json_text(key)
-        self._buf += b"}\n"
+        if self._keyed and key != str(row):
+            tail += b',"k":' + _json_text(key)
+        self._buf += b'{"r":%d,"s":"%s"%s}\n' % (row, status.encode(), tail)
 
     def rejected(self, rejections: Iterable[tuple[int, str, str]]) -> None:
         n = 0
@@ -259,9 +264,20 @@ class LedgerWriter:
             tail = b
             if result.code is not None and result.outcome is not Outcome.SENT:
                 tail += b',"c":' + orjson.dumps(result.code)
-            for m in batch.messages:
-                self._recipient(m.row, m.key, status, tail)
-            self.counts[status] += len(batch.messages)
+            # The hot path (every recipient of every batch): one formatted line each.
+            msgs = batch.messages
+            self.state.reserve(max(m.row for m in msgs))
+            status_bytes, code = self.state.status, _BY_NAME[status.encode()]
+            for m in msgs:
+                status_bytes[m.row] = code
+            head = b'{"r":%d,"s":"' + status.encode() + b'"' + tail
+            if self._keyed:
+                self._buf += b"".join(
+                    [head % m.row + b',"k":' + _json_text(m.key) + b"}\n" for m in msgs]
+                )
+            else:
+                self._buf += b"".join([head % m.row + b"}\n" for m in msgs])
+            self.counts[status] += len(msgs)
         else:
             for m, r in zip(batch.messages, per, strict=True):
                 st = _OUTCOME_STATUS[r.outcome]

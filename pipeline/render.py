@@ -130,7 +130,7 @@ def normalize_phone(raw: str, default_country: str = "86") -> str | None:
 class Renderer:
     """Renders rows of one campaign: the phone, the sign name and the parameters."""
 
-    __slots__ = ("_content", "_country", "_params", "_phone", "_sign")
+    __slots__ = ("_content", "_country", "_params", "_params_compiled", "_phone", "_sign")
 
     def __init__(
         self,
@@ -144,6 +144,11 @@ class Renderer:
         self._phone = phone_column
         self._sign = sign_name
         self._params = tuple(params.items())
+        # (name, column, template): column set when the template is exactly one column
+        self._params_compiled = tuple(
+            (name, t.parts[1] if len(t.parts) == 3 and not t.parts[0] and not t.parts[2] else "", t)
+            for name, t in params.items()
+        )
         self._content = content
         self._country = default_country
 
@@ -179,7 +184,12 @@ class Renderer:
             return Rejection(row, key, f"invalid phone number in column {self._phone!r}")
         try:
             sign = self._sign.render(record)
-            params = {name: t.render(record) for name, t in self._params}
+            params = {}
+            for name, column, template in self._params_compiled:
+                value = record.get(column) if column else None
+                if type(value) is not str or not value:
+                    value = template.render(record)  # literal, composite, number, or missing
+                params[name] = value
             content = None if self._content is None else self._content.render(record)
         except KeyError as exc:
             return Rejection(row, key, f"missing column {exc.args[0]!r}")
