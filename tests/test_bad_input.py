@@ -18,7 +18,9 @@ from tests.test_engine import make_campaign, ok, run
 cell = st.one_of(
     st.binary(max_size=12),
     st.text(max_size=12).map(lambda s: s.encode("utf-8", "surrogatepass")),
-    st.sampled_from([b"13800000000", b"+86 138 0000 0001", b"0086 13800000002", b"", b"\x00", b'"', b"x" * 70000]),
+    st.sampled_from(
+        [b"13800000000", b"+86 138 0000 0001", b"0086 13800000002", b"", b"\x00", b'"', b"x" * 70000]
+    ),
 )
 row = st.lists(cell, min_size=0, max_size=5)
 

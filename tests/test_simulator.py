@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import signal
 import sys
 import time
@@ -16,11 +17,14 @@ import anyio
 import httpx
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from providers.aliyun import TEST_CREDENTIALS, AliyunCredentials, AliyunSms, percent_encode, rpc_signature
 from providers.base import Batch, Message
 from providers.simulator import FAULT_KINDS, Simulator, SimulatorConfig, default_credentials, serve
 from providers.simulator.core import FaultPlan, NonceCache
+from providers.simulator.server import parse_urlencoded, unquote_form
 from tests.conftest import REPO, SHARED
 
 CAPTURES = sorted((SHARED / "captures").glob("*.json"))
@@ -472,6 +476,42 @@ class TestHttp:
             assert stats["requests"] == 3 and stats["accepted_recipients"] == 6
             assert stats["accepted_requests"] == 3 and stats["connections"] == 1
             assert (await client.get(f"{sim.base_url}/nowhere")).status_code == 404
+
+    async def test_expect_100_continue(self, tmp_path: Path) -> None:
+        async with running(tmp_path) as (sim, _), await anyio.connect_tcp(sim.host, sim.port) as stream:
+            await stream.send(b"POST /__stats HTTP/1.1\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n")
+            assert await stream.receive() == b"HTTP/1.1 100 Continue\r\n\r\n"
+            await stream.send(b"{}")
+            assert (await stream.receive()).startswith(b"HTTP/1.1 405 ")
+
+    async def test_latency_does_not_block_other_connections(self, tmp_path: Path) -> None:
+        async with running(tmp_path, latency_ms=60_000) as (sim, client):
+            pending: list[BaseException] = []
+
+            async def slow_send() -> None:
+                try:
+                    await client.send(provider(sim).build_request(batch(2)))
+                except BaseException as exc:  # cancelled below, as intended
+                    pending.append(exc)
+                    raise
+
+            async with httpx.AsyncClient() as other, anyio.create_task_group() as tg:
+                tg.start_soon(slow_send)
+                with anyio.fail_after(10):
+                    while (await other.get(f"{sim.base_url}/__stats")).json()["accepted_recipients"] < 2:
+                        pass  # each poll is a full round trip on a second connection
+                tg.cancel_scope.cancel()
+            assert pending and sim.accepted == 2  # recorded, answer still held back
+
+    @given(st.text(alphabet="%+=&aZ09fF\r\n é~_-.*/\u4e2d", max_size=24))
+    def test_fast_form_decoding_matches_urllib(self, s: str) -> None:
+        from urllib.parse import parse_qsl, quote, unquote_plus
+
+        assert unquote_form(s) == unquote_plus(s)
+        assert parse_urlencoded(s) == parse_qsl(s, keep_blank_values=True)
+        encoded = quote(s, safe="")
+        lower_hex = re.sub("%[0-9A-F]{2}", lambda m: m.group().lower(), encoded)
+        assert unquote_form(encoded) == s and unquote_form(lower_hex) == s
 
     def test_refuses_a_non_loopback_host(self) -> None:
         with pytest.raises(ValueError, match="non-loopback"):

@@ -27,11 +27,15 @@ from typing import Any
 import orjson
 
 from providers.simulator.aliyun import AliyunGateway
-from providers.simulator.config import SimulatorConfig, default_credentials
+from providers.simulator.config import DEFAULT_FAULT_MIX, SimulatorConfig, default_credentials
 from providers.simulator.core import FAULT_KINDS, ReceiptLog, Stats
 from providers.simulator.server import Connection, JsonEndpoint, Router, start_server
 
-__all__ = ("FAULT_KINDS", "Simulator", "SimulatorConfig", "default_credentials", "run_forever", "serve")
+__all__ = (
+    "DEFAULT_FAULT_MIX",
+    "FAULT_KINDS",
+    "Simulator", "SimulatorConfig", "default_credentials", "run_forever", "serve",
+)
 
 
 class Simulator:

@@ -14,6 +14,7 @@ from pathlib import Path
 import orjson
 
 from providers.simulator import FAULT_KINDS, Simulator, SimulatorConfig, run_forever
+from providers.simulator.config import DEFAULT_FAULT_MIX
 
 __all__ = ("build_parser", "config_from_args", "main")
 
@@ -62,11 +63,6 @@ def build_parser(prog: str = "python -m providers.simulator") -> argparse.Argume
 
 def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
     """Raises ValueError for inconsistent settings."""
-    extra: dict[str, object] = {}
-    if args.fault_mix:
-        extra["fault_mix"] = args.fault_mix
-    if args.fault_rates:
-        extra["fault_rates"] = args.fault_rates
     minimal = args.minimal
     return SimulatorConfig(
         host=args.host,
@@ -77,6 +73,8 @@ def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
         qps=args.qps,
         retry_after_header=not args.no_retry_after,
         fault_rate=args.fault_rate,
+        fault_mix=args.fault_mix or DEFAULT_FAULT_MIX,
+        fault_rates=args.fault_rates or {},
         slow_ms=args.slow_ms,
         business_error_code=args.business_error_code,
         receipts=args.receipts,
@@ -85,7 +83,6 @@ def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
         check_time=not (minimal or args.no_time_check),
         check_nonce=not (minimal or args.no_nonce_check),
         index_receipts=not (minimal or args.no_index),
-        **extra,  # type: ignore[arg-type]
     )
 
 

@@ -11,7 +11,9 @@ action's own parameters. Gateway errors use ``{"RequestId","HostId","Code",
 
 from __future__ import annotations
 
+import itertools
 import random
+import re
 import time
 from collections.abc import Sequence
 from datetime import datetime
@@ -185,7 +187,6 @@ class AliyunGateway:
                 params.update(parse_urlencoded(req.body.decode("utf-8", "replace")))
         auth = req.headers.get("authorization", "")
         v3 = auth.startswith("ACS3-HMAC-SHA256")
-        signed: tuple[str, list[str], str] | None = None
         if v3:
             signed = parse_v3_authorization(auth)
             if signed is None:
@@ -227,7 +228,7 @@ class AliyunGateway:
             self._authenticate(req, params, query, v3, secret)
 
         if action in SEND_ACTIONS:
-            self._send(req, conn, params, action, fault)
+            self._send(conn, params, action, fault)
         elif action == "QuerySendDetails":
             conn.respond(200, self._query(params), delay=self._delay())
         else:
@@ -271,59 +272,10 @@ class AliyunGateway:
                 raise _Reject(400, "SignatureNonceUsed")
 
     # -- SendBatchSms / SendBatchCardSms ------------------------------------------------
-    def _send(
-        self, req: Request, conn: Connection, params: dict[str, str], action: str, fault: object
-    ) -> None:
+    def _send(self, conn: Connection, params: dict[str, str], action: str, fault: object) -> None:
         card = action == "SendBatchCardSms"
-        template_name = "CardTemplateCode" if card else "TemplateCode"
-        for name in (template_name, "PhoneNumberJson", "SignNameJson"):
-            if not params.get(name):
-                raise _missing(name)
-        if card:
-            fallback = params.get("FallbackType")
-            if not fallback:
-                raise _missing("FallbackType")
-            need = {"SMS": "SmsTemplateCode", "DIGITALSMS": "DigitalTemplateCode"}.get(fallback)
-            if fallback != "NONE" and need is None:
-                raise _Reject(200, "isv.INVALID_PARAMETERS", "FallbackType must be SMS, DIGITALSMS or NONE.")
-            if need and not params.get(need):
-                raise _missing(need)
-        phones = _json_list(params, "PhoneNumberJson")
+        phones, signs, template, out_id = _validate_send(params, card)
         n = len(phones)
-        if n > MAX_NUMBERS:
-            raise _Reject(200, "isv.MOBILE_COUNT_OVER_LIMIT")
-        if not n:
-            raise _Reject(200, "isv.INVALID_PARAMETERS", "PhoneNumberJson is empty.")
-        for p in phones:
-            if type(p) is not str:
-                raise _Reject(200, "isv.INVALID_JSON_PARAM")
-            digits = p[1:] if p[:1] == "+" else p
-            if not (digits.isascii() and digits.isdigit() and 5 <= len(digits) <= 20):
-                raise _Reject(200, "isv.MOBILE_NUMBER_ILLEGAL", f"The mobile number {p[:24]!r} is illegal.")
-        signs = _json_list(params, "SignNameJson")
-        if len(signs) != n:
-            raise _Reject(200, "isv.INVALID_PARAMETERS", "SignNameJson and PhoneNumberJson differ in length.")
-        for s in signs:
-            if type(s) is not str:
-                raise _Reject(200, "isv.INVALID_JSON_PARAM")
-            if not s:
-                raise _Reject(200, "isv.SMS_SIGNATURE_ILLEGAL")
-        for name in (("CardTemplateParamJson", "SmsTemplateParamJson", "DigitalTemplateParamJson",
-                      "TemplateParamJson") if card else ("TemplateParamJson",)):
-            if params.get(name):
-                items = _json_list(params, name)
-                if len(items) != n:
-                    raise _Reject(200, "isv.INVALID_PARAMETERS", f"{name} length differs.")
-                if not all(type(d) is dict for d in items):
-                    raise _Reject(200, "isv.INVALID_JSON_PARAM")
-                if name != "CardTemplateParamJson" and not all(
-                        type(v) is str for d in items for v in d.values()):
-                    raise _Reject(200, "isv.INVALID_JSON_PARAM")
-        if params.get("SmsUpExtendCodeJson") and len(_json_list(params, "SmsUpExtendCodeJson")) != n:
-            raise _Reject(200, "isv.INVALID_PARAMETERS", "SmsUpExtendCodeJson and PhoneNumberJson differ.")
-        out_id = params.get("OutId", "")
-        if len(out_id) >= 256:
-            raise _Reject(200, "isv.INVALID_PARAMETERS", "OutId is too long.")
 
         if fault == "business_error":
             self._stats.fault("business_error")
@@ -333,11 +285,11 @@ class AliyunGateway:
 
         # Accepted: record first (one write, flushed to the OS), answer after.
         biz = self._ids.biz_id()
-        template = params[template_name]
         t = self._cfg.clock()
         self._receipts.write(_receipt_lines(phones, signs, out_id, biz, template, t), n)
         if self._receipts.index is not None:
-            self._receipts.add([phone_key(p) for p in phones], Sent(out_id, biz, template, t))
+            keys = phones if set(map(len, phones)) == {11} else [phone_key(p) for p in phones]
+            self._receipts.add(keys, Sent(out_id, biz, template, t))
         self._stats.accepted_requests += 1
         rid = self._ids.request_id()
         if card:
@@ -431,6 +383,68 @@ class AliyunGateway:
         else:  # throttle
             now = self._cfg.monotonic()
             self._throttle(conn, int(now) + 1 - now)
+
+
+_NUMBERS = re.compile(r'\[\s*"\+?[0-9]{5,20}"(?:\s*,\s*"\+?[0-9]{5,20}")*\s*\]')
+"""A JSON array of well-formed numbers (the common case, checked in one C-level match)."""
+
+
+def _validate_send(params: dict[str, str], card: bool) -> tuple[list[str], list[str], str, str]:
+    """(numbers, sign names, template code, OutId) of a send request, or raises its error."""
+    template_name = "CardTemplateCode" if card else "TemplateCode"
+    for name in (template_name, "PhoneNumberJson", "SignNameJson"):
+        if not params.get(name):
+            raise _missing(name)
+    if card:
+        fallback = params.get("FallbackType")
+        if not fallback:
+            raise _missing("FallbackType")
+        need = {"SMS": "SmsTemplateCode", "DIGITALSMS": "DigitalTemplateCode"}.get(fallback)
+        if fallback != "NONE" and need is None:
+            raise _Reject(200, "isv.INVALID_PARAMETERS", "FallbackType must be SMS, DIGITALSMS or NONE.")
+        if need and not params.get(need):
+            raise _missing(need)
+    phones = _json_list(params, "PhoneNumberJson")
+    n = len(phones)
+    if n > MAX_NUMBERS:
+        raise _Reject(200, "isv.MOBILE_COUNT_OVER_LIMIT")
+    if not n:
+        raise _Reject(200, "isv.INVALID_PARAMETERS", "PhoneNumberJson is empty.")
+    if _NUMBERS.fullmatch(params["PhoneNumberJson"]) is None:
+        for p in phones:
+            if type(p) is not str:
+                raise _Reject(200, "isv.INVALID_JSON_PARAM")
+            digits = p[1:] if p[:1] == "+" else p
+            if not (digits.isascii() and digits.isdigit() and 5 <= len(digits) <= 20):
+                raise _Reject(200, "isv.MOBILE_NUMBER_ILLEGAL", f"The mobile number {p[:24]!r} is illegal.")
+    signs = _json_list(params, "SignNameJson")
+    if len(signs) != n:
+        raise _Reject(200, "isv.INVALID_PARAMETERS", "SignNameJson and PhoneNumberJson differ in length.")
+    first = signs[0]
+    if not (type(first) is str and first and signs.count(first) == n):
+        for s in signs:
+            if type(s) is not str:
+                raise _Reject(200, "isv.INVALID_JSON_PARAM")
+            if not s:
+                raise _Reject(200, "isv.SMS_SIGNATURE_ILLEGAL")
+    for name in (("CardTemplateParamJson", "SmsTemplateParamJson", "DigitalTemplateParamJson",
+                  "TemplateParamJson") if card else ("TemplateParamJson",)):
+        if params.get(name):
+            items = _json_list(params, name)
+            if len(items) != n:
+                raise _Reject(200, "isv.INVALID_PARAMETERS", f"{name} length differs.")
+            if set(map(type, items)) != {dict}:
+                raise _Reject(200, "isv.INVALID_JSON_PARAM")
+            # Variable values must be strings (the card's own parameters are objects).
+            if name != "CardTemplateParamJson" and not set(
+                    map(type, itertools.chain.from_iterable(map(dict.values, items)))) <= {str}:
+                raise _Reject(200, "isv.INVALID_JSON_PARAM")
+    if params.get("SmsUpExtendCodeJson") and len(_json_list(params, "SmsUpExtendCodeJson")) != n:
+        raise _Reject(200, "isv.INVALID_PARAMETERS", "SmsUpExtendCodeJson and PhoneNumberJson differ.")
+    out_id = params.get("OutId", "")
+    if len(out_id) >= 256:
+        raise _Reject(200, "isv.INVALID_PARAMETERS", "OutId is too long.")
+    return phones, signs, params[template_name], out_id
 
 
 def _dumps(value: str) -> str:

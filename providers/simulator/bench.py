@@ -56,10 +56,12 @@ async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, 
     return await reader.readexactly(length)
 
 
-async def _drive(host: str, port: int, requests: list[bytes], connections: int) -> tuple[float, int, dict[str, float]]:
+async def _drive(
+    host: str, port: int, requests: list[bytes], connections: int
+) -> tuple[float, int, dict[str, float]]:
     async def stats() -> dict[str, float]:
         reader, writer = await asyncio.open_connection(host, port)
-        body = await _exchange(reader, writer, b"GET /__stats HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        body = await _exchange(reader, writer, b"GET /__stats HTTP/1.1\r\nHost: x\r\n\r\n")
         writer.close()
         result: dict[str, float] = orjson.loads(body)
         return result
@@ -90,6 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--signature", choices=("v3", "v2"), default="v3")
     p.add_argument("--minimal", action="store_true", help="run the simulator with --minimal")
     p.add_argument("--no-receipts", action="store_true", help="run the simulator without a receipts file")
+    p.add_argument("sim_args", nargs="*", help="more simulator options (after --)")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "providers.simulator", "--port", "0"]
@@ -97,6 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             cmd += ["--receipts", str(Path(tmp) / "receipts.jsonl")]
         if args.minimal:
             cmd.append("--minimal")
+        cmd += args.sim_args
         env = {k: v for k, v in os.environ.items() if not k.startswith("ALIYUN_")}
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
         try:
@@ -110,8 +114,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             proc.wait(timeout=30)
     n = args.requests
     result = {
-        "requests": n, "numbers": args.numbers, "ok": ok, "signature": args.signature, "minimal": args.minimal,
-        "receipts": not args.no_receipts, "connections": args.connections,
+        "requests": n, "numbers": args.numbers, "ok": ok, "signature": args.signature,
+        "minimal": args.minimal, "receipts": not args.no_receipts, "connections": args.connections,
+        "simulator_args": args.sim_args,
         "server_cpu_us_per_request": round(delta["cpu_s"] / n * 1e6, 1),
         "server_cpu_bound_requests_per_s": round(n / delta["cpu_s"]) if delta["cpu_s"] else None,
         "wall_requests_per_s": round(n / elapsed),

@@ -10,12 +10,16 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from providers.aliyun import TEST_CREDENTIALS, AliyunCredentials
 from providers.simulator.core import FAULT_KINDS, FaultPlan
 
-__all__ = ("SimulatorConfig", "default_credentials")
+__all__ = ("DEFAULT_FAULT_MIX", "SimulatorConfig", "default_credentials")
+
+DEFAULT_FAULT_MIX: Mapping[str, float] = MappingProxyType(dict.fromkeys(FAULT_KINDS, 1.0))
+"""Every fault kind, equally likely."""
 
 
 def default_credentials(environ: Mapping[str, str] = os.environ) -> AliyunCredentials:
@@ -57,7 +61,7 @@ class SimulatorConfig:
     qps: int = 0  # per AccessKeyId, fixed one-second windows; 0: unlimited
     retry_after_header: bool = True  # x-acs-retry-after (ms) on throttles
     fault_rate: float = 0.0
-    fault_mix: Mapping[str, float] = field(default_factory=lambda: dict.fromkeys(FAULT_KINDS, 1.0))
+    fault_mix: Mapping[str, float] = field(default_factory=lambda: DEFAULT_FAULT_MIX)
     fault_rates: Mapping[str, float] = field(default_factory=dict)
     slow_ms: float = 10_000.0
     business_error_code: str = "isv.MOBILE_NUMBER_ILLEGAL"

@@ -10,11 +10,13 @@ from pathlib import Path
 
 __all__ = (
     "FAULT_KINDS",
+    "PRE_FAULTS",
     "FaultPlan",
     "FixedWindowLimiter",
     "IdSource",
     "NonceCache",
     "ReceiptLog",
+    "Sent",
     "Stats",
 )
 
@@ -169,14 +171,21 @@ class ReceiptLog:
         index = self.index
         if index is None:
             return
-        for key in keys:
-            old = index.get(key)
-            if old is None:
+        new: dict[str, Sent | list[Sent]] = dict.fromkeys(keys, sent)
+        if len(new) == len(keys):  # the usual case: set operations at C speed
+            for key in index.keys() & new.keys():
+                old = index[key]
+                new[key] = [*old, sent] if isinstance(old, list) else [old, sent]
+            index.update(new)
+            return
+        for key in keys:  # a number repeated within the request
+            prev = index.get(key)
+            if prev is None:
                 index[key] = sent
-            elif isinstance(old, list):
-                old.append(sent)
+            elif isinstance(prev, list):
+                prev.append(sent)
             else:
-                index[key] = [old, sent]
+                index[key] = [prev, sent]
 
     def lookup(self, key: str) -> list[Sent]:
         found = (self.index or {}).get(key)
