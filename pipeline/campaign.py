@@ -74,6 +74,8 @@ class LimitsSpec:
     linger_ms: int = 200
     backoff_base_ms: int = 200
     backoff_max_ms: int = 30_000
+    breaker_window: int = 50  # batches; the circuit breaker looks at the last N outcomes
+    breaker_threshold: float = 0.5  # stop when this share of them is unknown or deferred; 0 = off
 
 
 @dataclass(frozen=True)
@@ -134,7 +136,7 @@ def _typed(section: str, name: str, value: object, default: object) -> object:
         if not isinstance(value, bool):
             raise CampaignError(where, f"must be true or false, not {value!r}")
         return value
-    if isinstance(default, float) or name == "requests_per_second":
+    if isinstance(default, float) or name in ("requests_per_second", "breaker_threshold"):
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise CampaignError(where, f"must be a number, not {value!r}")
         return float(value)
@@ -202,6 +204,10 @@ def parse_campaign(data: Mapping[str, Any], base_dir: Path) -> Campaign:
         raise CampaignError("limits.max_attempts", "must be between 1 and 100")
     if not 0 <= limits.linger_ms <= 60_000:
         raise CampaignError("limits.linger_ms", "must be between 0 and 60000")
+    if not 0 <= limits.breaker_threshold <= 1:
+        raise CampaignError("limits.breaker_threshold", "must be between 0 (off) and 1")
+    if limits.breaker_window < 1:
+        raise CampaignError("limits.breaker_window", "must be at least 1")
     if limits.backoff_base_ms < 0 or limits.backoff_max_ms < limits.backoff_base_ms:
         raise CampaignError("limits.backoff_max_ms", "must be at least limits.backoff_base_ms")
 
