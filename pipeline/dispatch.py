@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,9 +23,37 @@ from pipeline.ledger import LedgerWriter
 from pipeline.limit import RateGovernor
 from providers.base import Batch, BatchOutcome, Outcome, Provider, classify_transport_error
 
-__all__ = ("Dispatcher", "RetryPolicy")
+__all__ = ("CircuitBreaker", "Dispatcher", "RetryPolicy")
 
 log = structlog.get_logger("sluice.dispatch")
+
+
+class CircuitBreaker:
+    """Trips when too many of the last ``window`` batches ended unknown or deferred.
+
+    A provider that times out or fails half the requests is not one to keep
+    feeding millions of recipients: each ambiguous batch is a batch that cannot
+    be safely re-sent. Tripping stops the run cleanly (exit 4); a resume goes on.
+    """
+
+    def __init__(self, window: int = 50, threshold: float = 0.5) -> None:
+        self._outcomes: deque[bool] = deque(maxlen=window)
+        self._bad = 0
+        self.threshold = threshold
+
+    def record(self, bad: bool) -> bool:
+        """Record one batch's outcome; True when the breaker trips."""
+        if len(self._outcomes) == self._outcomes.maxlen and self._outcomes[0]:
+            self._bad -= 1
+        self._outcomes.append(bad)
+        self._bad += bad
+        full = len(self._outcomes) == self._outcomes.maxlen
+        return self.threshold > 0 and full and self._bad >= self.threshold * len(self._outcomes)
+
+    def describe(self) -> str:
+        return (
+            f"circuit breaker: {self._bad} of the last {len(self._outcomes)} batches were unknown or deferred"
+        )
 
 
 @dataclass(frozen=True)
@@ -54,6 +83,7 @@ class Dispatcher:
         run_id: str,
         on_fatal: Callable[[BatchOutcome], None],
         rng: random.Random | None = None,
+        breaker: CircuitBreaker | None = None,
     ) -> None:
         self._provider = provider
         self._transport = transport
@@ -64,6 +94,7 @@ class Dispatcher:
         self._run_id = run_id
         self._on_fatal = on_fatal
         self._rng = rng or random.Random()
+        self._breaker = breaker or CircuitBreaker(threshold=0)
         self.stopping = False
         self.requests = 0
         self.retries = 0
@@ -136,9 +167,17 @@ class Dispatcher:
                 elif kind is not Outcome.FAILED:
                     log.warning("batch_" + kind.value, batch=batch.id, code=result.code)
                 self._ledger.outcome(batch, result, ms)
+                self._settled(kind in (Outcome.UNKNOWN, Outcome.DEFER))
                 return
             # The retry budget is spent on a retryable error: defer.
             deferred = BatchOutcome(Outcome.DEFER, code=result.code, message=result.message)
             self._ledger.outcome(batch, deferred, 0.0)
             log.warning("batch_deferred", batch=batch.id, code=result.code)
+            self._settled(True)
             return
+
+    def _settled(self, bad: bool) -> None:
+        if self._breaker.record(bad) and not self.stopping:
+            self._on_fatal(
+                BatchOutcome(Outcome.FATAL, code="CircuitBreaker", message=self._breaker.describe())
+            )

@@ -29,7 +29,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from pipeline.batch import Batcher
 from pipeline.campaign import Campaign
-from pipeline.dispatch import Dispatcher, RetryPolicy
+from pipeline.dispatch import CircuitBreaker, Dispatcher, RetryPolicy
 from pipeline.errors import RunDirError
 from pipeline.keys import KeySet
 from pipeline.ledger import Durability, LedgerState, LedgerWriter, Status, replay
@@ -320,6 +320,9 @@ async def run_campaign(
         )
 
     def on_fatal(result: BatchOutcome) -> None:
+        if result.code == "CircuitBreaker":
+            run.stop(result.message or "circuit breaker", result.code)
+            return
         run.stop(
             f"the provider refused the whole request with {result.code}: {result.message or ''}".strip(),
             result.code,
@@ -345,6 +348,7 @@ async def run_campaign(
                 run_id=run_id,
                 on_fatal=on_fatal,
                 rng=rng,
+                breaker=CircuitBreaker(limits.breaker_window, limits.breaker_threshold),
             )
             run.dispatcher = dispatcher
             rows_send, rows_recv = anyio.create_memory_object_stream[Rows](2)

@@ -237,3 +237,62 @@ class TestStatusAndExport:
         buf = io.BytesIO()
         assert export_rows(tmp_path / "run", "jsonl", buf) == 10
         assert {orjson.loads(x)["status"] for x in buf.getvalue().splitlines()} == {"sent"}
+
+
+@pytest.mark.anyio
+class TestCircuitBreaker:
+    async def test_trips_on_a_run_of_unknowns_and_leaves_the_rest_pending(self, tmp_path: Path) -> None:
+        c = make_campaign(tmp_path, rows(500), concurrency=1, breaker_window=5, breaker_threshold=0.6)
+
+        def timeout(request: httpx.Request) -> httpx.Response:
+            raise httpx.ReadTimeout("slow", request=request)
+
+        result = await run(c, tmp_path, timeout)
+        assert result.stop_code == "CircuitBreaker" and "of the last 5 batches" in (result.stopped or "")
+        assert result.counts["unknown"] == 50  # five batches of ten, then it stopped
+        status = run_status(tmp_path / "run")
+        assert not status["complete"] and status["sent"] == 0
+
+    async def test_off_when_threshold_is_zero(self, tmp_path: Path) -> None:
+        c = make_campaign(tmp_path, rows(100), breaker_window=2, breaker_threshold=0)
+
+        def timeout(request: httpx.Request) -> httpx.Response:
+            raise httpx.ReadTimeout("slow", request=request)
+
+        result = await run(c, tmp_path, timeout)
+        assert result.stopped is None and result.counts["unknown"] == 100
+
+
+class TestBreakerUnit:
+    def test_window(self) -> None:
+        from pipeline.dispatch import CircuitBreaker
+
+        b = CircuitBreaker(window=4, threshold=0.5)
+        assert [b.record(x) for x in (True, False, False)] == [False, False, False]  # window not full
+        assert b.record(True) is True  # 2 of 4
+        b2 = CircuitBreaker(window=4, threshold=0.5)
+        assert not any(b2.record(x) for x in (True, False, False, False, False, True, False, False))
+
+
+@pytest.mark.anyio
+class TestDurability:
+    @pytest.mark.parametrize(("mode", "min_syncs"), [("process", 0), ("batch", 10), ("interval", 1)])
+    async def test_fsync_per_mode(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str, min_syncs: int
+    ) -> None:
+        import os
+
+        import pipeline.campaign as pc
+
+        calls: list[int] = []
+        real = os.fsync
+        monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real(fd))[1])
+        c = make_campaign(tmp_path, rows(100))
+        c = pc.Campaign(
+            c.source, c.provider, c.message, c.limits, pc.RunSpec(durability=mode, fsync_interval_ms=1)
+        )
+        await run(c, tmp_path, ok)
+        if mode == "process":
+            assert calls == []
+        else:
+            assert len(calls) >= min_syncs
