@@ -296,3 +296,29 @@ class TestDurability:
             assert calls == []
         else:
             assert len(calls) >= min_syncs
+
+
+@pytest.mark.anyio
+class TestResendUnknown:
+    async def test_unknown_kept_by_default_and_resent_on_request(self, tmp_path: Path) -> None:
+        c = make_campaign(tmp_path, rows(20), breaker_threshold=0)
+        state = {"n": 0}
+
+        def first_batch_times_out(request: httpx.Request) -> httpx.Response:
+            state["n"] += 1
+            if orjson.loads(request.content)["out_id"].startswith("t-1-"):
+                raise httpx.ReadTimeout("slow", request=request)
+            return ok(request)
+
+        first = await run(c, tmp_path, first_batch_times_out)
+        assert first.counts["unknown"] == 10 and first.counts["sent"] == 10
+        seen: list[str] = []
+
+        def record(request: httpx.Request) -> httpx.Response:
+            seen.extend(orjson.loads(request.content)["phones"])
+            return ok(request)
+
+        again = await run(c, tmp_path, record)
+        assert seen == [] and again.counts["unknown"] == 10  # never re-sent silently
+        resent = await run(c, tmp_path, record, resend_unknown=True)
+        assert len(seen) == 10 and resent.counts["sent"] == 20 and resent.counts["unknown"] == 0
