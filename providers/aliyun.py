@@ -1,8 +1,8 @@
-"""Aliyun dysmsapi (2017-05-25): SendBatchSms, signed with V3 or RPC V2. Sans-I/O.
+"""Aliyun dysmsapi 2017-05-25 ``SendBatchSms``: signing (RPC V2 and ACS3 V3), requests, outcomes.
 
-Facts from PROTOCOLS.md §1. Placement follows the official Tea SDK: ``TemplateCode``
-and ``OutId`` in the query, the JSON parameters in a form body. The verification
-functions at the bottom are what the local simulator checks requests with.
+Sans-I/O. Facts are from PROTOCOLS.md §1. Parameter placement follows the official Tea
+SDK: ``TemplateCode`` and ``OutId`` in the query, the JSON parameters in a form body.
+The ``verify_*`` functions are what the local simulator checks incoming requests with.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import math
 import os
 import time
 import urllib.parse
@@ -24,17 +25,21 @@ import orjson
 from providers.base import Batch, BatchOutcome, Clock, Message, NonceSource, Outcome
 
 __all__ = (
+    "API_VERSION",
     "CODE_CLASSES",
+    "DEFAULT_ENDPOINT",
     "TEST_CREDENTIALS",
     "AliyunCredentials",
     "AliyunSms",
     "CredentialsError",
+    "aliyun_phone",
     "classify",
     "parse_v3_authorization",
     "percent_encode",
     "rpc_signature",
     "rpc_string_to_sign",
     "v3_canonical_request",
+    "v3_sign_headers",
     "v3_signature",
     "verify_v2",
     "verify_v3",
@@ -42,64 +47,115 @@ __all__ = (
 
 API_VERSION = "2017-05-25"
 DEFAULT_ENDPOINT = "https://dysmsapi.aliyuncs.com"
-EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+_ACTION = "SendBatchSms"
+_V3_ALGORITHM = "ACS3-HMAC-SHA256"
+_STAMP_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+_FORM = "application/x-www-form-urlencoded"
 
 
+# -- credentials --------------------------------------------------------------------------
 class CredentialsError(Exception):
-    """A credential environment variable is missing (the message names it, never a value)."""
+    """Credentials are missing from the environment (names the variable, never a value)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AliyunCredentials:
     access_key_id: str
     access_key_secret: str = field(repr=False)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> AliyunCredentials:
-        for name in ("ALIYUN_ACCESS_KEY_ID", "ALIYUN_ACCESS_KEY_SECRET"):
-            if not environ.get(name):
-                raise CredentialsError(f"environment variable {name} is not set")
-        return cls(environ["ALIYUN_ACCESS_KEY_ID"], environ["ALIYUN_ACCESS_KEY_SECRET"])
+        """Read ``ALIYUN_ACCESS_KEY_ID`` and ``ALIYUN_ACCESS_KEY_SECRET``."""
+        names = ("ALIYUN_ACCESS_KEY_ID", "ALIYUN_ACCESS_KEY_SECRET")
+        values = [environ.get(name, "").strip() for name in names]
+        missing = [name for name, value in zip(names, values, strict=True) if not value]
+        if missing:
+            raise CredentialsError(f"environment variable {' and '.join(missing)} is not set or empty")
+        return cls(values[0], values[1])
 
 
 TEST_CREDENTIALS = AliyunCredentials("testid", "testsecret")
-"""The documented test credentials (the official SDK captures are signed with them)."""
+"""The documented test credentials; the official SDK captures are signed with them."""
 
 
-# -- percent-encoding -----------------------------------------------------------
-_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.~")
-_ASCII_TABLE = {i: (chr(i) if chr(i) in _SAFE else f"%{i:02X}") for i in range(128)}
+# -- percent-encoding ---------------------------------------------------------------------
+_UNRESERVED = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.~"
+_ESCAPES = [(bytes([c]), b"%%%02X" % c) for c in range(128)]
+_ASCII_TABLE = [chr(c) if c in _UNRESERVED else f"%{c:02X}" for c in range(128)]
+
+
+def _encode_bytes(raw: bytes) -> str:
+    """``percent_encode`` of UTF-8 bytes."""
+    if not raw.isascii():
+        return urllib.parse.quote_from_bytes(raw, "-_.~")
+    unsafe = raw.translate(None, _UNRESERVED)  # the bytes that need an escape
+    if not unsafe:
+        return raw.decode("ascii")
+    kinds = set(unsafe)
+    if len(kinds) > 12:  # many distinct characters: one table pass beats many replaces
+        return raw.decode("ascii").translate(_ASCII_TABLE)
+    if 0x25 in kinds:  # '%' first, so the escapes added below are not escaped again
+        raw = raw.replace(b"%", b"%25")
+        kinds.discard(0x25)
+    for c in kinds:
+        raw = raw.replace(*_ESCAPES[c])
+    return raw.decode("ascii")
 
 
 def percent_encode(s: str) -> str:
-    """RFC 3986 encoding as Aliyun signs it: UTF-8, ``A-Za-z0-9-_.~`` kept, ``%XX`` upper-case.
+    """Aliyun's RFC 3986 encoding: UTF-8, ``A-Za-z0-9-_.~`` kept, every other byte ``%XX``.
 
-    Same bytes as ``urllib.parse.quote(s, safe="-_.~")``, several times faster on
-    the ASCII JSON that makes up a batch.
+    Same output as ``urllib.parse.quote(s, safe="-_.~")`` (so a space is ``%20``, ``*`` is
+    ``%2A``); ASCII text, which is most of a batch, takes a few ``bytes.replace`` passes.
     """
-    if s.isascii():
-        if s.isalnum():
-            return s
-        return s.translate(_ASCII_TABLE)
-    return urllib.parse.quote(s, safe="-_.~")
+    return _encode_bytes(s.encode())
 
 
-def _canonical_query(pairs: Sequence[tuple[str, str]]) -> str:
-    return "&".join(f"{percent_encode(k)}={percent_encode(v)}" for k, v in sorted(pairs))
+def _encode_pairs(pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    return [(percent_encode(k), percent_encode(v)) for k, v in pairs]
 
 
-# -- V2 (RPC, HMAC-SHA1) ----------------------------------------------------------
+def _join(encoded: Sequence[tuple[str, str]] | Sequence[tuple[str, str, str]]) -> str:
+    """``k=v&...`` from encoded pairs (or the first two of triples)."""
+    return "&".join([f"{p[0]}={p[1]}" for p in encoded])
+
+
+# -- RPC signature V2 (HMAC-SHA1) -------------------------------------------------------
+def _once_twice(value: str) -> tuple[str, str]:
+    """``value`` encoded once (as sent) and twice (as the V2 string to sign holds it)."""
+    encoded = percent_encode(value)
+    # An encoded string holds unreserved characters and '%' only: encoding it again is '%' → '%25'.
+    return encoded, encoded.replace("%", "%25")
+
+
+def _twice(name: str, value: str) -> tuple[str, str, str]:
+    """(encoded name, encoded value, value encoded twice): the V2 signing unit."""
+    return (percent_encode(name), *_once_twice(value))
+
+
+def _rpc_string_to_sign(method: str, params: list[tuple[str, str, str]]) -> str:
+    """The V2 string to sign from ``_twice`` triples (sorted here, in place)."""
+    params.sort()
+    # The canonical query's own '=' and '&' are encoded as '%3D' and '%26'.
+    canonical = "%26".join([f"{k.replace('%', '%25')}%3D{twice}" for k, _, twice in params])
+    return f"{method.upper()}&%2F&{canonical}"
+
+
+def _rpc_hmac(string_to_sign: str, secret: str) -> str:
+    return base64.b64encode(hmac.digest(f"{secret}&".encode(), string_to_sign.encode(), "sha1")).decode()
+
+
 def rpc_string_to_sign(method: str, params: Mapping[str, str]) -> str:
-    query = _canonical_query([(k, v) for k, v in params.items() if k != "Signature"])
-    return f"{method.upper()}&%2F&{percent_encode(query)}"
+    """``METHOD&%2F&`` + the encoded canonical query of every parameter but ``Signature``."""
+    return _rpc_string_to_sign(method, [_twice(k, v) for k, v in params.items() if k != "Signature"])
 
 
 def rpc_signature(method: str, params: Mapping[str, str], secret: str) -> str:
-    mac = hmac.new(f"{secret}&".encode(), rpc_string_to_sign(method, params).encode(), hashlib.sha1)
-    return base64.b64encode(mac.digest()).decode()
+    """Base64 HMAC-SHA1 with key ``secret + "&"``; ``params`` are query plus form parameters."""
+    return _rpc_hmac(rpc_string_to_sign(method, params), secret)
 
 
-# -- V3 (ACS3-HMAC-SHA256) ------------------------------------------------------------
+# -- signature V3 (ACS3-HMAC-SHA256) --------------------------------------------------------
 def v3_canonical_request(
     method: str,
     path: str,
@@ -108,14 +164,18 @@ def v3_canonical_request(
     signed_headers: Sequence[str],
     body_sha256: str,
 ) -> str:
-    """``headers`` keyed by lower-case name; ``signed_headers`` lower-case, sorted."""
-    canonical_headers = "".join(f"{h}:{headers.get(h, '').strip()}\n" for h in signed_headers)
+    """The V3 canonical request.
+
+    ``headers`` are keyed by lower-case name and must hold every one of ``signed_headers``
+    (lower-case, in the order given: sorted, as ``SignedHeaders`` lists them).
+    """
+    lines = "".join([f"{name}:{headers[name].strip()}\n" for name in signed_headers])
     return "\n".join(
         (
             method.upper(),
-            path,
-            _canonical_query(query),
-            canonical_headers,
+            path or "/",
+            _join(sorted(_encode_pairs(query))),
+            lines,
             ";".join(signed_headers),
             body_sha256,
         )
@@ -123,28 +183,67 @@ def v3_canonical_request(
 
 
 def v3_signature(canonical_request: str, secret: str) -> str:
-    to_sign = "ACS3-HMAC-SHA256\n" + hashlib.sha256(canonical_request.encode()).hexdigest()
-    return hmac.new(secret.encode(), to_sign.encode(), hashlib.sha256).hexdigest()
+    """Lower-case hex HMAC-SHA256 (key: the bare secret) of the V3 string to sign."""
+    to_sign = f"{_V3_ALGORITHM}\n{hashlib.sha256(canonical_request.encode()).hexdigest()}"
+    return hmac.digest(secret.encode(), to_sign.encode(), "sha256").hex()
 
 
+def v3_sign_headers(
+    method: str,
+    path: str,
+    query: Sequence[tuple[str, str]],
+    headers: Mapping[str, str],
+    body: bytes,
+    credentials: AliyunCredentials,
+) -> dict[str, str]:
+    """``headers`` plus ``x-acs-content-sha256`` and ``authorization``, ready to send.
+
+    ``headers`` are keyed by lower-case name and should hold ``host``, ``x-acs-action``,
+    ``x-acs-version``, ``x-acs-date``, ``x-acs-signature-nonce`` and, with a body,
+    ``content-type``. Signs ``host``, ``content-type`` and every ``x-acs-*`` header.
+    """
+    body_sha256 = hashlib.sha256(body).hexdigest()
+    out = dict(headers)
+    out["x-acs-content-sha256"] = body_sha256
+    signed = sorted(h for h in out if h in ("host", "content-type") or h.startswith("x-acs-"))
+    canonical = v3_canonical_request(method, path, query, out, signed, body_sha256)
+    signature = v3_signature(canonical, credentials.access_key_secret)
+    out["authorization"] = (
+        f"{_V3_ALGORITHM} Credential={credentials.access_key_id},"
+        f"SignedHeaders={';'.join(signed)},Signature={signature}"
+    )
+    return out
+
+
+# -- verification (the simulator's side) --------------------------------------------------
 def parse_v3_authorization(value: str) -> tuple[str, list[str], str] | None:
-    """``ACS3-HMAC-SHA256 Credential=..,SignedHeaders=..,Signature=..`` → its three parts."""
-    scheme, _, rest = value.strip().partition(" ")
-    if scheme != "ACS3-HMAC-SHA256":
+    """``ACS3-HMAC-SHA256 Credential=..,SignedHeaders=..,Signature=..`` → (key id, headers, signature)."""
+    algorithm, _, rest = value.strip().partition(" ")
+    if algorithm != _V3_ALGORITHM:
         return None
-    parts = dict(p.strip().partition("=")[::2] for p in rest.split(","))
-    try:
-        return parts["Credential"], parts["SignedHeaders"].split(";"), parts["Signature"]
-    except KeyError:
+    fields: dict[str, str] = {}
+    for part in rest.split(","):
+        name, eq, val = part.strip().partition("=")
+        if not eq or name in fields:
+            return None
+        fields[name] = val
+    key_id, signed, signature = (fields.get(k) for k in ("Credential", "SignedHeaders", "Signature"))
+    if not key_id or not signed or not signature:
         return None
+    return key_id, signed.split(";"), signature
+
+
+def _same(expected: str, given: str) -> bool:
+    # compare_digest refuses non-ASCII str; a non-ASCII signature is simply wrong.
+    return given.isascii() and hmac.compare_digest(expected.encode(), given.encode())
 
 
 def verify_v2(method: str, params: Mapping[str, str], secret: str) -> bool:
-    """Check an RPC V2 request: ``params`` are query plus form-body parameters, decoded."""
+    """Check an RPC V2 request: ``params`` are the decoded query plus form-body parameters."""
     given = params.get("Signature")
-    if not given:
+    if not given or params.get("SignatureMethod", "HMAC-SHA1") != "HMAC-SHA1":
         return False
-    return hmac.compare_digest(rpc_signature(method, params, secret), given)
+    return _same(rpc_signature(method, params, secret), given)
 
 
 def verify_v3(
@@ -155,25 +254,31 @@ def verify_v3(
     body: bytes,
     secret: str,
 ) -> bool:
-    """Check a V3 request; ``headers`` keyed by lower-case name."""
-    auth = parse_v3_authorization(headers.get("authorization", ""))
-    if auth is None:
+    """Check a V3 request; ``headers`` keyed by lower-case name, values decoded.
+
+    The body must match ``x-acs-content-sha256``; ``SignedHeaders`` must be lower-case,
+    sorted, present, and cover ``host`` and every ``x-acs-*`` header sent.
+    """
+    parsed = parse_v3_authorization(headers.get("authorization", ""))
+    if parsed is None:
         return False
-    _, signed, given = auth
-    body_hash = hashlib.sha256(body).hexdigest()
-    if headers.get("x-acs-content-sha256") != body_hash:
+    _, signed, given = parsed
+    body_sha256 = hashlib.sha256(body).hexdigest()
+    if headers.get("x-acs-content-sha256") != body_sha256:
         return False
-    if "host" not in signed or any(h not in headers for h in signed):
+    if signed != sorted(set(signed)) or any(h != h.lower() or h not in headers for h in signed):
         return False
-    expected = v3_signature(
-        v3_canonical_request(method, path or "/", query, headers, signed, body_hash), secret
-    )
-    return hmac.compare_digest(expected, given)
+    if "host" not in signed or any(h.startswith("x-acs-") and h not in signed for h in headers):
+        return False
+    canonical = v3_canonical_request(method, path, query, headers, signed, body_sha256)
+    return _same(v3_signature(canonical, secret), given)
 
 
-# -- error classes (PROTOCOLS.md §1.7-1.8) -------------------------------------------------
+# -- outcome classes (PROTOCOLS.md §1.7-1.8) -------------------------------------------------
 _CLASSES: dict[Outcome, tuple[str, ...]] = {
     Outcome.SENT: ("OK",),
+    # The number or its content is at fault. SendBatchSms answers one code per call,
+    # so this marks every recipient of the batch.
     Outcome.FAILED: (
         "isv.MOBILE_NUMBER_ILLEGAL",
         "isv.DOMESTIC_NUMBER_NOT_SUPPORTED",
@@ -184,14 +289,14 @@ _CLASSES: dict[Outcome, tuple[str, ...]] = {
         "isv.PARAM_LENGTH_LIMIT",
     ),
     Outcome.FATAL: (
-        # auth
+        # auth (a wrong secret never succeeds on retry, so SignatureDoesNotMatch stops the run)
         "SignatureDoesNotMatch",
         "IncompleteSignature",
         "InvalidAccessKeyId.NotFound",
         "Forbidden.RAM",
         "isp.RAM_PERMISSION_DENY",
         "isv.DENY_IP_RANGE",
-        # account / balance
+        # account / balance / volume caps
         "isv.AMOUNT_NOT_ENOUGH",
         "isv.OUT_OF_SERVICE",
         "isv.PRODUCT_UN_SUBSCRIPT",
@@ -214,61 +319,64 @@ _CLASSES: dict[Outcome, tuple[str, ...]] = {
         "MissingParameter",
         "InvalidParameter",
     ),
-    # Rejected before processing: a fresh timestamp and nonce make a resend safe.
+    # Refused before processing: a resend with a fresh timestamp and nonce is safe.
     Outcome.RETRY: ("InvalidTimeStamp.Expired", "SignatureNonceUsed"),
     Outcome.THROTTLED: ("Throttling.User", "Throttling.Api", "Throttling"),
-    # Per-number frequency control: the number stays blocked for its window.
+    # Per-number frequency control: the number stays blocked until its window passes.
     Outcome.DEFER: ("isv.BUSINESS_LIMIT_CONTROL",),
-    # The message may already have been accepted.
+    # The messages may already have been accepted.
     Outcome.UNKNOWN: ("isp.SYSTEM_ERROR", "isp.UNKNOWN_ERROR", "InternalError", "ServiceUnavailable"),
 }
-CODE_CLASSES: Mapping[str, Outcome] = {code: cls for cls, codes in _CLASSES.items() for code in codes}
+CODE_CLASSES: Mapping[str, Outcome] = {code: kind for kind, codes in _CLASSES.items() for code in codes}
 
 
 def classify(code: str, http_status: int) -> Outcome:
-    """The class of a provider code.
+    """The outcome class of an Aliyun ``Code`` received with ``http_status``.
 
-    An unrecognised code on a 5xx is ambiguous. Any other unrecognised code is
-    treated as a whole-request refusal (FATAL): it stops the run with the code
-    shown and leaves the recipients pending, which is recoverable; marking
-    millions of recipients ``failed`` on a code we do not understand is not.
+    Unrecognised codes: on a 5xx the request may have been processed (UNKNOWN); 429 or a
+    ``Throttling.*`` variant is a throttle; anything else, including an unrecognised
+    ``isv.*`` code on a 200, is taken as a whole-request refusal (FATAL). FATAL stops the
+    run with the code shown and leaves the recipients pending, which a resume recovers;
+    marking a batch FAILED on a code we do not understand could not be undone.
     """
     known = CODE_CLASSES.get(code)
     if known is not None:
         return known
-    if code.startswith("Throttling"):
+    if http_status >= 500:
+        return Outcome.UNKNOWN
+    if http_status == 429 or code.startswith("Throttling."):
         return Outcome.THROTTLED
-    return Outcome.UNKNOWN if http_status >= 500 else Outcome.FATAL
+    return Outcome.FATAL
 
 
-def _retry_after(response: httpx.Response) -> float | None:
-    """Seconds to wait, from ``x-acs-retry-after`` (milliseconds, UNVERIFIED) or ``Retry-After``."""
-    raw = response.headers.get("x-acs-retry-after")
-    scale = 1000.0
+def _retry_after(headers: httpx.Headers) -> float | None:
+    """Seconds to wait: ``x-acs-retry-after`` (milliseconds, as the official Tea SDKs and
+    the simulator use it) or ``Retry-After`` (seconds). Unusable values give None."""
+    raw, scale = headers.get("x-acs-retry-after"), 0.001
     if raw is None:
-        raw, scale = response.headers.get("retry-after"), 1.0
+        raw, scale = headers.get("retry-after"), 1.0
     if raw is None:
         return None
     try:
-        value = float(raw) / scale
-    except ValueError:
+        seconds = float(raw.strip()) * scale
+    except ValueError:  # e.g. an HTTP-date Retry-After
         return None
-    return value if 0 <= value < 3600 else None
+    if not math.isfinite(seconds) or seconds <= 0:
+        return None
+    return min(seconds, 3600.0)
 
 
+# -- the provider ---------------------------------------------------------------------------
 def aliyun_phone(phone: str) -> str:
     """E.164 digits → Aliyun's form: bare 11 digits for mainland mobiles, else CC + number."""
-    if len(phone) == 13 and phone.startswith("861"):
-        return phone[2:]
-    return phone
+    return phone[2:] if len(phone) == 13 and phone.startswith("861") else phone
 
 
 class AliyunSms:
-    """SendBatchSms: one template, up to 100 numbers, a sign name per number."""
+    """``SendBatchSms``: one template per campaign, up to 100 numbers, a sign name per number."""
 
     name = "aliyun"
     max_batch_size = 100
-    action = "SendBatchSms"
 
     def __init__(
         self,
@@ -281,79 +389,107 @@ class AliyunSms:
         nonce: NonceSource = lambda: uuid.uuid4().hex,
         region_id: str | None = None,
     ) -> None:
-        self._creds = credentials
+        if signature not in ("v3", "v2"):
+            raise ValueError(f"signature must be 'v3' or 'v2', not {signature!r}")
+        url = httpx.URL(endpoint)
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ValueError(f"endpoint must be an http(s) URL, not {endpoint!r}")
+        host = url.netloc.decode("ascii")  # includes a non-default port, as httpx sends it
         self.template_code = template_code
-        self._url = httpx.URL(endpoint)
-        self._host = self._url.netloc.decode("ascii")
-        self._base = f"{self._url.scheme}://{self._host}"
-        self._signature = signature
+        self._creds = credentials
+        self._v3 = signature == "v3"
         self._clock = clock
         self._nonce = nonce
-        self._region = region_id
+        self._origin = f"{url.scheme}://{host}"  # RPC: the path is always "/"
+        self._stamp: tuple[int, str] = (-1, "")
+        self._signs: dict[str, tuple[str, str]] = {}  # sign name → its JSON string, encoded once and twice
+        self._v3_headers = {
+            "host": host,
+            "content-type": _FORM,
+            "accept": "application/json",
+            "x-acs-action": _ACTION,
+            "x-acs-version": API_VERSION,
+        }
+        self._v2_headers = {"host": host, "content-type": _FORM, "accept": "application/json"}
+        common = {
+            "Action": _ACTION,
+            "Version": API_VERSION,
+            "Format": "JSON",
+            "AccessKeyId": credentials.access_key_id,
+            "SignatureMethod": "HMAC-SHA1",
+            "SignatureVersion": "1.0",
+            "TemplateCode": template_code,
+        }
+        if region_id:
+            common["RegionId"] = region_id
+        self._v2_common = [_twice(k, v) for k, v in common.items()]
 
     def batch_key(self, message: Message) -> Hashable:
-        return None  # the template is campaign-wide; sign names go per number
+        return _ACTION  # the template is campaign-wide and sign names go per number
 
-    def _business(self, batch: Batch) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-        """(query parameters, form parameters) of the batch."""
-        msgs = batch.messages
-        query = [("TemplateCode", self.template_code)]
-        if batch.out_id:
-            query.append(("OutId", batch.out_id))
+    def _timestamp(self) -> str:
+        second = int(self._clock())
+        cached = self._stamp
+        if cached[0] != second:
+            cached = self._stamp = (second, time.strftime(_STAMP_FORMAT, time.gmtime(second)))
+        return cached[1]
+
+    def _sign_name(self, name: str) -> tuple[str, str]:
+        if len(self._signs) >= 4096:
+            self._signs.clear()
+        encoded = self._signs[name] = _once_twice(orjson.dumps(name).decode())
+        return encoded
+
+    def _form(self, messages: Sequence[Message], twice: bool) -> list[tuple[str, str, str]]:
+        """The body parameters as ``_twice`` triples (encoded twice only if ``twice``, else "")."""
+        phones = [aliyun_phone(m.phone) for m in messages]
+        digits = "".join(phones)
+        if digits.isascii() and digits.isalnum():  # the usual case: nothing in the numbers to escape
+            phone_json = (
+                f"%5B%22{'%22%2C%22'.join(phones)}%22%5D",
+                f"%255B%2522{'%2522%252C%2522'.join(phones)}%2522%255D" if twice else "",
+            )
+        else:
+            phone_json = _once_twice(orjson.dumps(phones).decode())
+        # Sign names repeat from batch to batch: each is encoded once, then joined.
+        signs = self._signs
+        names = [signs.get(m.sign_name) or self._sign_name(m.sign_name) for m in messages]
         form = [
-            ("PhoneNumberJson", orjson.dumps([aliyun_phone(m.phone) for m in msgs]).decode()),
-            ("SignNameJson", orjson.dumps([m.sign_name for m in msgs]).decode()),
+            ("PhoneNumberJson", *phone_json),
+            (
+                "SignNameJson",
+                f"%5B{'%2C'.join([n[0] for n in names])}%5D",
+                f"%255B{'%252C'.join([n[1] for n in names])}%255D" if twice else "",
+            ),
         ]
-        if any(m.params for m in msgs):
-            form.append(("TemplateParamJson", orjson.dumps([m.params for m in msgs]).decode()))
-        return query, form
+        if any(m.params for m in messages):
+            params = _encode_bytes(orjson.dumps([m.params for m in messages]))
+            form.append(("TemplateParamJson", params, params.replace("%", "%25") if twice else ""))
+        return form
 
     def build_request(self, batch: Batch) -> httpx.Request:
-        query, form = self._business(batch)
-        now = time.gmtime(self._clock())
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", now)
-        if self._signature == "v2":
-            query += [
-                ("Action", self.action),
-                ("Version", API_VERSION),
-                ("Format", "JSON"),
-                ("AccessKeyId", self._creds.access_key_id),
-                ("SignatureMethod", "HMAC-SHA1"),
-                ("SignatureVersion", "1.0"),
-                ("SignatureNonce", self._nonce()),
-                ("Timestamp", stamp),
-            ]
-            if self._region:
-                query.append(("RegionId", self._region))
-            query.append(
-                ("Signature", rpc_signature("POST", dict(query + form), self._creds.access_key_secret))
-            )
-        body = "&".join(f"{percent_encode(k)}={percent_encode(v)}" for k, v in form).encode()
-        qs = "&".join(f"{percent_encode(k)}={percent_encode(v)}" for k, v in query)
-        headers = {
-            "host": self._host,
-            "content-type": "application/x-www-form-urlencoded",
-            "accept": "application/json",
-        }
-        if self._signature == "v3":
-            body_hash = hashlib.sha256(body).hexdigest()
-            headers.update(
-                {
-                    "x-acs-action": self.action,
-                    "x-acs-version": API_VERSION,
-                    "x-acs-date": stamp,
-                    "x-acs-signature-nonce": self._nonce(),
-                    "x-acs-content-sha256": body_hash,
-                }
-            )
-            signed = sorted(h for h in headers if h in ("host", "content-type") or h.startswith("x-acs-"))
-            canonical = v3_canonical_request("POST", "/", query, headers, signed, body_hash)
-            sig = v3_signature(canonical, self._creds.access_key_secret)
-            headers["authorization"] = (
-                f"ACS3-HMAC-SHA256 Credential={self._creds.access_key_id},"
-                f"SignedHeaders={';'.join(signed)},Signature={sig}"
-            )
-        return httpx.Request("POST", httpx.URL(f"{self._base}/?{qs}"), headers=headers, content=body)
+        form = self._form(batch.messages, twice=not self._v3)
+        body = _join(form).encode("ascii")
+        stamp, nonce = self._timestamp(), self._nonce()
+        if self._v3:
+            query = [("OutId", batch.out_id)] if batch.out_id else []
+            query.append(("TemplateCode", self.template_code))
+            headers = dict(self._v3_headers)
+            headers["x-acs-date"] = stamp
+            headers["x-acs-signature-nonce"] = nonce
+            headers = v3_sign_headers("POST", "/", query, headers, body, self._creds)
+            target = _join(_encode_pairs(query))
+        else:
+            params = [*self._v2_common, _twice("SignatureNonce", nonce), _twice("Timestamp", stamp)]
+            if batch.out_id:
+                params.append(_twice("OutId", batch.out_id))
+            target = _join(params)  # before sorting: query order does not matter, but keep it stable
+            to_sign = _rpc_string_to_sign("POST", params + form)
+            signature = _rpc_hmac(to_sign, self._creds.access_key_secret)
+            target += f"&Signature={percent_encode(signature)}"
+            headers = self._v2_headers
+        # The query is already encoded: httpx keeps it byte for byte, so what is sent is what was signed.
+        return httpx.Request("POST", httpx.URL(f"{self._origin}/?{target}"), headers=headers, content=body)
 
     def parse_response(self, batch: Batch, response: httpx.Response) -> BatchOutcome:
         status = response.status_code
@@ -361,23 +497,42 @@ class AliyunSms:
             data = orjson.loads(response.content)
         except orjson.JSONDecodeError:
             data = None
-        if not isinstance(data, dict) or not isinstance(data.get("Code"), str):
+        if not isinstance(data, dict):
+            data = {}
+        request_id = data.get("RequestId") or response.headers.get("x-acs-request-id")
+        extra: dict[str, object] = {"request_id": request_id} if isinstance(request_id, str) else {}
+        code = data.get("Code")
+        message = data.get("Message")
+        message = message[:500] if isinstance(message, str) and message else None
+        if not isinstance(code, str) or not code:
+            # No usable Code. A 2xx or 5xx reached the provider and may have been processed.
             if status == 429:
+                kind = Outcome.THROTTLED
+            else:
+                kind = Outcome.FATAL if 400 <= status < 500 else Outcome.UNKNOWN
+            return BatchOutcome(
+                kind,
+                code=f"HTTP{status}",
+                message=message or "response without an Aliyun Code",
+                retry_after=_retry_after(response.headers) if kind is Outcome.THROTTLED else None,
+                extra=extra,
+            )
+        if code == "OK":
+            if 200 <= status < 300:
+                biz_id = data.get("BizId")
                 return BatchOutcome(
-                    Outcome.THROTTLED, code=f"HTTP{status}", retry_after=_retry_after(response)
+                    Outcome.SENT,
+                    code=code,
+                    provider_id=biz_id if isinstance(biz_id, str) else None,
+                    extra=extra,
                 )
-            # 2xx or 5xx with an unreadable body: the request reached the provider.
-            kind = Outcome.FATAL if 400 <= status < 500 else Outcome.UNKNOWN
-            return BatchOutcome(kind, code=f"HTTP{status}", message="unreadable response body")
-        code: str = data["Code"]
-        extra = {"request_id": data["RequestId"]} if "RequestId" in data else {}
-        if code == "OK" and status < 300:
-            return BatchOutcome(Outcome.SENT, code="OK", provider_id=data.get("BizId"), extra=extra)
-        outcome = classify(code, status)
+            # "OK" with an error status contradicts itself: it may have been accepted.
+            return BatchOutcome(Outcome.UNKNOWN, code=f"HTTP{status}", message=code, extra=extra)
+        kind = classify(code, status)
         return BatchOutcome(
-            outcome,
+            kind,
             code=code,
-            message=str(data.get("Message", ""))[:200] or None,
-            retry_after=_retry_after(response),
+            message=message,
+            retry_after=_retry_after(response.headers),
             extra=extra,
         )
