@@ -234,6 +234,27 @@ def cmd_status(args: argparse.Namespace, console: Console) -> int:
     return EXIT_OK
 
 
+def cmd_reconcile(args: argparse.Namespace, console: Console) -> int:
+    from pipeline.reconcile import reconcile_run
+
+    _open_log(Path(args.run_dir), echo=not console.is_terminal)
+    result = anyio.run(
+        lambda: reconcile_run(
+            Path(args.run_dir), queries_per_second=args.qps, settle_after=args.settle_after
+        ),
+        backend_options=_backend_options(),
+    )
+    table = Table(title=f"reconciled {args.run_dir}", show_header=False)
+    for k, v in vars(result).items():
+        table.add_row(k, str(v))
+    console.print(table)
+    if result.resendable:
+        console.print(
+            f"{result.resendable:,} recipients were not found at the provider: `sluice resume` sends them."
+        )
+    return EXIT_OK if not result.still_unknown else EXIT_UNSETTLED
+
+
 def cmd_export(args: argparse.Namespace, console: Console) -> int:
     if args.output == "-":
         n = export_rows(Path(args.run_dir), args.format, sys.stdout.buffer)
@@ -361,6 +382,17 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("run_dir")
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_status)
+
+    rc = sub.add_parser("reconcile", help="settle unknown recipients through the provider's status API")
+    rc.add_argument("run_dir")
+    rc.add_argument("--qps", type=float, default=50.0, help="status queries per second")
+    rc.add_argument(
+        "--settle-after",
+        type=float,
+        default=600.0,
+        help="seconds after which a send the provider has no record of counts as not sent",
+    )
+    rc.set_defaults(func=cmd_reconcile)
 
     ex = sub.add_parser("export", help="the final outcome of every recipient, as CSV or JSONL")
     ex.add_argument("run_dir")

@@ -290,6 +290,13 @@ class LedgerWriter:
                 self.counts[st] += 1
         self._maybe_flush()
 
+    def settle(self, items: Iterable[tuple[int, str, str, str]]) -> None:
+        """Lines for rows settled outside a send (reconciliation): (row, key, status, code)."""
+        for row, key, status, code in items:
+            self._recipient(row, key, status, b',"c":' + orjson.dumps(code))
+            self.counts[status] += 1
+        self._maybe_flush()
+
     def unknown_rows(self, rows: Iterable[int], code: str) -> int:
         """Settle rows whose intent has no result (used by resume and stop)."""
         tail = b',"c":' + orjson.dumps(code)

@@ -194,3 +194,36 @@ class TestGracefulStop:
         assert code == 0, err2
         accepted = sim.accepted()
         assert all(accepted[phone] == 1 for phone in phones.values())
+
+
+class TestReconcile:
+    def test_faults_then_reconcile_then_resume_sends_everyone_exactly_once(self, tmp_path: Path) -> None:
+        phones = write_recipients(tmp_path / "recipients.csv", 2000)
+        mix = "drop_before=1,drop_after=1,http500=1,reset=1,garbage=1"
+        with simulator(tmp_path, "--fault-rate", "0.25", "--fault-mix", mix, "--seed", "9") as sim:
+            write_campaign(
+                tmp_path / "c.toml", sim.url, requests_per_second=400, batch_size=20, breaker_threshold=0
+            )
+            code, err = run_to_end("run", str(tmp_path / "c.toml"))
+            assert code == 3, err
+            before = final_statuses(tmp_path / "run" / "ledger.jsonl")
+            unknown = sum(1 for s in before.values() if s == "unknown")
+            assert unknown > 0
+            code, err = run_to_end("reconcile", str(tmp_path / "run"), "--settle-after", "0")
+            assert code == 0, err
+            mid = final_statuses(tmp_path / "run" / "ledger.jsonl")
+            assert "unknown" not in mid.values()
+            accepted_mid = sim.accepted()
+            for row, phone in phones.items():
+                if before[row] == "unknown":
+                    assert mid[row] == ("sent" if accepted_mid[phone] else "deferred"), row
+            code, err = run_to_end("resume", str(tmp_path / "run"))
+            sim.stop()
+        assert code in (0, 3), err
+        after = final_statuses(tmp_path / "run" / "ledger.jsonl")
+        accepted = sim.accepted()
+        for row, phone in phones.items():
+            if after[row] == "sent":
+                assert accepted[phone] == 1, row
+            else:
+                assert after[row] == "unknown" and accepted[phone] <= 1

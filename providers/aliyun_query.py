@@ -1,0 +1,97 @@
+"""Aliyun ``QuerySendDetails``: look up what happened to one number's sends on one day. Sans-I/O.
+
+Used by reconciliation: a batch whose outcome is unknown carried a unique ``OutId``;
+a record for the number with that ``OutId`` proves the provider accepted it.
+``SendStatus``: 1 waiting for a receipt, 2 failed, 3 delivered (PROTOCOLS.md §1.9;
+the enumeration is UNVERIFIED there, so only "a record exists" is relied on for
+"sent", and 2 for "failed").
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import orjson
+
+from providers.aliyun import API_VERSION, DEFAULT_ENDPOINT, AliyunCredentials, percent_encode, v3_sign_headers
+
+__all__ = ("SendRecord", "beijing_date", "parse_query", "query_request")
+
+BEIJING = 8 * 3600
+
+
+def beijing_date(t: float) -> str:
+    """``yyyyMMdd`` in UTC+8, the calendar Aliyun files sends under."""
+    return time.strftime("%Y%m%d", time.gmtime(t + BEIJING))
+
+
+@dataclass(frozen=True, slots=True)
+class SendRecord:
+    out_id: str
+    send_status: int
+    err_code: str
+
+
+def query_request(
+    credentials: AliyunCredentials,
+    phone: str,
+    send_date: str,
+    *,
+    page: int = 1,
+    page_size: int = 50,
+    endpoint: str = DEFAULT_ENDPOINT,
+    clock: Callable[[], float] = time.time,
+) -> httpx.Request:
+    """A V3-signed ``QuerySendDetails`` request (parameters in the query)."""
+    url = httpx.URL(endpoint)
+    host = url.netloc.decode("ascii")
+    query = [
+        ("CurrentPage", str(page)),
+        ("PageSize", str(page_size)),
+        ("PhoneNumber", phone),
+        ("SendDate", send_date),
+    ]
+    headers = v3_sign_headers(
+        "POST",
+        "/",
+        query,
+        {
+            "host": host,
+            "x-acs-action": "QuerySendDetails",
+            "x-acs-version": API_VERSION,
+            "x-acs-date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(clock())),
+            "x-acs-signature-nonce": uuid.uuid4().hex,
+            "accept": "application/json",
+        },
+        b"",
+        credentials,
+    )
+    qs = "&".join(f"{percent_encode(k)}={percent_encode(v)}" for k, v in query)
+    return httpx.Request("POST", httpx.URL(f"{url.scheme}://{host}/?{qs}"), headers=headers)
+
+
+def parse_query(response: httpx.Response) -> tuple[str, int, list[SendRecord]]:
+    """(code, total count, records). Never raises on a bad body: the code says what happened."""
+    try:
+        data: Any = orjson.loads(response.content)
+    except orjson.JSONDecodeError:
+        return f"HTTP{response.status_code}", 0, []
+    if not isinstance(data, dict):
+        return f"HTTP{response.status_code}", 0, []
+    code = str(data.get("Code", f"HTTP{response.status_code}"))
+    dtos = (data.get("SmsSendDetailDTOs") or {}).get("SmsSendDetailDTO") or []
+    records = [
+        SendRecord(str(d.get("OutId") or ""), int(d.get("SendStatus") or 0), str(d.get("ErrCode") or ""))
+        for d in dtos
+        if isinstance(d, dict)
+    ]
+    try:
+        total = int(data.get("TotalCount") or len(records))
+    except (TypeError, ValueError):
+        total = len(records)
+    return code, total, records
