@@ -107,29 +107,28 @@ class CsvSource:
         try:
             if header is None:
                 return
-            width = len(header)
             row = 0
+            chunk: Rows = []
             while True:
-                chunk: Rows = []
-                for _ in range(CHUNK_ROWS):
-                    try:
-                        values = next(reader)
-                    except StopIteration:
-                        break
-                    except csv.Error as exc:
-                        row += 1
-                        chunk.append((row, f"unreadable CSV record: {exc}"))
-                        continue
-                    if not values:
-                        continue  # a blank line is not a record
+                try:
+                    for values in reader:
+                        if values:  # a blank line is not a record
+                            row += 1
+                            # zip stops at the shorter side: extra cells dropped, missing ones absent
+                            chunk.append((row, dict(zip(header, values))))  # noqa: B905
+                            if len(chunk) >= CHUNK_ROWS:
+                                break
+                    else:
+                        break  # end of file
+                except csv.Error as exc:
                     row += 1
-                    if len(values) > width:
-                        values = values[:width]
-                    chunk.append((row, dict(zip(header, values, strict=False))))
-                if not chunk:
-                    return
+                    chunk.append((row, f"unreadable CSV record: {exc}"))
+                    continue
                 yield chunk
+                chunk = []
                 await anyio.lowlevel.checkpoint()
+            if chunk:
+                yield chunk
         finally:
             f.close()  # type: ignore[attr-defined]
 
