@@ -70,7 +70,9 @@ class AliyunCredentials:
         values = [environ.get(name, "").strip() for name in names]
         missing = [name for name, value in zip(names, values, strict=True) if not value]
         if missing:
-            raise CredentialsError(f"environment variable {' and '.join(missing)} is not set or empty")
+            raise CredentialsError(
+                f"Aliyun credentials: {' and '.join(missing)} not set (or empty) in the environment"
+            )
         return cls(values[0], values[1])
 
 
@@ -369,7 +371,7 @@ def _retry_after(headers: httpx.Headers) -> float | None:
 # -- the provider ---------------------------------------------------------------------------
 def aliyun_phone(phone: str) -> str:
     """E.164 digits → Aliyun's form: bare 11 digits for mainland mobiles, else CC + number."""
-    return phone[2:] if len(phone) == 13 and phone.startswith("861") else phone
+    return phone[2:] if len(phone) == 13 and phone[:3] == "861" else phone
 
 
 class AliyunSms:
@@ -442,7 +444,8 @@ class AliyunSms:
 
     def _form(self, messages: Sequence[Message], twice: bool) -> list[tuple[str, str, str]]:
         """The body parameters as ``_twice`` triples (encoded twice only if ``twice``, else "")."""
-        phones = [aliyun_phone(m.phone) for m in messages]
+        # aliyun_phone, inlined: it runs for every recipient
+        phones = [p[2:] if len(p) == 13 and p[:3] == "861" else p for p in [m.phone for m in messages]]
         digits = "".join(phones)
         if digits.isascii() and digits.isalnum():  # the usual case: nothing in the numbers to escape
             phone_json = (

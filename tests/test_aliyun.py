@@ -313,8 +313,8 @@ class TestSdkCaptures:
             assert not cap.verify_v3(query=query), k
         # in every signed header, including the extra ones the SDK signs (accept, user-agent)
         _, signed, _ = parse_v3_authorization(h["authorization"]) or ("", [], "")
-        for name_ in signed:
-            assert not cap.verify_v3(headers={**h, name_: flip(h[name_])}), name_
+        for header in signed:
+            assert not cap.verify_v3(headers={**h, header: flip(h[header])}), header
         # in the signature, and with the wrong secret
         assert not cap.verify_v3(headers={**h, "authorization": flip(h["authorization"])})
         assert not verify_v3(cap.method, cap.path, cap.query, h, cap.body, "testsecreT")
