@@ -63,6 +63,10 @@ class MessageSpec:
     template_code: str
     sign_name: str
     params: dict[str, str] = field(default_factory=dict)
+    # The approved template's text with ${name} placeholders: only for --dry-run's
+    # segment count and cost estimate (the provider renders the real message).
+    template_text: str | None = None
+    price_per_segment: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -136,7 +140,7 @@ def _typed(section: str, name: str, value: object, default: object) -> object:
         if not isinstance(value, bool):
             raise CampaignError(where, f"must be true or false, not {value!r}")
         return value
-    if isinstance(default, float) or name in ("requests_per_second", "breaker_threshold"):
+    if isinstance(default, float) or name in ("requests_per_second", "breaker_threshold", "price_per_segment"):
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise CampaignError(where, f"must be a number, not {value!r}")
         return float(value)
