@@ -127,6 +127,9 @@ _REQUIRED = {
 }
 
 
+_FLOATS = ("requests_per_second", "breaker_threshold", "price_per_segment")
+
+
 def _typed(section: str, name: str, value: object, default: object) -> object:
     where = f"{section}.{name}"
     if name == "params":
@@ -140,7 +143,7 @@ def _typed(section: str, name: str, value: object, default: object) -> object:
         if not isinstance(value, bool):
             raise CampaignError(where, f"must be true or false, not {value!r}")
         return value
-    if isinstance(default, float) or name in ("requests_per_second", "breaker_threshold", "price_per_segment"):
+    if isinstance(default, float) or name in _FLOATS:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise CampaignError(where, f"must be a number, not {value!r}")
         return float(value)

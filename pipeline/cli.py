@@ -189,8 +189,51 @@ def _execute(
     return _exit_code(result, signalled)
 
 
+def cmd_dry_run(campaign: Campaign, args: argparse.Namespace, console: Console) -> int:
+    from pipeline.api import check_source
+    from pipeline.dryrun import dry_run
+
+    check_source(campaign)
+    report = anyio.run(dry_run, campaign)
+    if args.json:
+        sys.stdout.buffer.write(orjson.dumps(report.to_dict()) + b"\n")
+        return EXIT_OK
+    out = Console()
+    table = Table(title=f"dry run of {args.campaign} (nothing sent)", show_header=False)
+    table.add_row("rows", f"{report.rows:,}")
+    table.add_row("would send", f"{report.sendable:,}")
+    table.add_row("rejected", f"{report.rejected:,}")
+    table.add_row("segments", f"{report.segments:,}")
+    for n, count in sorted(report.by_segments.items()):
+        table.add_row(f"  {n}-segment messages", f"{count:,}")
+    table.add_row(
+        "estimated cost", f"{report.estimated_cost:,.2f} (at {campaign.message.price_per_segment} a segment)"
+    )
+    out.print(table)
+    if not report.counted_template:
+        out.print(
+            "segments count the signature and parameters only: set message.template_text for the full text"
+        )
+    if report.reasons:
+        reasons = Table(title="rejected rows by reason")
+        reasons.add_column("reason")
+        reasons.add_column("rows", justify="right")
+        for reason, n in report.reasons.most_common(20):
+            reasons.add_row(reason, f"{n:,}")
+        out.print(reasons)
+        examples = Table(title="first rejected rows")
+        for col in ("row", "key", "reason"):
+            examples.add_column(col)
+        for row, key, reason in report.examples:
+            examples.add_row(str(row), key, reason)
+        out.print(examples)
+    return EXIT_OK
+
+
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
     campaign = load_campaign(Path(args.campaign))
+    if args.dry_run:
+        return cmd_dry_run(campaign, args, console)
     run_dir = Path(args.run_dir) if args.run_dir else None
     if run_dir is None and campaign.run.dir:
         run_dir = Path(campaign.run.dir)
@@ -376,6 +419,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("campaign", help="campaign file (TOML)")
     r.add_argument("--run-dir", help="run directory (default: [run] dir of the campaign)")
     r.add_argument("--force", action="store_true", help="continue a run dir of a changed campaign/source")
+    r.add_argument(
+        "--dry-run", action="store_true", help="render and validate every row, count segments and cost"
+    )
+    r.add_argument("--json", action="store_true", help="with --dry-run: print the report as JSON")
     r.set_defaults(func=cmd_run)
 
     s = sub.add_parser("resume", help="resume a run after a crash or a stop")

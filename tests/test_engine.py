@@ -322,3 +322,27 @@ class TestResendUnknown:
         assert seen == [] and again.counts["unknown"] == 10  # never re-sent silently
         resent = await run(c, tmp_path, record, resend_unknown=True)
         assert len(seen) == 10 and resent.counts["sent"] == 20 and resent.counts["unknown"] == 0
+
+
+class TestDryRun:
+    def test_counts_rejects_segments_and_cost_and_sends_nothing(self, tmp_path: Path) -> None:
+        import dataclasses
+
+        import anyio
+
+        from pipeline.dryrun import dry_run
+
+        data = rows(10)
+        data[0]["first"] = "x" * 80  # long parameter: 2 segments
+        data[1]["phone"] = "999"
+        data[3]["id"] = "k3"  # row 4 repeats row 3's key
+        c = make_campaign(tmp_path, data)
+        c = dataclasses.replace(
+            c, message=dataclasses.replace(c.message, template_text="Hi ${n}, welcome", price_per_segment=0.05)
+        )
+        report = anyio.run(dry_run, c)
+        assert report.rows == 10 and report.rejected == 2 and report.sendable == 8
+        assert report.reasons["duplicate key"] == 1
+        assert report.segments == 9 and report.by_segments == {1: 7, 2: 1}
+        assert abs(report.estimated_cost - 0.45) < 1e-9
+        assert not (tmp_path / "run").exists()

@@ -258,3 +258,30 @@ class TestCampaign:
         f.write_text("[source\n")
         with pytest.raises(CampaignError, match="not valid TOML"):
             load_campaign(f)
+
+
+class TestSegments:
+    @pytest.mark.parametrize(
+        ("text", "domestic", "want"),
+        [
+            ("a" * 70, True, 1),
+            ("a" * 71, True, 2),
+            ("中" * 134, True, 2),
+            ("中" * 135, True, 3),
+            ("a" * 160, False, 1),
+            ("a" * 161, False, 2),
+            ("a" * 306, False, 2),
+            ("a" * 307, False, 3),
+            ("€" * 80, False, 1),  # extension characters count double
+            ("€" * 81, False, 2),
+            ("é" * 160, False, 1),  # in the GSM basic set
+            ("ç" * 70, False, 1),  # not GSM: UCS-2
+            ("ç" * 71, False, 2),
+            ("😀" * 35, False, 1),  # two UTF-16 units each
+            ("😀" * 36, False, 2),
+        ],
+    )
+    def test_rules(self, text: str, domestic: bool, want: int) -> None:
+        from pipeline.dryrun import segments
+
+        assert segments(text, domestic_cn=domestic) == want
