@@ -338,7 +338,8 @@ class TestDryRun:
         data[3]["id"] = "k3"  # row 4 repeats row 3's key
         c = make_campaign(tmp_path, data)
         c = dataclasses.replace(
-            c, message=dataclasses.replace(c.message, template_text="Hi ${n}, welcome", price_per_segment=0.05)
+            c,
+            message=dataclasses.replace(c.message, template_text="Hi ${n}, welcome", price_per_segment=0.05),
         )
         report = anyio.run(dry_run, c)
         assert report.rows == 10 and report.rejected == 2 and report.sendable == 8
