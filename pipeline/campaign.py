@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -20,6 +21,7 @@ import orjson
 from pipeline.errors import CampaignError
 from pipeline.ledger import Durability
 from pipeline.render import Template, TemplateError
+from pipeline.schedule import Window, parse_window
 
 __all__ = (
     "Campaign",
@@ -27,12 +29,17 @@ __all__ = (
     "MessageSpec",
     "ProviderSpec",
     "RunSpec",
+    "ScheduleSpec",
     "SourceSpec",
     "load_campaign",
     "parse_campaign",
 )
 
-SOURCE_KINDS = ("csv", "jsonl")
+SOURCE_KINDS = ("csv", "jsonl", "sqlite", "postgres")
+DB_KINDS = ("sqlite", "postgres")
+_DB_ONLY = ("table", "query", "dsn_env", "shard", "key_from", "key_to")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_SHARD = re.compile(r"\s*(\d+)\s*/\s*(\d+)\s*\Z")
 PROVIDER_KINDS = ("aliyun", "simulator")
 MAX_BATCH = {"aliyun": 100, "simulator": 100}
 
@@ -40,11 +47,20 @@ MAX_BATCH = {"aliyun": 100, "simulator": 100}
 @dataclass(frozen=True)
 class SourceSpec:
     kind: str
-    path: str
     phone: str
+    path: str = ""  # csv, jsonl, sqlite
     key: str | None = None
     delimiter: str = ","
     default_country: str = "86"
+    # sqlite and postgres (see pipeline/dbsource.py)
+    table: str | None = None
+    query: str | None = None
+    dsn_env: str | None = None  # the name of the environment variable holding the DSN
+    snapshot: bool = False
+    row_number: str = "rank"  # rank | key
+    shard: str | None = None  # "i/n"
+    key_from: int | float | str | None = None  # inclusive
+    key_to: int | float | str | None = None  # exclusive
 
 
 @dataclass(frozen=True)
@@ -91,12 +107,30 @@ class RunSpec:
 
 
 @dataclass(frozen=True)
+class ScheduleSpec:
+    window: str | None = None  # "08:00-21:00" local time; None: any time
+    timezone: str = "UTC"
+    days: list[str] | None = None  # ["mon", "tue", ...]; None: every day
+    daily_cap: int | None = None  # recipients per day for the provider account
+
+    def gate_window(self) -> Window | None:
+        """The parsed window (raises ValueError naming the problem)."""
+        if self.window is None:
+            if self.days is not None:
+                raise ValueError("days need a window")
+            parse_window("00:00-23:59", self.timezone)  # still check the zone
+            return None
+        return parse_window(self.window, self.timezone, self.days)
+
+
+@dataclass(frozen=True)
 class Campaign:
     source: SourceSpec
     provider: ProviderSpec
     message: MessageSpec
     limits: LimitsSpec = field(default_factory=LimitsSpec)
     run: RunSpec = field(default_factory=RunSpec)
+    schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -119,9 +153,10 @@ _SECTIONS: dict[str, type] = {
     "message": MessageSpec,
     "limits": LimitsSpec,
     "run": RunSpec,
+    "schedule": ScheduleSpec,
 }
 _REQUIRED = {
-    "source": ("kind", "path", "phone"),
+    "source": ("kind", "phone"),
     "provider": ("kind",),
     "message": ("template_code", "sign_name"),
 }
@@ -139,6 +174,14 @@ def _typed(section: str, name: str, value: object, default: object) -> object:
             if not isinstance(v, str):
                 raise CampaignError(f"{where}.{k}", f"must be a string, not {type(v).__name__}")
         return dict(value)
+    if name == "days":
+        if not isinstance(value, list) or not all(isinstance(d, str) for d in value):
+            raise CampaignError(where, 'must be a list of day names, e.g. ["mon", "tue"]')
+        return list(value)
+    if name == "daily_cap":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise CampaignError(where, f"must be a positive whole number, not {value!r}")
+        return value
     if isinstance(default, bool) or name == "verify_tls":
         if not isinstance(value, bool):
             raise CampaignError(where, f"must be true or false, not {value!r}")
@@ -183,7 +226,9 @@ def parse_campaign(data: Mapping[str, Any], base_dir: Path) -> Campaign:
 
     if src["kind"] not in SOURCE_KINDS:
         raise CampaignError("source.kind", f"must be one of {', '.join(SOURCE_KINDS)}")
-    src["path"] = str((base_dir / src["path"]).resolve())
+    _check_source(src)
+    if src.get("path"):
+        src["path"] = str((base_dir / src["path"]).resolve())
     if len(src.get("delimiter", ",")) != 1:
         raise CampaignError("source.delimiter", "must be one character")
     if not src.get("default_country", "86").isdigit():
@@ -225,12 +270,27 @@ def parse_campaign(data: Mapping[str, Any], base_dir: Path) -> Campaign:
     if run.get("dir") is not None:
         run["dir"] = str((base_dir / run["dir"]).resolve())
 
+    sched: dict[str, Any] = sections["schedule"]  # type: ignore[assignment]
+    schedule = ScheduleSpec(**sched)
+    try:
+        schedule.gate_window()
+    except ValueError as exc:
+        field_name = (
+            "schedule.timezone"
+            if "time zone" in str(exc)
+            else ("schedule.days" if "days" in str(exc) else "schedule.window")
+        )
+        raise CampaignError(field_name, str(exc)) from None
+    if schedule.daily_cap is not None and schedule.daily_cap < limits.batch_size:
+        raise CampaignError("schedule.daily_cap", "must be at least limits.batch_size")
+
     campaign = Campaign(
         source=SourceSpec(**src),
         provider=ProviderSpec(**prov),
         message=MessageSpec(**sections["message"]),  # type: ignore[arg-type]
         limits=limits,
         run=RunSpec(**run),
+        schedule=schedule,
     )
     try:
         campaign.templates()
@@ -243,6 +303,58 @@ def parse_campaign(data: Mapping[str, Any], base_dir: Path) -> Campaign:
     if not campaign.message.template_code.strip():
         raise CampaignError("message.template_code", "must not be empty")
     return campaign
+
+
+def _check_source(src: dict[str, Any]) -> None:
+    """Kind-specific [source] keys; database sources are described in pipeline/dbsource.py."""
+    kind = src["kind"]
+    if kind == "postgres":
+        if src.get("path"):
+            raise CampaignError("source.path", "is not used by a postgres source (see source.dsn_env)")
+    elif not src.get("path"):
+        raise CampaignError("source.path", "is required")
+    if kind not in DB_KINDS:
+        for name in _DB_ONLY:
+            if src.get(name) is not None:
+                raise CampaignError(f"source.{name}", "is only for sqlite and postgres sources")
+        if src.get("snapshot", False) or src.get("row_number", "rank") != "rank":
+            name = "snapshot" if src.get("snapshot", False) else "row_number"
+            raise CampaignError(f"source.{name}", "is only for sqlite and postgres sources")
+        return
+    if (src.get("table") is None) == (src.get("query") is None):
+        raise CampaignError("source.table", f"a {kind} source needs a table or a query (one of them)")
+    if src.get("table") is not None and not src["table"].strip():
+        raise CampaignError("source.table", "must not be empty")
+    if src.get("query") is not None:
+        src["query"] = src["query"].strip().rstrip(";").strip()
+        if not src["query"]:
+            raise CampaignError("source.query", "must not be empty")
+    if not src.get("key"):
+        raise CampaignError(
+            "source.key", f"is required for a {kind} source: a unique column to read, page and resume by"
+        )
+    if kind == "postgres":
+        env = src.get("dsn_env")
+        if env is None:
+            raise CampaignError("source.dsn_env", "is required: the environment variable holding the DSN")
+        if not _ENV_NAME.match(env):
+            raise CampaignError("source.dsn_env", "must name an environment variable (the DSN never goes here)")
+    elif src.get("dsn_env") is not None:
+        raise CampaignError("source.dsn_env", "is only for postgres sources")
+    if src.get("row_number", "rank") not in ("rank", "key"):
+        raise CampaignError("source.row_number", 'must be "rank" or "key"')
+    shard = src.get("shard")
+    if shard is not None:
+        m = _SHARD.match(shard)
+        if m is None or not 1 <= int(m[1]) <= int(m[2]) <= 10_000:
+            raise CampaignError("source.shard", 'must be "i/n" with 1 <= i <= n <= 10000, e.g. "2/4"')
+        src["shard"] = f"{int(m[1])}/{int(m[2])}"
+    lo, hi = src.get("key_from"), src.get("key_to")
+    if lo is not None and hi is not None:
+        if isinstance(lo, str) != isinstance(hi, str):
+            raise CampaignError("source.key_to", "must be of the same type as source.key_from")
+        if not lo < hi:
+            raise CampaignError("source.key_to", "must be above source.key_from (the range is [from, to))")
 
 
 def load_campaign(path: Path) -> Campaign:

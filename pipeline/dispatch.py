@@ -21,6 +21,7 @@ import structlog
 
 from pipeline.ledger import LedgerWriter
 from pipeline.limit import RateGovernor
+from pipeline.schedule import SendGate
 from providers.base import Batch, BatchOutcome, Outcome, Provider, classify_transport_error
 
 __all__ = ("CircuitBreaker", "Dispatcher", "RetryPolicy")
@@ -84,6 +85,7 @@ class Dispatcher:
         on_fatal: Callable[[BatchOutcome], None],
         rng: random.Random | None = None,
         breaker: CircuitBreaker | None = None,
+        gate: SendGate | None = None,
     ) -> None:
         self._provider = provider
         self._transport = transport
@@ -95,6 +97,7 @@ class Dispatcher:
         self._on_fatal = on_fatal
         self._rng = rng or random.Random()
         self._breaker = breaker or CircuitBreaker(threshold=0)
+        self.gate = gate
         self.stopping = False
         self.requests = 0
         self.retries = 0
@@ -128,6 +131,8 @@ class Dispatcher:
         policy = self._policy
         failures = throttles = 0
         result: BatchOutcome | None = None
+        if self.gate is not None:
+            await self.gate.wait(len(batch.messages))  # send window and daily cap
         while True:
             await self._governor.acquire()
             if self.stopping:

@@ -15,15 +15,18 @@ as the dispatchers send and memory stays flat at any number of recipients.
 
 from __future__ import annotations
 
+import datetime as dt
 import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import anyio
 import httpx
+import orjson
 import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
@@ -36,6 +39,7 @@ from pipeline.ledger import Durability, LedgerState, LedgerWriter, Status, repla
 from pipeline.limit import RateGovernor
 from pipeline.render import Rejection, Renderer
 from pipeline.rundir import RunDir
+from pipeline.schedule import SendGate
 from pipeline.source import CsvSource, JsonlSource, Rows, Source
 from pipeline.transport import AiohttpTransport
 from providers.base import Batch, BatchOutcome, Message, Provider
@@ -57,6 +61,7 @@ class Progress:
     throttles: int
     rate_limit: float
     done: bool = False
+    paused: str | None = None
 
     @property
     def settled(self) -> int:
@@ -229,6 +234,32 @@ async def _worker(run: _Run, dispatcher: Dispatcher, recv: MemoryObjectReceiveSt
             await dispatcher.send(batch)
 
 
+def _pause_text(gate: SendGate | None) -> str | None:
+    if gate is None or gate.paused_until is None:
+        return None
+    return f"paused until {gate.paused_until:%Y-%m-%d %H:%M %Z}: {gate.pause_reason}"
+
+
+def _send_gate(campaign: Campaign, ledger: Path) -> SendGate | None:
+    """The send window and daily cap, with what this account sent today per the ledger."""
+    spec = campaign.schedule
+    window = spec.gate_window()
+    if window is None and spec.daily_cap is None:
+        return None
+    tz = ZoneInfo(spec.timezone)
+    sent_today = 0
+    if spec.daily_cap is not None and ledger.exists():
+        today = dt.datetime.now(tz).date()
+        with ledger.open("rb") as f:
+            for line in f:
+                if line.startswith(b'{"i":'):
+                    obj = orjson.loads(line)
+                    t = dt.datetime.fromtimestamp(obj.get("t", 0), tz)
+                    if obj.get("a") == 1 and t.date() == today:
+                        sent_today += len(obj["r"])
+    return SendGate(window=window, daily_cap=spec.daily_cap, cap_tz=tz, sent_today=sent_today)
+
+
 def _settle_interrupted(state: LedgerState, writer: LedgerWriter) -> int:
     """Rows whose intent has no result: the process died mid-flight."""
     status = state.status
@@ -317,6 +348,7 @@ async def run_campaign(
             throttles=governor.throttles,
             rate_limit=governor.current,
             done=done,
+            paused=_pause_text(dispatcher.gate),
         )
 
     def on_fatal(result: BatchOutcome) -> None:
@@ -349,6 +381,7 @@ async def run_campaign(
                 on_fatal=on_fatal,
                 rng=rng,
                 breaker=CircuitBreaker(limits.breaker_window, limits.breaker_threshold),
+                gate=_send_gate(campaign, run_dir.ledger),
             )
             run.dispatcher = dispatcher
             rows_send, rows_recv = anyio.create_memory_object_stream[Rows](2)

@@ -98,8 +98,13 @@ class ProgressReporter:
             format_duration(p.elapsed),
             "done" if p.done else format_duration(remaining),
         )
+        notes = []
+        if p.paused:
+            notes.append(p.paused)
         if p.throttles:
-            table.caption = f"throttled {p.throttles}×, rate now {p.rate_limit:,.0f} req/s"
+            notes.append(f"throttled {p.throttles}×, rate now {p.rate_limit:,.0f} req/s")
+        if notes:
+            table.caption = "; ".join(notes)
         return table
 
     def __call__(self, p: Progress) -> None:
@@ -120,5 +125,6 @@ class ProgressReporter:
                 avg_rate=round(average, 1),
                 requests=p.requests,
                 throttles=p.throttles,
+                paused=p.paused,
                 done=p.done,
             )

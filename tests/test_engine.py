@@ -347,3 +347,42 @@ class TestDryRun:
         assert report.segments == 9 and report.by_segments == {1: 7, 2: 1}
         assert abs(report.estimated_cost - 0.45) < 1e-9
         assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.anyio
+class TestScheduleInTheEngine:
+    async def test_outside_the_window_nothing_is_sent_and_progress_says_why(self, tmp_path: Path) -> None:
+        import dataclasses
+        import datetime as dt
+
+        import anyio
+
+        from pipeline.campaign import RunSpec, ScheduleSpec
+
+        now = dt.datetime.now(dt.UTC)
+        start = (now + dt.timedelta(hours=2)).strftime("%H:00")
+        end = (now + dt.timedelta(hours=3)).strftime("%H:00")
+        c = make_campaign(tmp_path, rows(20))
+        c = dataclasses.replace(
+            c,
+            schedule=ScheduleSpec(window=f"{start}-{end}", timezone="UTC"),
+            run=RunSpec(stop_deadline_s=0.05),
+        )
+        stop = anyio.Event()
+        paused: list[str] = []
+
+        def progress(p: object) -> None:
+            text = getattr(p, "paused", None)
+            if text:
+                paused.append(text)
+                stop.set()
+
+        calls: list[int] = []
+
+        def handler(request: httpx.Request) -> httpx.Response:
+            calls.append(1)
+            return ok(request)
+
+        result = await run(c, tmp_path, handler, stop=stop, on_progress=progress, progress_interval=0.01)
+        assert calls == [] and result.counts["sent"] == 0 and result.stopped
+        assert "outside the send window" in paused[0] and f"{start}" in paused[0]

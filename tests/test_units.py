@@ -231,6 +231,12 @@ class TestCampaign:
             ({"message": {"sign_name": "{a[0]}"}}, "message.sign_name"),
             ({"run": {"durability": "sometimes"}}, "run.durability"),
             ({"extra": {}}, "extra"),
+            ({"schedule": {"window": "8am-9pm"}}, "schedule.window"),
+            ({"schedule": {"window": "08:00-21:00", "timezone": "Mars/Base"}}, "schedule.timezone"),
+            ({"schedule": {"days": ["mon"]}}, "schedule.days"),
+            ({"schedule": {"window": "08:00-21:00", "days": ["someday"]}}, "schedule.days"),
+            ({"schedule": {"daily_cap": 10}}, "schedule.daily_cap"),
+            ({"schedule": {"daily_cap": "many"}}, "schedule.daily_cap"),
         ],
     )
     def test_bad_fields_are_named(
