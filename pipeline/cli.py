@@ -304,6 +304,14 @@ def cmd_reconcile(args: argparse.Namespace, console: Console) -> int:
     return EXIT_OK if not result.still_unknown else EXIT_UNSETTLED
 
 
+def cmd_report(args: argparse.Namespace, console: Console) -> int:
+    from pipeline.report import build_report
+
+    path = build_report(Path(args.run_dir), Path(args.output) if args.output else None)
+    console.print(f"report: {path} (charts and report.json beside it)")
+    return EXIT_OK
+
+
 def cmd_export(args: argparse.Namespace, console: Console) -> int:
     if args.output == "-":
         n = export_rows(Path(args.run_dir), args.format, sys.stdout.buffer)
@@ -446,6 +454,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds after which a send the provider has no record of counts as not sent",
     )
     rc.set_defaults(func=cmd_reconcile)
+
+    rp = sub.add_parser("report", help="an HTML page and PNG charts of a run")
+    rp.add_argument("run_dir")
+    rp.add_argument("--output", "-o", help="directory (default: RUN_DIR/report)")
+    rp.set_defaults(func=cmd_report)
 
     ex = sub.add_parser("export", help="the final outcome of every recipient, as CSV or JSONL")
     ex.add_argument("run_dir")

@@ -386,3 +386,35 @@ class TestScheduleInTheEngine:
         result = await run(c, tmp_path, handler, stop=stop, on_progress=progress, progress_interval=0.01)
         assert calls == [] and result.counts["sent"] == 0 and result.stopped
         assert "outside the send window" in paused[0] and f"{start}" in paused[0]
+
+
+@pytest.mark.anyio
+class TestReport:
+    async def test_files_and_series(self, tmp_path: Path) -> None:
+        from pipeline.report import build_report
+
+        c = make_campaign(tmp_path, rows(60), max_attempts=3)
+        state = {"n": 0}
+
+        def handler(request: httpx.Request) -> httpx.Response:
+            state["n"] += 1
+            if state["n"] == 1:
+                return httpx.Response(200, json={"outcome": "throttled", "code": "Throttling.User"})
+            if orjson.loads(request.content)["out_id"].startswith("t-3-"):
+                return httpx.Response(200, json={"outcome": "failed", "code": "isv.MOBILE_NUMBER_ILLEGAL"})
+            return ok(request)
+
+        await run(c, tmp_path, handler)
+        html = build_report(tmp_path / "run")
+        out = html.parent
+        for name in ("report.html", "sends_per_second.png", "outcomes.png", "latency.png", "retries.png"):
+            data = (out / name).read_bytes()
+            assert data[:8] == b"\x89PNG\r\n\x1a\n" if name.endswith(".png") else b"<!doctype html>" in data
+        report = orjson.loads((out / "report.json").read_bytes())
+        series = report["series"]
+        assert sum(series["settled_per_second"]["sent"]) == 50
+        assert sum(series["settled_per_second"]["failed"]) == 10
+        assert sum(series["throttles_per_second"]) == 1 == sum(series["retries_per_second"])
+        assert len(series["latency_ms"]["p50"]) >= 1
+        assert report["summary"]["codes"] == {"failed:isv.MOBILE_NUMBER_ILLEGAL": 10}
+        assert b"data:image/png;base64," in html.read_bytes()

@@ -1,0 +1,455 @@
+"""NXCloud (牛信) batch SMS ``POST /v1/sms/multi/mt``: signing, requests, defensive outcomes.
+
+Sans-I/O. Facts are from PROTOCOLS.md §3. One request carries up to 200 items, each with
+its own phone (country code + number, no ``+``) and text, so any messages share a request.
+
+Signature: ``sign`` = lower-case hex md5 (or sha256, announced by the header
+``algorithm: sha256``) of ``accessKey=…&action=…&bizType=…&ts=…&body=<JSON as sent>
+&accessSecret=…``. The body is serialised once, and those same bytes are signed and sent:
+key order or whitespace changes the signature. ``ts`` is milliseconds, ±60 s.
+
+Each item carries ``sysMessageId`` = :func:`message_id` (run tag + ``-`` + 32 hex of
+sha256(key)): deterministic per recipient, the same on every attempt and resume, and the
+handle for DRs and record queries. It is recomputable from the ledger's key, so a batch
+that succeeds as a whole is recorded without per-recipient ids.
+
+Verified vs inferred
+--------------------
+Verified (docs read in full): the URL, headers, signing rule (official vectors D1-D3),
+body and item fields, the 200-item cap, ``sysMessageId`` syntax, the common auth codes
+1001-1005, the mtsend_v2 codes (0-104) and the legacy record query (``/api/sms/get``:
+``{"code":"0","row":{…}}``, codes 1-3).
+
+Inferred (the batch API's response section could not be read):
+
+* a top-level ``code`` (int or str, ``0`` = accepted) with ``message``/``msg``/``result``;
+* per-item results, when present, as a list at one of :data:`ITEM_PATHS` (``data``,
+  ``data.items``, ``data.list``), matched to our items by one of :data:`ID_FIELDS`
+  (equal to our ``sysMessageId``, possibly with a ``-<suffix>`` as legacy DR ids have),
+  else by position when there are exactly as many entries as items; a per-item ``code``
+  (else the top-level one applies); a bare string entry is taken as a message id;
+* that the batch API reuses the mtsend_v2 codes and 13008 (TPS) from the brief.
+
+Both lists are constructor arguments. Without per-item results the top-level code
+applies to every recipient.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import hmac
+import math
+import os
+import re
+import time
+import urllib.parse
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import httpx
+import orjson
+
+from providers.aliyun import CredentialsError
+from providers.base import Batch, BatchOutcome, Clock, Message, Outcome, RecipientOutcome
+from providers.submail import match_entries, summarize, whole_request
+
+__all__ = (
+    "CODE_CLASSES",
+    "DEFAULT_ENDPOINT",
+    "DEFAULT_RECORD_URL",
+    "ID_FIELDS",
+    "ITEM_PATHS",
+    "MAX_BATCH",
+    "CredentialsError",
+    "NxcloudCredentials",
+    "NxcloudSms",
+    "RecordResult",
+    "classify",
+    "message_id",
+    "nx_sign",
+    "nx_string_to_sign",
+    "parse_record",
+    "verify",
+)
+
+DEFAULT_ENDPOINT = "https://api2.nxcloud.com/v1/sms/multi/mt"
+# Documented as http://; the same host serves the /api/ paths over TLS (mtsend_v2), and
+# this request carries the app secret in the form, so TLS is the default.
+DEFAULT_RECORD_URL = "https://api2.nxcloud.com/api/sms/get"
+MAX_BATCH = 200
+BIZ_TYPE = "3"  # SMS
+ACTION = "mtsend"
+
+ITEM_PATHS: tuple[tuple[str, ...], ...] = (("data",), ("data", "items"), ("data", "list"))
+"""Where per-item results may sit in a response (INFERRED)."""
+ID_FIELDS: tuple[str, ...] = ("sysMessageId", "messageId", "messageid", "msgId", "msgid")
+"""Fields of a per-item result that may hold its message id (INFERRED)."""
+
+
+# -- credentials --------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class NxcloudCredentials:
+    """``app_secret`` (the SMS app's secret key) is only needed for the legacy record query."""
+
+    access_key: str
+    access_secret: str = field(repr=False)
+    app_key: str
+    app_secret: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> NxcloudCredentials:
+        """Read ``NXCLOUD_ACCESS_KEY``, ``NXCLOUD_ACCESS_SECRET``, ``NXCLOUD_APP_KEY``
+        and, optionally, ``NXCLOUD_APP_SECRET``."""
+        names = ("NXCLOUD_ACCESS_KEY", "NXCLOUD_ACCESS_SECRET", "NXCLOUD_APP_KEY")
+        values = [environ.get(name, "").strip() for name in names]
+        missing = [name for name, value in zip(names, values, strict=True) if not value]
+        if missing:
+            raise CredentialsError(f"environment variable {' and '.join(missing)} is not set or empty")
+        return cls(values[0], values[1], values[2], environ.get("NXCLOUD_APP_SECRET", "").strip() or None)
+
+
+# -- signing --------------------------------------------------------------------------------
+Algorithm = Literal["md5", "sha256"]
+
+
+def nx_string_to_sign(
+    access_key: str, action: str, biz_type: str, ts: str, body: bytes | str | None, access_secret: str
+) -> bytes:
+    """``accessKey=…&action=…&bizType=…&ts=…[&body=…]&accessSecret=…`` as UTF-8.
+
+    ``&body=`` is left out for an empty body (and for form APIs: pass ``None``).
+    """
+    raw = body.encode() if isinstance(body, str) else body
+    head = f"accessKey={access_key}&action={action}&bizType={biz_type}&ts={ts}".encode()
+    middle = b"&body=" + raw if raw else b""
+    return head + middle + b"&accessSecret=" + access_secret.encode()
+
+
+def nx_sign(
+    access_key: str,
+    action: str,
+    biz_type: str,
+    ts: str,
+    body: bytes | str | None,
+    access_secret: str,
+    algorithm: Algorithm = "md5",
+) -> str:
+    """Lower-case hex md5 (default) or sha256 of :func:`nx_string_to_sign`."""
+    data = nx_string_to_sign(access_key, action, biz_type, ts, body, access_secret)
+    return hashlib.md5(data).hexdigest() if algorithm == "md5" else hashlib.sha256(data).hexdigest()
+
+
+def verify(headers: Mapping[str, str], body: bytes, access_secret: str) -> bool:
+    """Check a received request; ``headers`` keyed by lower-case name."""
+    try:
+        algorithm = headers.get("algorithm", "md5").lower()
+        if algorithm not in ("md5", "sha256"):
+            return False
+        expected = nx_sign(
+            headers["accesskey"],
+            headers["action"],
+            headers["biztype"],
+            headers["ts"],
+            body,
+            access_secret,
+            "md5" if algorithm == "md5" else "sha256",
+        )
+    except KeyError:
+        return False
+    given = headers.get("sign", "")
+    return given.isascii() and hmac.compare_digest(expected.encode(), given.encode())
+
+
+_TAG_DROP = re.compile(r"[^0-9A-Za-z-]")
+
+
+def message_id(run_tag: str, key: str) -> str:
+    """``sysMessageId`` for a recipient: ``<run tag>-<32 hex of sha256(key)>``.
+
+    The tag keeps ``[0-9A-Za-z-]`` and at most 16 characters (an empty tag gives the bare
+    digest), so the id is 32-49 characters of ``[0-9a-zA-Z-]`` as NXCloud requires.
+    """
+    digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    tag = _TAG_DROP.sub("", run_tag)[:16]
+    return f"{tag}-{digest}" if tag else digest
+
+
+# -- outcome classes (PROTOCOLS.md §3.5) ------------------------------------------------------
+_CLASSES: dict[Outcome, tuple[str, ...]] = {
+    Outcome.SENT: ("0",),
+    # Reported per item: this number or this text.
+    Outcome.FAILED: ("6", "4"),
+    Outcome.FATAL: (
+        # auth: missing headers, bad signature, bad accessKey, bad appKey, IP, account disabled
+        "1001", "1003", "1005", "1", "9", "102",
+        # balance, parameters, content length, sender, too many numbers for the channel
+        "3", "1002", "2", "9000", "5", "8", "104",
+    ),
+    # Stale ts: refused before processing; a request signed now is safe to send.
+    Outcome.RETRY: ("1004",),
+    Outcome.THROTTLED: ("13008", "28"),
+    # The number's hourly limit: not worth retrying at once.
+    Outcome.DEFER: ("27",),
+    # System error / request failed: whether anything was queued is undocumented.
+    Outcome.UNKNOWN: ("99", "88"),
+}  # fmt: skip
+CODE_CLASSES: Mapping[str, Outcome] = {code: kind for kind, codes in _CLASSES.items() for code in codes}
+
+
+def classify(code: str | None, http_status: int) -> Outcome:
+    """The class of an NXCloud ``code`` (``None``: no usable code).
+
+    Unknown codes: on a 5xx the request may have been processed (UNKNOWN); a 429 is a
+    throttle; anything else is FATAL. The response schema is unverified, so an unknown code
+    most likely means a refusal we have not seen documented (credentials, parameters,
+    account); FATAL stops the run with the code shown and leaves the recipients pending
+    for a resume, where FAILED would drop them for good and SENT would be a guess.
+    """
+    known = CODE_CLASSES.get(code) if code is not None else None
+    if known is not None:
+        return known
+    if http_status >= 500:
+        return Outcome.UNKNOWN
+    if http_status == 429:
+        return Outcome.THROTTLED
+    return Outcome.FATAL
+
+
+def _code(value: object) -> str | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return str(int(value))[:64]
+    if isinstance(value, str) and value.strip():
+        return value.strip()[:64]
+    return None
+
+
+def _text(data: Mapping[str, object]) -> str | None:
+    for name in ("message", "msg", "result"):
+        value = data.get(name)
+        if isinstance(value, str) and value:
+            return value[:500]
+    return None
+
+
+def _loads(content: bytes) -> Any:
+    try:
+        return orjson.loads(content)
+    except orjson.JSONDecodeError:
+        return None
+
+
+def _retry_after(headers: httpx.Headers) -> float | None:
+    raw = headers.get("retry-after")
+    try:
+        seconds = float(raw.strip()) if raw is not None else math.nan
+    except ValueError:
+        return None
+    return min(seconds, 3600.0) if math.isfinite(seconds) and seconds > 0 else None
+
+
+# -- legacy record query ----------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class RecordResult:
+    """``/api/sms/get``: ``code`` "0" with the ``row`` (``msgid``, ``phone``, ``dr`` =
+    ``DELIVRD``…, ``dr_status``, ``dr_time``, ``billing_*``), else an error code
+    (1 params invalid, 2 keys invalid, 3 older than 31 days) or ``HTTP<status>``."""
+
+    code: str
+    row: dict[str, object] | None = None
+    message: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.code == "0" and self.row is not None
+
+
+def parse_record(response: httpx.Response) -> RecordResult:
+    """Read a record-query response; never raises."""
+    data = _loads(response.content)
+    if not isinstance(data, dict):
+        return RecordResult(f"HTTP{response.status_code}", message="unreadable response")
+    code = _code(data.get("code")) or f"HTTP{response.status_code}"
+    row = data.get("row")
+    return RecordResult(code, row if isinstance(row, dict) and code == "0" else None, _text(data))
+
+
+# -- the provider ---------------------------------------------------------------------------
+class NxcloudSms:
+    """``/v1/sms/multi/mt``: up to 200 items, each with its own number and text."""
+
+    name = "nxcloud"
+
+    def __init__(
+        self,
+        *,
+        credentials: NxcloudCredentials,
+        run_tag: str = "",
+        batch_size: int = MAX_BATCH,
+        algorithm: Algorithm = "md5",
+        source_address: str | None = None,
+        endpoint: str = DEFAULT_ENDPOINT,
+        record_url: str = DEFAULT_RECORD_URL,
+        clock: Clock = time.time,
+        item_paths: Sequence[Sequence[str]] = ITEM_PATHS,
+        id_fields: Sequence[str] = ID_FIELDS,
+        id_for: Callable[[str, str], str] | None = None,
+    ) -> None:
+        """``run_tag``: the prefix of every ``sysMessageId`` (the run id: it must stay the
+        same across resumes). ``source_address``: the sender id for every item. ``id_for``
+        replaces :func:`message_id` (``(run_tag, key) -> sysMessageId``)."""
+        if algorithm not in ("md5", "sha256"):
+            raise ValueError(f"algorithm must be md5 or sha256, not {algorithm!r}")
+        if not 1 <= batch_size <= MAX_BATCH:
+            raise ValueError(f"batch_size must be between 1 and {MAX_BATCH}")
+        if source_address is not None and not re.fullmatch(r"[0-9A-Za-z]{1,20}", source_address):
+            raise ValueError("source_address must be 1-20 letters or digits")
+        for url in (endpoint, record_url):
+            parsed = httpx.URL(url)
+            if parsed.scheme not in ("http", "https") or not parsed.host:
+                raise ValueError(f"URLs must be http(s), not {url!r}")
+        self.max_batch_size = batch_size
+        self.run_tag = run_tag
+        self.algorithm: Algorithm = algorithm
+        self._creds = credentials
+        self._source = source_address
+        self._url = endpoint
+        self._record_url = record_url
+        self._clock = clock
+        self._item_paths = tuple(tuple(p) for p in item_paths)
+        self._id_fields = tuple(id_fields)
+        self._id_for = id_for or message_id
+
+    def message_id(self, message: Message) -> str:
+        """The ``sysMessageId`` sent for ``message``."""
+        return self._id_for(self.run_tag, message.key)
+
+    def batch_key(self, message: Message) -> Hashable:
+        return ACTION  # every item carries its own number and text
+
+    def body(self, batch: Batch) -> bytes:
+        """The JSON body for ``batch``, exactly as sent and signed."""
+        items: list[dict[str, str]] = []
+        for m in batch.messages:
+            if m.content is None:
+                raise ValueError("NXCloud needs rendered content (a content template)")
+            item = {"phone": m.phone, "content": m.content, "sysMessageId": self.message_id(m)}
+            if self._source:
+                item["sourceAddress"] = self._source
+            items.append(item)
+        return orjson.dumps({"appKey": self._creds.app_key, "items": items})
+
+    def build_request(self, batch: Batch) -> httpx.Request:
+        body = self.body(batch)
+        creds = self._creds
+        ts = str(round(self._clock() * 1000))
+        headers = {
+            "accessKey": creds.access_key,
+            "ts": ts,
+            "bizType": BIZ_TYPE,
+            "action": ACTION,
+            "sign": nx_sign(
+                creds.access_key, ACTION, BIZ_TYPE, ts, body, creds.access_secret, self.algorithm
+            ),
+            "Content-Type": "application/json",
+            "Accept": "application/json",
+        }
+        if self.algorithm != "md5":
+            headers["algorithm"] = self.algorithm
+        return httpx.Request("POST", self._url, headers=headers, content=body)
+
+    def record_query_request(self, message_id: str, date: datetime.date | str) -> httpx.Request:
+        """Legacy ``POST /api/sms/get`` for one message (form, ``appkey`` + ``secretkey``).
+
+        ``date`` is the send day (``yyyyMMdd``, NXCloud's day; only the last 31 days).
+        Read the answer with :func:`parse_record`.
+        """
+        secret = self._creds.app_secret
+        if not secret:
+            raise CredentialsError("environment variable NXCLOUD_APP_SECRET is not set or empty")
+        day = date.strftime("%Y%m%d") if isinstance(date, datetime.date) else date
+        form = {"appkey": self._creds.app_key, "secretkey": secret, "date": day, "messageid": message_id}
+        body = urllib.parse.urlencode(form).encode()
+        headers = {"content-type": "application/x-www-form-urlencoded", "accept": "application/json"}
+        return httpx.Request("POST", self._record_url, headers=headers, content=body)
+
+    # -- responses --------------------------------------------------------------------------------
+    def _items(self, data: Mapping[str, object]) -> list[object] | None:
+        for path in self._item_paths:
+            node: object = data
+            for name in path:
+                node = node.get(name) if isinstance(node, dict) else None
+            if isinstance(node, list) and node and all(isinstance(e, dict | str) for e in node):
+                return node
+        return None
+
+    def _entry_ids(self, entry: object) -> list[str]:
+        if isinstance(entry, str):
+            return [entry, entry.rpartition("-")[0]]
+        if not isinstance(entry, dict):
+            return []
+        ids: list[str] = []
+        for name in self._id_fields:
+            value = entry.get(name)
+            if isinstance(value, str) and value:
+                ids += [value, value.rpartition("-")[0]]  # also without a "-<suffix>"
+        return ids
+
+    def parse_response(self, batch: Batch, response: httpx.Response) -> BatchOutcome:
+        status = response.status_code
+        data = _loads(response.content)
+        code = _code(data.get("code")) if isinstance(data, dict) else None
+        if not isinstance(data, dict) or code is None:
+            # No usable code. A 2xx or 5xx reached NXCloud and may have been processed.
+            if status == 429:
+                kind = Outcome.THROTTLED
+            else:
+                kind = Outcome.FATAL if status < 200 or 300 <= status < 500 else Outcome.UNKNOWN
+            return BatchOutcome(
+                kind,
+                code=f"HTTP{status}",
+                message=(_text(data) if isinstance(data, dict) else None) or "response without a code",
+                retry_after=_retry_after(response.headers) if kind is Outcome.THROTTLED else None,
+            )
+        message = _text(data)
+        if code == "0" and not 200 <= status < 300:  # contradicts itself: may have been accepted
+            return BatchOutcome(Outcome.UNKNOWN, code=f"HTTP{status}", message=message or code)
+        retry_after = _retry_after(response.headers)
+        items = self._items(data)
+        if items is None:
+            kind = whole_request(classify(code, status), len(batch.messages))
+            inner = data.get("data")
+            single = inner.get("messageId") if isinstance(inner, dict) else None
+            return BatchOutcome(
+                kind,
+                code=code,
+                message=message,
+                provider_id=single if isinstance(single, str) and single else None,
+                retry_after=retry_after if kind is Outcome.THROTTLED else None,
+            )
+        ids = [self.message_id(m) for m in batch.messages]
+        matched = match_entries(items, ids, self._entry_ids)
+        recipients = [self._entry_outcome(e, code, status) for e in matched]
+        result = summarize(recipients, retry_after=retry_after)
+        if result.outcome is Outcome.SENT and all(
+            r.outcome is Outcome.SENT and r.provider_id in (None, i)
+            for r, i in zip(recipients, ids, strict=True)
+        ):
+            # Nothing beyond "all accepted": the ids are ours, recomputable from the keys.
+            return BatchOutcome(Outcome.SENT, code=code, message=message)
+        return result
+
+    def _entry_outcome(self, entry: object, top_code: str, http_status: int) -> RecipientOutcome:
+        if entry is None:
+            return RecipientOutcome(Outcome.UNKNOWN, code="NoResult")
+        ids = self._entry_ids(entry)
+        provider_id = ids[0] if ids else None
+        code = _code(entry.get("code")) if isinstance(entry, dict) else None
+        code = code or top_code  # an item without its own code takes the request's
+        kind = classify(code, http_status)
+        return RecipientOutcome(kind, code=None if kind is Outcome.SENT else code, provider_id=provider_id)
