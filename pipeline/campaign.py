@@ -338,7 +338,9 @@ def _check_source(src: dict[str, Any]) -> None:
         if env is None:
             raise CampaignError("source.dsn_env", "is required: the environment variable holding the DSN")
         if not _ENV_NAME.match(env):
-            raise CampaignError("source.dsn_env", "must name an environment variable (the DSN never goes here)")
+            raise CampaignError(
+                "source.dsn_env", "must name an environment variable (the DSN never goes here)"
+            )
     elif src.get("dsn_env") is not None:
         raise CampaignError("source.dsn_env", "is only for postgres sources")
     if src.get("row_number", "rank") not in ("rank", "key"):
