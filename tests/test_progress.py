@@ -38,7 +38,7 @@ class TestTerminal:
         ):
             assert expected in text, expected
         assert "throttled 1×" in text
-        current, average = reporter.rates(snapshot(3000, 2.0))
+        _, average = reporter.rates(snapshot(3000, 2.0))
         assert average == 1502.0  # (3000 sent + 3 failed + 1 unknown) / 2 s
 
     def test_live_display_ends_with_the_final_state(self) -> None:
