@@ -88,6 +88,7 @@ class MessageSpec:
 @dataclass(frozen=True)
 class LimitsSpec:
     requests_per_second: float = 100.0
+    recipients_per_second: float | None = None  # optional second limit, per provider account
     concurrency: int = 16
     batch_size: int = 100
     max_attempts: int = 5
@@ -162,7 +163,7 @@ _REQUIRED = {
 }
 
 
-_FLOATS = ("requests_per_second", "breaker_threshold", "price_per_segment")
+_FLOATS = ("requests_per_second", "recipients_per_second", "breaker_threshold", "price_per_segment")
 
 
 def _typed(section: str, name: str, value: object, default: object) -> object:
@@ -250,6 +251,8 @@ def parse_campaign(data: Mapping[str, Any], base_dir: Path) -> Campaign:
         raise CampaignError("limits.batch_size", f"must be between 1 and {cap} for {prov['kind']}")
     if not 0 < limits.requests_per_second <= 100_000:
         raise CampaignError("limits.requests_per_second", "must be above 0 and at most 100000")
+    if limits.recipients_per_second is not None and limits.recipients_per_second < limits.batch_size:
+        raise CampaignError("limits.recipients_per_second", "must be at least limits.batch_size")
     if not 1 <= limits.concurrency <= 1024:
         raise CampaignError("limits.concurrency", "must be between 1 and 1024")
     if not 1 <= limits.max_attempts <= 100:

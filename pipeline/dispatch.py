@@ -134,7 +134,7 @@ class Dispatcher:
         if self.gate is not None:
             await self.gate.wait(len(batch.messages))  # send window and daily cap
         while True:
-            await self._governor.acquire()
+            await self._governor.acquire(len(batch.messages))
             if self.stopping:
                 return  # never sent: the rows stay pending
             batch.attempt = failures + throttles + 1
