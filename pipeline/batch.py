@@ -25,6 +25,7 @@ class Batcher:
         self._key = key
         self._open: dict[Hashable, list[Message]] = {}
         self._next_id = first_id
+        self.pending = 0  # messages waiting in partial batches
 
     def _seal(self, messages: list[Message]) -> Batch:
         batch = Batch(self._next_id, messages)
@@ -33,6 +34,7 @@ class Batcher:
 
     def add(self, messages: list[Message]) -> list[Batch]:
         """Add messages; return the batches that filled up."""
+        self.pending += len(messages)
         full: list[Batch] = []
         key_of = self._key
         size = self.size
@@ -45,14 +47,12 @@ class Batcher:
             if len(group) >= size:
                 full.append(self._seal(group))
                 del self._open[k]
+        self.pending -= sum(len(b.messages) for b in full)
         return full
 
     def drain(self) -> list[Batch]:
         """Every partial batch, now (on linger or at the end of the source)."""
         out = [self._seal(group) for group in self._open.values()]
         self._open.clear()
+        self.pending = 0
         return out
-
-    @property
-    def pending(self) -> int:
-        return sum(len(g) for g in self._open.values())
