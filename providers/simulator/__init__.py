@@ -1,5 +1,10 @@
 """A local gateway speaking the providers' protocols, for demos, tests and benchmarks.
 
+One port serves every provider, routed by path: Aliyun dysmsapi at ``/``,
+SUBMAIL at ``/sms/{batchsend,multisend,multixsend,log}`` and
+``/service/timestamp`` (each also with ``.json``), NXCloud at
+``/v1/sms/multi/mt`` and ``/api/sms/get``.
+
 It binds to loopback unless told otherwise, verifies signatures, enforces the
 provider's limits with its own error responses, adds latency, injects faults,
 and appends every recipient it accepted to a receipts file, so a test can
@@ -29,7 +34,9 @@ import orjson
 from providers.simulator.aliyun import AliyunGateway
 from providers.simulator.config import DEFAULT_FAULT_MIX, SimulatorConfig, default_credentials
 from providers.simulator.core import FAULT_KINDS, ReceiptLog, Stats
-from providers.simulator.server import Connection, JsonEndpoint, Router, start_server
+from providers.simulator.nxcloud import NxcloudGateway
+from providers.simulator.server import App, Connection, JsonEndpoint, Router, start_server
+from providers.simulator.submail import SubmailGateway
 
 __all__ = (
     "DEFAULT_FAULT_MIX",
@@ -93,9 +100,14 @@ async def serve(config: SimulatorConfig | None = None) -> AsyncIterator[Simulato
     stats = Stats()
     receipts = ReceiptLog(config.receipts, index=config.index_receipts)
     try:
-        gateway = AliyunGateway(config, stats, receipts)
         holder: list[Simulator] = []
-        router = Router({"/": gateway, "/__stats": JsonEndpoint(lambda: orjson.dumps(holder[0].stats()))})
+        routes: dict[str, App] = {
+            "/": AliyunGateway(config, stats, receipts),
+            "/__stats": JsonEndpoint(lambda: orjson.dumps(holder[0].stats())),
+            **SubmailGateway(config, stats, receipts).routes(),
+            **NxcloudGateway(config, stats, receipts).routes(),
+        }
+        router = Router(routes)
         server, live = await start_server(router, config.host, config.port)
         try:
             port = server.sockets[0].getsockname()[1]

@@ -16,7 +16,17 @@ from typing import Any
 from providers.aliyun import TEST_CREDENTIALS, AliyunCredentials
 from providers.simulator.core import FAULT_KINDS, FaultPlan
 
-__all__ = ("DEFAULT_FAULT_MIX", "SimulatorConfig", "default_credentials")
+__all__ = (
+    "DEFAULT_FAULT_MIX",
+    "NXCLOUD_TEST_ACCOUNT",
+    "SUBMAIL_TEST_APP",
+    "NxcloudAccount",
+    "SimulatorConfig",
+    "SubmailApp",
+    "default_credentials",
+    "default_nxcloud_accounts",
+    "default_submail_apps",
+)
 
 DEFAULT_FAULT_MIX: Mapping[str, float] = MappingProxyType(dict.fromkeys(FAULT_KINDS, 1.0))
 """Every fault kind, equally likely."""
@@ -27,6 +37,47 @@ def default_credentials(environ: Mapping[str, str] = os.environ) -> AliyunCreden
     if environ.get("ALIYUN_ACCESS_KEY_ID") and environ.get("ALIYUN_ACCESS_KEY_SECRET"):
         return AliyunCredentials.from_env(environ)
     return TEST_CREDENTIALS
+
+
+@dataclass(frozen=True, slots=True)
+class SubmailApp:
+    """A SUBMAIL app: ``appid`` and its ``appkey``."""
+
+    appid: str
+    appkey: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class NxcloudAccount:
+    """An NXCloud account: the signing pair, its SMS app key, and the app secret of the record query."""
+
+    access_key: str
+    access_secret: str = field(repr=False)
+    app_key: str
+    app_secret: str = field(repr=False)
+
+
+SUBMAIL_TEST_APP = SubmailApp("10001", "abcdef0123456789abcdef0123456789")
+"""The inputs of PROTOCOLS.md's SUBMAIL vectors C1-C4."""
+NXCLOUD_TEST_ACCOUNT = NxcloudAccount("fme2na3kdi3ki", "abciiiko2k3", "yourAppKey", "yourAppSecret")
+"""The key and secret of PROTOCOLS.md's NXCloud vectors D1-D5 (the app secret is made up)."""
+
+
+def default_submail_apps(environ: Mapping[str, str] = os.environ) -> tuple[SubmailApp, ...]:
+    """``SUBMAIL_APPID``/``SUBMAIL_APPKEY`` when both are set, else the test app."""
+    appid, appkey = environ.get("SUBMAIL_APPID", "").strip(), environ.get("SUBMAIL_APPKEY", "").strip()
+    return (SubmailApp(appid, appkey),) if appid and appkey else (SUBMAIL_TEST_APP,)
+
+
+def default_nxcloud_accounts(environ: Mapping[str, str] = os.environ) -> tuple[NxcloudAccount, ...]:
+    """``NXCLOUD_ACCESS_KEY``/``_ACCESS_SECRET``/``_APP_KEY`` (and optional ``_APP_SECRET``) when
+    the first three are set, else the test account."""
+    names = ("NXCLOUD_ACCESS_KEY", "NXCLOUD_ACCESS_SECRET", "NXCLOUD_APP_KEY")
+    key, secret, app = (environ.get(name, "").strip() for name in names)
+    if not (key and secret and app):
+        return (NXCLOUD_TEST_ACCOUNT,)
+    app_secret = environ.get("NXCLOUD_APP_SECRET", "").strip() or NXCLOUD_TEST_ACCOUNT.app_secret
+    return (NxcloudAccount(key, secret, app, app_secret),)
 
 
 def _is_loopback(host: str) -> bool:
@@ -45,7 +96,10 @@ class SimulatorConfig:
     Times are in milliseconds; rates are fractions of requests. ``fault_rate``
     is spread over ``fault_mix`` (relative weights), and ``fault_rates`` adds
     absolute per-kind rates. ``clock`` (wall, for timestamps and receipts) and
-    ``monotonic`` (rate windows, nonce expiry) are injectable for tests.
+    ``monotonic`` (rate windows, nonce expiry, the ``sms/log`` cache) are
+    injectable for tests. ``verify``, ``check_time``, ``index_receipts``, the
+    latency and the fault plan apply to every provider; the ``submail_*`` and
+    ``nxcloud_*`` settings to one.
 
     Raises:
         ValueError: a negative delay or limit, an unknown fault kind, fault
@@ -74,10 +128,22 @@ class SimulatorConfig:
     seed: int | None = None
     clock: Callable[[], float] = time.time
     monotonic: Callable[[], float] = time.monotonic
+    # SUBMAIL (PROTOCOLS.md §2)
+    submail_credentials: tuple[SubmailApp, ...] = ()  # empty: default_submail_apps()
+    submail_timestamp_window_s: float = 6.0  # error 152 beyond it
+    submail_log_interval_s: float = 60.0  # sms/log answers its cached result within it; 0: never
+    submail_hot_numbers: frozenset[str] = frozenset()  # these get error 115 (per-number frequency)
+    submail_qps: int = 0  # per appid; SUBMAIL documents no API limit, so the answer is an HTTP 429
+    submail_business_error_code: str = "252"
+    # NXCloud (PROTOCOLS.md §3)
+    nxcloud_credentials: tuple[NxcloudAccount, ...] = ()  # empty: default_nxcloud_accounts()
+    nxcloud_tps: int | None = None  # per accessKey, code 13008 beyond it; None: same as qps
+    nxcloud_business_error_code: int = 6
 
     def __post_init__(self) -> None:
-        if min(self.latency_ms, self.jitter_ms, self.slow_ms, self.qps, self.port) < 0:
-            raise ValueError("latency, jitter, slow delay, qps and port must not be negative")
+        if min(self.latency_ms, self.jitter_ms, self.slow_ms, self.qps, self.port, self.submail_qps,
+               self.submail_timestamp_window_s, self.submail_log_interval_s, self.nxcloud_tps or 0) < 0:
+            raise ValueError("delays, windows, rate limits and port must not be negative")
         if not 0 <= self.fault_rate <= 1:
             raise ValueError("fault_rate must be between 0 and 1")
         FaultPlan(self.fault_rate, self.fault_mix, self.fault_rates, random.Random(0))  # validates
@@ -92,3 +158,9 @@ class SimulatorConfig:
 
     def resolved_credentials(self) -> tuple[AliyunCredentials, ...]:
         return self.credentials or (default_credentials(),)
+
+    def resolved_submail(self) -> tuple[SubmailApp, ...]:
+        return self.submail_credentials or default_submail_apps()
+
+    def resolved_nxcloud(self) -> tuple[NxcloudAccount, ...]:
+        return self.nxcloud_credentials or default_nxcloud_accounts()

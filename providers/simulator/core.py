@@ -5,8 +5,12 @@ from __future__ import annotations
 import bisect
 import os
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from providers.simulator.server import Connection
 
 __all__ = (
     "FAULT_KINDS",
@@ -15,6 +19,7 @@ __all__ = (
     "FixedWindowLimiter",
     "IdSource",
     "NonceCache",
+    "Pacer",
     "ReceiptLog",
     "Sent",
     "Stats",
@@ -208,6 +213,8 @@ class IdSource:
         self._prefix = f"{prefix[:8]}-{prefix[8:12]}-4{prefix[13:16]}-A"
         self._n = rng.getrandbits(32)
         self._biz = 900_000_000_000_000_000 + rng.randrange(10**16)
+        self._hex_prefix = f"{rng.getrandbits(64):016x}"  # drawn last: the ids above keep their seeds
+        self._hex = rng.getrandbits(48)
 
     def request_id(self) -> str:
         self._n += 1
@@ -216,6 +223,47 @@ class IdSource:
     def biz_id(self) -> str:
         self._biz += 1
         return f"{self._biz}^0"
+
+    def hex_id(self) -> str:
+        """32 lower-case hex digits (SUBMAIL send_id and batchlist, NXCloud messageId)."""
+        self._hex += 1
+        return f"{self._hex_prefix}{self._hex & 0xFFFF_FFFF_FFFF_FFFF:016x}"
+
+
+class Pacer:
+    """When and how a gateway answers: latency plus jitter, and the faults drawn for processed requests."""
+
+    def __init__(self, latency_ms: float, jitter_ms: float, slow_ms: float, rng: random.Random) -> None:
+        self._latency = latency_ms / 1000
+        self._jitter = jitter_ms / 1000
+        self._slow = slow_ms / 1000
+        self._rng = rng
+
+    def delay(self) -> float:
+        if self._jitter:
+            return self._latency + self._rng.uniform(0, self._jitter)
+        return self._latency
+
+    def finish(
+        self, conn: Connection, body: bytes, fault: object, stats: Stats,
+        headers: Iterable[tuple[str, str]] = (),
+    ) -> None:
+        """Answer a processed request with 200 ``body``, or as the drawn post-processing fault says."""
+        delay = self.delay()
+        if fault is None:
+            conn.respond(200, body, headers, delay=delay)
+            return
+        stats.fault(str(fault))
+        if fault == "drop_after":
+            conn.drop(delay=delay)
+        elif fault == "reset":
+            conn.reset(delay=delay)
+        elif fault == "slow":
+            conn.respond(200, body, headers, delay=delay + self._slow)
+        elif fault == "garbage":
+            conn.respond(200, body[: len(body) // 2], headers, delay=delay)
+        else:
+            raise AssertionError(f"unhandled fault {fault!r}")
 
 
 class Stats:

@@ -45,7 +45,8 @@ JSON = b"application/json;charset=utf-8"
 
 _REASONS = {
     100: b"Continue", 200: b"OK", 400: b"Bad Request", 403: b"Forbidden", 404: b"Not Found",
-    405: b"Method Not Allowed", 413: b"Content Too Large", 431: b"Request Header Fields Too Large",
+    405: b"Method Not Allowed", 413: b"Content Too Large", 429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large",
     500: b"Internal Server Error", 501: b"Not Implemented", 503: b"Service Unavailable",
     505: b"HTTP Version Not Supported",
 }

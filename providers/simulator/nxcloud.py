@@ -1,0 +1,344 @@
+"""The simulated NXCloud SMS gateway: batch ``POST /v1/sms/multi/mt`` and the legacy ``POST /api/sms/get``.
+
+Facts from PROTOCOLS.md §3. The batch API's response section was never
+readable, so its schema here is a choice (UNVERIFIED against the real API)::
+
+    200 {"code":0,"message":"Success","data":[
+            {"phone":"8615088888888","messageId":"<sysMessageId or 32 hex>","code":0,"message":"Success"},
+            {"phone":"12","messageId":"","code":6,"message":"Invalid phone number"}]}
+
+``data`` has one entry per item, in order. Per-item codes (mtsend_v2's
+table): 6 invalid number (5-20 digits, no ``+``), 4 empty content, 5 content
+over 1000 characters, 8 bad ``sourceAddress``. A refused item gets no
+``messageId`` and is not recorded. Whole-request errors are
+``200 {"code":<n>,"message":"..."}``: 1001 a required header missing, 1002
+bizType/action/algorithm/ts/body malformed, 1003 signature mismatch, 1004
+``ts`` more than 60 s away, 1005 unknown accessKey, 1 wrong appKey, 9000
+items missing, empty, over 200, not objects, or an invalid ``sysMessageId``;
+13008 over the TPS limit (and the ``throttle`` fault), with ``Retry-After``.
+The http500/http503 faults answer ``{"code":500|503,"message":"..."}`` with
+that status.
+
+Order of checks: headers present, accessKey, TPS window, injected
+pre-processing faults, bizType/action, ts, signature, body.
+
+Record query (documented; form ``appkey``, ``secretkey``, ``messageid``,
+``date`` = yyyyMMdd in China time, last 31 days)::
+
+    200 {"code":"0","row":{"msgid","phone","body","senderid","date","dr_time","dr":"DELIVRD",
+                           "dr_status":"Successful","billing_size","billing_price","billing_status",
+                           "network"}}
+    200 {"code":"0","row":null}     not found (UNVERIFIED: the docs show no such answer)
+    200 {"code":"1"|"2"|"3","msg":"..."}   params invalid | keys invalid | older than 31 days
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import random
+import re
+import time
+from collections.abc import Iterable
+from datetime import date, datetime, timedelta
+from typing import Any
+
+import orjson
+
+from providers.simulator.config import NxcloudAccount, SimulatorConfig
+from providers.simulator.core import (
+    PRE_FAULTS,
+    FaultPlan,
+    FixedWindowLimiter,
+    IdSource,
+    Pacer,
+    ReceiptLog,
+    Stats,
+)
+from providers.simulator.server import App, Connection, Request, parse_urlencoded
+
+__all__ = ("MAX_ITEMS", "SEND_PATH", "NxcloudGateway")
+
+SEND_PATH = "/v1/sms/multi/mt"
+RECORD_PATH = "/api/sms/get"
+MAX_ITEMS = 200
+TS_WINDOW_MS = 60_000
+BIZ_TYPE = "3"
+ACTION = "mtsend"
+_BEIJING = 8 * 3600  # NXCloud's dates are China time
+_STAMP = "%Y-%m-%d %H:%M:%S"
+_REQUIRED = ("accesskey", "ts", "biztype", "action", "sign")
+_MESSAGE_ID = re.compile(r"[0-9A-Za-z-]{10,50}")
+_SENDER = re.compile(r"[0-9A-Za-z]{1,20}")
+
+_MESSAGES = {
+    0: "Success", 1: "Application unavailable or wrong appKey", 4: "Empty content",
+    5: "Content too long", 6: "Invalid phone number", 8: "Invalid sourceAddress",
+    1001: "Missing common header parameters", 1002: "Parameter error", 1003: "Invalid signature",
+    1004: "Timestamp expired", 1005: "Insufficient permissions", 9000: "Parameter error",
+    13008: "TPS limit exceeded",
+}
+
+
+class _Reject(Exception):
+    def __init__(self, code: int, message: str | None = None) -> None:
+        super().__init__(code)
+        self.code = code
+        self.message = message or _MESSAGES.get(code, str(code))
+
+
+class _Record:
+    """One accepted item, as the record query reports it."""
+
+    __slots__ = ("content", "message_id", "phone", "sender", "t")
+
+    def __init__(self, message_id: str, phone: str, content: str, sender: str, t: float) -> None:
+        self.message_id = message_id
+        self.phone = phone
+        self.content = content
+        self.sender = sender
+        self.t = t
+
+    def as_row(self) -> dict[str, Any]:
+        gsm = self.content.isascii()
+        single, multi = (160, 153) if gsm else (70, 67)
+        n = len(self.content)
+        return {
+            "msgid": self.message_id, "phone": self.phone, "body": self.content, "senderid": self.sender,
+            "date": _beijing(self.t, _STAMP), "dr_time": _beijing(self.t + 1, _STAMP),
+            "dr": "DELIVRD", "dr_status": "Successful", "billing_size": 1 if n <= single else -(-n // multi),
+            "billing_price": 0.0, "billing_status": "Yes", "network": "",
+        }
+
+
+def _beijing(t: float, fmt: str) -> str:
+    return time.strftime(fmt, time.gmtime(t + _BEIJING))
+
+
+def _sign(headers: dict[str, str], body: bytes, secret: str, sha256: bool) -> str:
+    """The documented string: the four headers A→Z, ``&body=`` + the exact bytes (when any), the secret."""
+    text = (f"accessKey={headers['accesskey']}&action={headers['action']}&bizType={headers['biztype']}"
+            f"&ts={headers['ts']}").encode()
+    if body:
+        text += b"&body=" + body
+    text += b"&accessSecret=" + secret.encode()
+    return (hashlib.sha256 if sha256 else hashlib.md5)(text).hexdigest()
+
+
+class NxcloudGateway:
+    """The NXCloud endpoints; an :class:`~providers.simulator.server.App` for both paths in :meth:`routes`."""
+
+    def __init__(self, config: SimulatorConfig, stats: Stats, receipts: ReceiptLog) -> None:
+        seed = config.seed
+
+        def rng(tag: str) -> random.Random:
+            return random.Random(None if seed is None else f"{seed}:nxcloud:{tag}")
+
+        self._cfg = config
+        self._stats = stats
+        self._receipts = receipts
+        self._faults = FaultPlan(config.fault_rate, config.fault_mix, config.fault_rates, rng("faults"))
+        self._pacer = Pacer(config.latency_ms, config.jitter_ms, config.slow_ms, rng("jitter"))
+        self._ids = IdSource(rng("ids"))
+        tps = config.qps if config.nxcloud_tps is None else config.nxcloud_tps
+        self._limiter = FixedWindowLimiter(tps, config.monotonic)
+        self._accounts: dict[str, NxcloudAccount] = {a.access_key: a for a in config.resolved_nxcloud()}
+        self._index: dict[str, list[_Record]] | None = {} if config.index_receipts else None
+
+    def routes(self) -> dict[str, App]:
+        return {SEND_PATH: self, RECORD_PATH: self}
+
+    # -- App ---------------------------------------------------------------------------------
+    def on_head(self, request: Request) -> bool:
+        """Draws the fault of a send request; ``drop_before`` closes here."""
+        if request.path != SEND_PATH:
+            return True
+        fault = self._faults.draw()
+        if fault == "drop_before":
+            self._stats.requests += 1
+            self._stats.fault(fault)
+            return False
+        request.state = fault
+        return True
+
+    def handle(self, request: Request, conn: Connection) -> None:
+        self._stats.requests += 1
+        record = request.path == RECORD_PATH
+        self._stats.action("nxcloud.record" if record else "nxcloud.mt")
+        if request.method != "POST":
+            body = orjson.dumps({"code": 1002, "message": "use POST"})
+            conn.respond(405, body, [("Allow", "POST")], delay=self._pacer.delay())
+            return
+        if record:
+            conn.respond(200, self._record_query(request), delay=self._pacer.delay())
+            return
+        try:
+            self._send(request, conn)
+        except _Reject as r:
+            self._stats.reject(f"nxcloud.{r.code}")
+            self._answer(conn, 200, r.code, r.message)
+
+    # -- /v1/sms/multi/mt --------------------------------------------------------------------------
+    def _send(self, req: Request, conn: Connection) -> None:
+        cfg = self._cfg
+        h = req.headers
+        account: NxcloudAccount | None = None
+        if cfg.verify:
+            if not all(h.get(name) for name in _REQUIRED):
+                raise _Reject(1001)
+            account = self._accounts.get(h["accesskey"])
+            if account is None:
+                raise _Reject(1005)
+        wait = self._limiter.acquire(h.get("accesskey", ""))
+        if wait is not None:
+            self._stats.throttled += 1
+            self._throttle(conn, wait)
+            return
+        fault = req.state
+        if fault in PRE_FAULTS:
+            self._stats.fault(str(fault))
+            if fault == "throttle":
+                now = cfg.monotonic()
+                self._throttle(conn, int(now) + 1 - now)
+            elif fault == "http500":
+                self._answer(conn, 500, 500, "Internal Server Error")
+            else:
+                self._answer(conn, 503, 503, "Service Unavailable")
+            return
+        if account is not None:
+            self._authenticate(h, req.body, account.access_secret)
+        try:
+            data = orjson.loads(req.body)
+        except orjson.JSONDecodeError:
+            raise _Reject(1002, "the body is not JSON") from None
+        if not isinstance(data, dict):
+            raise _Reject(1002, "the body must be a JSON object")
+        if account is not None and data.get("appKey") != account.app_key:
+            raise _Reject(1)
+        items = data.get("items")
+        if not isinstance(items, list) or not items:
+            raise _Reject(9000, "items must be a non-empty array")
+        if len(items) > MAX_ITEMS:
+            raise _Reject(9000, f"at most {MAX_ITEMS} items per request")
+        planned = [_check_item(item) for item in items]
+
+        if fault == "business_error":
+            self._stats.fault("business_error")
+            code = cfg.nxcloud_business_error_code
+            results = [_result(phone, "", code) for phone, *_ in planned]
+            body = orjson.dumps({"code": 0, "message": "Success", "data": results})
+            conn.respond(200, body, delay=self._pacer.delay())
+            return
+
+        # Accepted items: record first (one write), answer after.
+        t = cfg.clock()
+        results = []
+        records: list[tuple[_Record, str]] = []
+        for phone, content, sys_id, sender, refusal in planned:
+            if refusal:
+                results.append(_result(phone, "", refusal))
+                continue
+            message_id = sys_id or self._ids.hex_id()
+            records.append((_Record(message_id, phone, content, sender, t), sys_id))
+            results.append(_result(phone, message_id, 0))
+        if records:
+            self._store(records, t)
+        body = orjson.dumps({"code": 0, "message": "Success", "data": results})
+        self._pacer.finish(conn, body, fault, self._stats)
+
+    def _authenticate(self, h: dict[str, str], body: bytes, secret: str) -> None:
+        if h["biztype"] != BIZ_TYPE or h["action"] != ACTION:
+            raise _Reject(1002, f"this API takes bizType {BIZ_TYPE} and action {ACTION}")
+        algorithm = h.get("algorithm", "md5").lower()
+        if algorithm not in ("md5", "sha256"):
+            raise _Reject(1002, "algorithm must be md5 or sha256")
+        if self._cfg.check_time:
+            ts = h["ts"]
+            if not (ts.isascii() and ts.isdigit() and len(ts) <= 16):
+                raise _Reject(1002, "ts must be milliseconds since the epoch")
+            if abs(self._cfg.clock() * 1000 - int(ts)) > TS_WINDOW_MS:
+                raise _Reject(1004)
+        expected = _sign(h, body, secret, algorithm == "sha256")
+        if not hmac.compare_digest(expected.encode(), h["sign"].encode()):
+            raise _Reject(1003)
+
+    def _store(self, records: list[tuple[_Record, str]], t: float) -> None:
+        tail = f',"provider":"nxcloud","t":{t!r}}}\n'
+        lines = [
+            f'{{"phone":"{r.phone}","out_id":{orjson.dumps(sys_id).decode()},"message_id":'
+            f'{orjson.dumps(r.message_id).decode()}{tail}'
+            for r, sys_id in records
+        ]
+        self._receipts.write("".join(lines).encode(), len(records))
+        if self._index is not None:
+            for r, _ in records:
+                self._index.setdefault(r.message_id, []).append(r)
+        self._stats.accepted_requests += 1
+
+    # -- /api/sms/get ---------------------------------------------------------------------------------
+    def _record_query(self, req: Request) -> bytes:
+        form = dict(parse_urlencoded(req.body.decode("utf-8", "replace")))
+        appkey, secret = form.get("appkey", ""), form.get("secretkey", "")
+        message_id, day = form.get("messageid", ""), form.get("date", "")
+        if not (appkey and secret and message_id and day):
+            return _record_error("1", "params invalid")
+        if self._cfg.verify and not any(
+                a.app_key == appkey and hmac.compare_digest(a.app_secret.encode(), secret.encode())
+                for a in self._accounts.values()):
+            return _record_error("2", "keys invalid")
+        try:
+            wanted = datetime.strptime(day, "%Y%m%d").date() if len(day) == 8 and day.isdigit() else None
+        except ValueError:
+            wanted = None
+        if wanted is None:
+            return _record_error("1", "params invalid")
+        today = date.fromisoformat(_beijing(self._cfg.clock(), "%Y-%m-%d"))
+        if today - wanted > timedelta(days=31):
+            return _record_error("3", "Only recent 31 days")
+        if self._index is None:
+            return _record_error("1", "the record query needs the simulator's receipt index")
+        for r in self._index.get(message_id, ()):
+            if _beijing(r.t, "%Y%m%d") == day:
+                return orjson.dumps({"code": "0", "row": r.as_row()})
+        return b'{"code":"0","row":null}'
+
+    # -- answers -------------------------------------------------------------------------------------------
+    def _answer(
+        self, conn: Connection, status: int, code: int, message: str, headers: Iterable[tuple[str, str]] = ()
+    ) -> None:
+        body = orjson.dumps({"code": code, "message": message})
+        conn.respond(status, body, headers, delay=self._pacer.delay())
+
+    def _throttle(self, conn: Connection, wait: float) -> None:
+        headers = [("Retry-After", str(max(1, int(wait + 0.999))))] if self._cfg.retry_after_header else []
+        self._answer(conn, 200, 13008, _MESSAGES[13008], headers)
+
+
+def _check_item(item: object) -> tuple[str, str, str, str, int]:
+    """(phone, content, sysMessageId, sourceAddress, refusal code or 0) of one item."""
+    if not isinstance(item, dict):
+        raise _Reject(9000, "every item must be an object")
+    sys_id = item.get("sysMessageId")
+    if sys_id is not None and not (isinstance(sys_id, str) and _MESSAGE_ID.fullmatch(sys_id)):
+        raise _Reject(9000, "sysMessageId must be 10-50 characters of [0-9a-zA-Z-]")
+    phone, content, sender = item.get("phone"), item.get("content"), item.get("sourceAddress")
+    phone_text = phone if isinstance(phone, str) else ""
+    refusal = 0
+    if not (phone_text.isascii() and phone_text.isdigit() and 5 <= len(phone_text) <= 20):
+        refusal = 6
+    elif not isinstance(content, str) or not content:
+        refusal = 4
+    elif len(content) > 1000:
+        refusal = 5
+    elif sender is not None and not (isinstance(sender, str) and _SENDER.fullmatch(sender)):
+        refusal = 8
+    text = content if isinstance(content, str) else ""
+    return phone_text, text, sys_id or "", sender if isinstance(sender, str) else "", refusal
+
+
+def _result(phone: str, message_id: str, code: int) -> dict[str, Any]:
+    return {"phone": phone, "messageId": message_id, "code": code, "message": _MESSAGES.get(code, str(code))}
+
+
+def _record_error(code: str, msg: str) -> bytes:
+    return orjson.dumps({"code": code, "msg": msg})
