@@ -15,20 +15,23 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import anyio
 import httpx
+import structlog
 
-from pipeline.campaign import Campaign, parse_campaign
+from pipeline.account import make_provider
+from pipeline.campaign import DB_KINDS, Campaign, parse_campaign
 from pipeline.engine import Progress, RunResult, open_source, run_campaign
-from pipeline.errors import CampaignError, RunDirError, SourceError
+from pipeline.errors import CampaignError, RunDirError
 from pipeline.ledger import replay
 from pipeline.rundir import RunDir
 from providers.base import Provider
+
+log = structlog.get_logger("sluice.api")
 
 __all__ = (
     "check_source",
@@ -40,39 +43,6 @@ __all__ = (
 )
 
 
-def make_provider(
-    campaign: Campaign,
-    *,
-    endpoint: str | None = None,
-    environ: Mapping[str, str] = os.environ,
-) -> Provider:
-    """Build the campaign's provider; credentials come from ``environ`` only."""
-    from providers.aliyun import TEST_CREDENTIALS, AliyunCredentials, AliyunSms, CredentialsError
-
-    spec = campaign.provider
-    url = endpoint or spec.endpoint
-    if spec.kind == "simulator":
-        has_env = environ.get("ALIYUN_ACCESS_KEY_ID") and environ.get("ALIYUN_ACCESS_KEY_SECRET")
-        creds = AliyunCredentials.from_env(environ) if has_env else TEST_CREDENTIALS
-        if url is None:
-            raise CampaignError(
-                "provider.endpoint", "a simulator campaign run from the API needs an endpoint"
-            )
-    else:
-        try:
-            creds = AliyunCredentials.from_env(environ)
-        except CredentialsError as exc:
-            raise CampaignError("provider.kind", f"{spec.kind} needs credentials: {exc}") from None
-        url = url or "https://dysmsapi.aliyuncs.com"
-    return AliyunSms(
-        credentials=creds,
-        template_code=campaign.message.template_code,
-        endpoint=url,
-        signature="v2" if spec.signature == "v2" else "v3",
-        region_id=spec.region_id,
-    )
-
-
 def check_source(campaign: Campaign) -> dict[str, Any]:
     """Open the source and check the columns the campaign reads; return its fingerprint.
 
@@ -82,6 +52,7 @@ def check_source(campaign: Campaign) -> dict[str, Any]:
     source = open_source(campaign)
     fingerprint = source.fingerprint()
     header = source.columns()
+    where = "CSV header" if campaign.source.kind == "csv" else "columns of the source"
     if header is not None:
         sign, params = campaign.templates()
         needed = {"source.phone": [campaign.source.phone], "message.sign_name": list(sign.columns)}
@@ -92,8 +63,38 @@ def check_source(campaign: Campaign) -> dict[str, Any]:
         for field_name, cols in needed.items():
             for col in cols:
                 if col not in header:
-                    raise CampaignError(field_name, f"column {col!r} is not in the CSV header {header}")
+                    raise CampaignError(field_name, f"column {col!r} is not in the {where} {header}")
     return fingerprint
+
+
+async def _checked_source(campaign: Campaign, *, full: bool) -> dict[str, Any]:
+    """The source's fingerprint (``full``: after checking its columns); a database is
+    queried in a worker thread, off the event loop."""
+    if campaign.source.kind not in DB_KINDS:
+        return check_source(campaign) if full else open_source(campaign).fingerprint()
+    if full:
+        return await anyio.to_thread.run_sync(check_source, campaign)
+    return await anyio.to_thread.run_sync(lambda: open_source(campaign).fingerprint())
+
+
+def _check_same_source(
+    campaign: Campaign, pinned: dict[str, Any], current: dict[str, Any], *, force: bool, run_dir: Path
+) -> None:
+    """Refuse (unless ``force``) or warn about a source that changed since the run started."""
+    if campaign.source.kind in DB_KINDS:
+        from pipeline.dbsource import compare_fingerprints
+
+        refusal, warning = compare_fingerprints(pinned, current)
+        if refusal is not None and not force:
+            raise RunDirError(f"{refusal} (run directory {run_dir})")
+        if refusal is not None or warning is not None:
+            log.warning("source_changed", detail=refusal or warning, forced=refusal is not None)
+        return
+    if not force and current != pinned:
+        raise RunDirError(
+            f"the source {campaign.source.path} changed since {run_dir} was started "
+            "(size or content); --force to accept"
+        )
 
 
 def pinned_campaign(run_dir: RunDir) -> tuple[Campaign, dict[str, Any]]:
@@ -127,7 +128,9 @@ async def start_run(
     A run directory holding a different campaign or source is refused unless
     ``force``.
     """
-    fingerprint = check_source(campaign)
+    fingerprint = await _checked_source(campaign, full=True)
+    if campaign.source.kind in DB_KINDS:
+        total_hint = _rows(fingerprint, total_hint)
     rd = RunDir(run_dir)
     if rd.exists():
         doc = rd.load()
@@ -136,14 +139,13 @@ async def start_run(
                 f"{run_dir} holds a run of a different campaign; use another --run-dir "
                 "(or --force to continue it with this one)"
             )
-        if not force and doc["source"] != fingerprint:
-            raise RunDirError(f"the source changed since {run_dir} was started (--force to accept)")
+        _check_same_source(campaign, doc["source"], fingerprint, force=force, run_dir=run_dir)
     else:
         doc = rd.create(campaign.to_dict(), campaign.digest(), fingerprint)
     return await run_campaign(
         campaign,
         rd,
-        provider=provider or make_provider(campaign, endpoint=endpoint),
+        provider=provider or make_provider(campaign, run_id=doc["run_id"], endpoint=endpoint),
         run_id=doc["run_id"],
         transport=transport,
         on_progress=on_progress,
@@ -171,19 +173,14 @@ async def resume_run(
     """
     rd = RunDir(run_dir)
     campaign, doc = pinned_campaign(rd)
-    try:
-        fingerprint = open_source(campaign).fingerprint()
-    except SourceError:
-        raise
-    if not force and fingerprint != doc["source"]:
-        raise RunDirError(
-            f"the source {campaign.source.path} changed since the run started "
-            "(size or content); --force resumes anyway"
-        )
+    fingerprint = await _checked_source(campaign, full=False)
+    if campaign.source.kind in DB_KINDS:
+        total_hint = _rows(fingerprint, total_hint)
+    _check_same_source(campaign, doc["source"], fingerprint, force=force, run_dir=run_dir)
     return await run_campaign(
         campaign,
         rd,
-        provider=provider or make_provider(campaign, endpoint=endpoint),
+        provider=provider or make_provider(campaign, run_id=doc["run_id"], endpoint=endpoint),
         run_id=doc["run_id"],
         transport=transport,
         resend_unknown=resend_unknown,
@@ -191,6 +188,11 @@ async def resume_run(
         stop=stop,
         total_hint=total_hint,
     )
+
+
+def _rows(fingerprint: dict[str, Any], default: int | None) -> int | None:
+    rows = fingerprint.get("rows")
+    return rows if isinstance(rows, int) else default
 
 
 def run_status(run_dir: Path) -> dict[str, Any]:

@@ -40,8 +40,10 @@ DB_KINDS = ("sqlite", "postgres")
 _DB_ONLY = ("table", "query", "dsn_env", "shard", "key_from", "key_to")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _SHARD = re.compile(r"\s*(\d+)\s*/\s*(\d+)\s*\Z")
-PROVIDER_KINDS = ("aliyun", "simulator")
-MAX_BATCH = {"aliyun": 100, "simulator": 100}
+PROVIDER_KINDS = ("aliyun", "aliyun-card", "submail", "nxcloud", "simulator")
+PROTOCOLS = ("aliyun", "aliyun-card", "submail", "nxcloud")
+MAX_BATCH = {"aliyun": 100, "aliyun-card": 100, "submail": 10_000, "nxcloud": 200}
+SUBMAIL_MODES = ("batchsend", "multisend", "multixsend")
 
 
 @dataclass(frozen=True)
@@ -72,13 +74,23 @@ class ProviderSpec:
     connect_timeout: float = 5.0
     region_id: str | None = None
     verify_tls: bool = True
+    protocol: str = "aliyun"  # for kind = "simulator": the protocol it speaks
+    mode: str = "batchsend"  # submail: batchsend | multisend | multixsend
+    sign_type: str = "md5"  # submail: md5 | sha1 | normal
+    algorithm: str = "md5"  # nxcloud: md5 | sha256
+    source_address: str | None = None  # nxcloud sender id
 
 
 @dataclass(frozen=True)
 class MessageSpec:
-    template_code: str
     sign_name: str
+    template_code: str = ""  # aliyun; for aliyun-card with fallback SMS, the fallback's
     params: dict[str, str] = field(default_factory=dict)
+    content: str | None = None  # submail batchsend/multisend, nxcloud: text with {column}s
+    project: str | None = None  # submail multixsend template
+    card_template_code: str | None = None  # aliyun-card
+    fallback_type: str = "SMS"  # aliyun-card: SMS | DIGITALSMS | NONE
+    digital_template_code: str | None = None  # aliyun-card with DIGITALSMS
     # The approved template's text with ${name} placeholders: only for --dry-run's
     # segment count and cost estimate (the provider renders the real message).
     template_text: str | None = None
@@ -159,7 +171,7 @@ _SECTIONS: dict[str, type] = {
 _REQUIRED = {
     "source": ("kind", "phone"),
     "provider": ("kind",),
-    "message": ("template_code", "sign_name"),
+    "message": ("sign_name",),
 }
 
 
@@ -175,6 +187,10 @@ def _typed(section: str, name: str, value: object, default: object) -> object:
             if not isinstance(v, str):
                 raise CampaignError(f"{where}.{k}", f"must be a string, not {type(v).__name__}")
         return dict(value)
+    if name in ("key_from", "key_to"):
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise CampaignError(where, f"must be a number or a string, not {value!r}")
+        return value
     if name == "days":
         if not isinstance(value, list) or not all(isinstance(d, str) for d in value):
             raise CampaignError(where, 'must be a list of day names, e.g. ["mon", "tue"]')
@@ -245,10 +261,21 @@ def parse_campaign(data: Mapping[str, Any], base_dir: Path) -> Campaign:
         if name in prov and not 0 < prov[name] <= 600:
             raise CampaignError(f"provider.{name}", "must be between 0 and 600 seconds")
 
+    protocol = prov.get("protocol", "aliyun") if prov["kind"] == "simulator" else prov["kind"]
+    if protocol not in PROTOCOLS:
+        raise CampaignError("provider.protocol", f"must be one of {', '.join(PROTOCOLS)}")
+    if prov.get("mode", "batchsend") not in SUBMAIL_MODES:
+        raise CampaignError("provider.mode", f"must be one of {', '.join(SUBMAIL_MODES)}")
+    if prov.get("sign_type", "md5") not in ("md5", "sha1", "normal"):
+        raise CampaignError("provider.sign_type", "must be md5, sha1 or normal")
+    if prov.get("algorithm", "md5") not in ("md5", "sha256"):
+        raise CampaignError("provider.algorithm", "must be md5 or sha256")
+    _check_message(protocol, prov.get("mode", "batchsend"), sections["message"])  # type: ignore[arg-type]
+
     limits = LimitsSpec(**lim)
-    cap = MAX_BATCH[prov["kind"]]
+    cap = MAX_BATCH[protocol]
     if not 1 <= limits.batch_size <= cap:
-        raise CampaignError("limits.batch_size", f"must be between 1 and {cap} for {prov['kind']}")
+        raise CampaignError("limits.batch_size", f"must be between 1 and {cap} for {protocol}")
     if not 0 < limits.requests_per_second <= 100_000:
         raise CampaignError("limits.requests_per_second", "must be above 0 and at most 100000")
     if limits.recipients_per_second is not None and limits.recipients_per_second < limits.batch_size:
@@ -303,9 +330,33 @@ def parse_campaign(data: Mapping[str, Any], base_dir: Path) -> Campaign:
             if v in str(exc):
                 field_name = f"message.params.{k}"
         raise CampaignError(field_name, str(exc)) from None
-    if not campaign.message.template_code.strip():
-        raise CampaignError("message.template_code", "must not be empty")
+    if campaign.message.content is not None:
+        try:
+            Template.compile(campaign.message.content)
+        except TemplateError as exc:
+            raise CampaignError("message.content", str(exc)) from None
     return campaign
+
+
+def _check_message(protocol: str, mode: str, msg: dict[str, Any]) -> None:
+    """What each protocol needs in [message]."""
+    if protocol == "aliyun" and not msg.get("template_code", "").strip():
+        raise CampaignError("message.template_code", "is required for aliyun")
+    if protocol == "aliyun-card":
+        if not msg.get("card_template_code"):
+            raise CampaignError("message.card_template_code", "is required for aliyun-card")
+        fallback = msg.get("fallback_type", "SMS")
+        if fallback not in ("SMS", "DIGITALSMS", "NONE"):
+            raise CampaignError("message.fallback_type", "must be SMS, DIGITALSMS or NONE")
+        if fallback == "SMS" and not msg.get("template_code"):
+            raise CampaignError("message.template_code", "is required: the text template of the SMS fallback")
+        if fallback == "DIGITALSMS" and not msg.get("digital_template_code"):
+            raise CampaignError("message.digital_template_code", "is required with DIGITALSMS fallback")
+    needs_content = protocol == "nxcloud" or (protocol == "submail" and mode in ("batchsend", "multisend"))
+    if needs_content and not msg.get("content"):
+        raise CampaignError("message.content", f"is required for {protocol}")
+    if protocol == "submail" and mode == "multixsend" and not msg.get("project"):
+        raise CampaignError("message.project", "is required for submail multixsend")
 
 
 def _check_source(src: dict[str, Any]) -> None:

@@ -30,14 +30,15 @@ import orjson
 import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from pipeline.account import sync_server_clock
 from pipeline.batch import Batcher
-from pipeline.campaign import Campaign
+from pipeline.campaign import DB_KINDS, Campaign
 from pipeline.dispatch import CircuitBreaker, Dispatcher, RetryPolicy
-from pipeline.errors import RunDirError
+from pipeline.errors import RunDirError, SluiceError, SourceError
 from pipeline.keys import KeySet
 from pipeline.ledger import Durability, LedgerState, LedgerWriter, Status, replay
 from pipeline.limit import RateGovernor
-from pipeline.render import Rejection, Renderer
+from pipeline.render import Rejection, Renderer, Template
 from pipeline.rundir import RunDir
 from pipeline.schedule import SendGate
 from pipeline.source import CsvSource, JsonlSource, Rows, Source
@@ -80,8 +81,20 @@ class RunResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def open_source(campaign: Campaign) -> Source:
+def open_source(
+    campaign: Campaign,
+    *,
+    run_dir: Path | None = None,
+    state: LedgerState | None = None,
+    skip: bytes | None = None,
+) -> Source:
+    """The campaign's source. A database source given the run directory, its ledger state and
+    the statuses a resume skips starts after the last settled checkpoint (pipeline/dbsource.py)."""
     spec = campaign.source
+    if spec.kind in DB_KINDS:
+        from pipeline.dbsource import open_db_source
+
+        return open_db_source(campaign, run_dir=run_dir, state=state, skip=skip)
     if spec.kind == "csv":
         return CsvSource(Path(spec.path), delimiter=spec.delimiter)
     return JsonlSource(Path(spec.path))
@@ -111,10 +124,12 @@ class _Run:
         if not resend_unknown:
             self.skip[Status.UNKNOWN] = 1
         sign, params = campaign.templates()
+        content = campaign.message.content
         self.renderer = Renderer(
             phone_column=campaign.source.phone,
             sign_name=sign,
             params=params,
+            content=Template.compile(content) if content is not None else None,
             default_country=campaign.source.default_country,
         )
         self.keys = KeySet() if campaign.source.key else None
@@ -175,6 +190,14 @@ class _Run:
             self.writer.rejected(rejects)
         self.rows_read += len(chunk)
         return out
+
+
+async def _aclose(iterator: object) -> None:
+    """Close an async generator now, so that a database connection it holds is closed."""
+    aclose = getattr(iterator, "aclose", None)
+    if aclose is not None:
+        with anyio.move_on_after(10, shield=True):
+            await aclose()
 
 
 def _valid_text(text: str) -> bool:
@@ -320,7 +343,7 @@ async def run_campaign(
     for st in resent:
         base_counts[st.name.lower()] = 0
     limits = campaign.limits
-    governor = RateGovernor(limits.requests_per_second)
+    governor = RateGovernor(limits.requests_per_second, recipients_rate=limits.recipients_per_second)
     policy = RetryPolicy(
         max_attempts=limits.max_attempts,
         backoff_base=limits.backoff_base_ms / 1000,
@@ -329,7 +352,7 @@ async def run_campaign(
     timeout = httpx.Timeout(campaign.provider.timeout, connect=campaign.provider.connect_timeout, pool=None)
     if transport is None:
         transport = AiohttpTransport(max_connections=limits.concurrency, verify=campaign.provider.verify_tls)
-    source = open_source(campaign)
+    source = open_source(campaign, run_dir=run_dir.path, state=state, skip=bytes(run.skip))
     batcher = Batcher(limits.batch_size, provider.batch_key, first_id=state.next_batch)
 
     def counts() -> dict[str, int]:
@@ -370,6 +393,12 @@ async def run_campaign(
     )
     try:
         async with transport:
+            try:
+                offset = await sync_server_clock(provider, transport)
+            except (httpx.TransportError, ValueError) as exc:
+                raise SluiceError(f"cannot read {provider.name}'s server time: {exc!r}") from None
+            if offset is not None:
+                log.info("server_clock", provider=provider.name, offset_s=round(offset, 3))
             dispatcher = Dispatcher(
                 provider=provider,
                 transport=transport,
@@ -389,14 +418,26 @@ async def run_campaign(
             async with anyio.create_task_group() as tg:
 
                 async def source_task() -> None:
+                    chunks = source.chunks()
+                    sent = 0
                     async with rows_send:
                         try:
-                            async for chunk in source.chunks():
+                            async for chunk in chunks:
                                 if run.stop_event.is_set():
                                     return
                                 await rows_send.send(chunk)
+                                sent += 1
                         except anyio.BrokenResourceError:
                             return
+                        except SourceError as exc:
+                            if not sent:
+                                raise  # nothing was read: an error like any before the run
+                            # A source failing mid-run (a lost database connection) stops the
+                            # run like a provider refusal; a resume continues.
+                            run.stop(f"the source failed: {exc}", "SourceError")
+                            return
+                        finally:
+                            await _aclose(chunks)
                     if not run.stop_event.is_set():
                         run_eof.set()
 
@@ -405,7 +446,8 @@ async def run_campaign(
                 async def prepare_and_eof() -> None:
                     await _prepare_task(run, rows_recv, batch_send, batcher, limits.linger_ms / 1000)
                     if run_eof.is_set() and not run.stop_event.is_set():
-                        writer.eof(run.rows_read)
+                        # A database source resumed past its settled rows did not read them again.
+                        writer.eof(run.rows_read + getattr(source, "rows_before", 0))
 
                 async def workers() -> None:
                     async with batch_recv, anyio.create_task_group() as wg:
