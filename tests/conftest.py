@@ -7,6 +7,12 @@ from pathlib import Path
 
 import pytest
 import structlog
+from hypothesis import settings
+
+# No per-example deadline: CI shares two cores with a simulator and PostgreSQL, and a
+# slow example is not a failure. Examples stay bounded by max_examples.
+settings.register_profile("sluice", deadline=None)
+settings.load_profile("sluice")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
