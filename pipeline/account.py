@@ -37,7 +37,7 @@ _TEST_ENV: Mapping[str, Mapping[str, str]] = {
                "ALIYUN_ACCESS_KEY_SECRET": TEST_CREDENTIALS.access_key_secret},
     "submail": {"SUBMAIL_APPID": "10001", "SUBMAIL_APPKEY": "abcdef0123456789abcdef0123456789"},
     "nxcloud": {"NXCLOUD_ACCESS_KEY": "fme2na3kdi3ki", "NXCLOUD_ACCESS_SECRET": "abciiiko2k3",
-                "NXCLOUD_APP_KEY": "yourAppKey"},
+                "NXCLOUD_APP_KEY": "yourAppKey", "NXCLOUD_APP_SECRET": "yourAppSecret"},
 }  # fmt: skip
 _ENDPOINTS = {
     "aliyun": "https://dysmsapi.aliyuncs.com",

@@ -446,7 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     rc = sub.add_parser("reconcile", help="settle unknown recipients through the provider's status API")
     rc.add_argument("run_dir")
-    rc.add_argument("--qps", type=float, default=50.0, help="status queries per second")
+    rc.add_argument(
+        "--qps", type=float, default=None, help="status queries per second (default 50; SUBMAIL: 1 a minute)"
+    )
     rc.add_argument(
         "--settle-after",
         type=float,

@@ -426,6 +426,14 @@ class AliyunSms:
             common["RegionId"] = region_id
         self._v2_common = [_twice(k, v) for k, v in common.items()]
 
+    def details_request(self, phone: str, send_date: str, page: int = 1) -> httpx.Request:
+        """``QuerySendDetails`` for one number and day, signed with these credentials (reconciliation)."""
+        from providers.aliyun_query import query_request
+
+        return query_request(
+            self._creds, phone, send_date, page=page, endpoint=self._origin, clock=self._clock
+        )
+
     def batch_key(self, message: Message) -> Hashable:
         return _ACTION  # the template is campaign-wide and sign names go per number
 

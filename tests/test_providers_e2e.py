@@ -107,3 +107,38 @@ def test_faults_kill_resume_none_twice(tmp_path: Path, name: str) -> None:
         else:
             assert accepted[phone] == 0, (row, statuses[row])
     assert Counter(statuses.values())["sent"] > len(phones) // 2
+
+
+@pytest.mark.parametrize("name", ["nxcloud", "submail-batchsend"])
+def test_reconcile_then_resume_sends_everyone_exactly_once(tmp_path: Path, name: str) -> None:
+    provider, message, batch = PROVIDERS[name]
+    phones = write_recipients(tmp_path / "recipients.csv", 1500)
+    ledger = tmp_path / "run" / "ledger.jsonl"
+    mix = "http500=1,drop_after=1,drop_before=1,garbage=1"
+    args = ("--fault-rate", "0.3", "--fault-mix", mix, "--seed", "8", "--submail-log-interval", "0")
+    with simulator(tmp_path, *args) as sim:
+        c = campaign(tmp_path / "c.toml", sim.url, provider, message, min(batch, 100))
+        p = sluice("run", str(c))
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 3, err.decode()
+        before = final_statuses(ledger)
+        assert "unknown" in before.values()
+        r = sluice("reconcile", str(tmp_path / "run"), "--settle-after", "0", "--qps", "500")
+        _, err = r.communicate(timeout=120)
+        assert r.returncode == 0, err.decode()
+        mid = final_statuses(ledger)
+        assert "unknown" not in mid.values()
+        accepted_mid = accepted_by_number(tmp_path / "receipts.jsonl")
+        for row, phone in phones.items():
+            if before[row] == "unknown":
+                assert mid[row] == ("sent" if accepted_mid[phone] else "deferred"), row
+        s = sluice("resume", str(tmp_path / "run"))
+        s.communicate(timeout=120)
+        sim.stop()
+    after = final_statuses(ledger)
+    accepted = accepted_by_number(tmp_path / "receipts.jsonl")
+    for row, phone in phones.items():
+        if after[row] == "sent":
+            assert accepted[phone] == 1, row
+        else:
+            assert after[row] == "unknown" and accepted[phone] <= 1
