@@ -77,7 +77,9 @@ def embedded_simulator(*args: str, env: dict[str, str] | None = None) -> Iterato
 
 
 def _count_rows(campaign: Campaign) -> int | None:
-    """A quick row count for the ETA (lines, for CSV and JSONL)."""
+    """A quick row count for the ETA (lines, for CSV and JSONL; a database counts its own)."""
+    if campaign.source.kind not in ("csv", "jsonl"):
+        return None
     try:
         with open(campaign.source.path, "rb") as f:
             n = sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 20), b""))
