@@ -63,6 +63,9 @@ class SourceSpec:
     shard: str | None = None  # "i/n"
     key_from: int | float | str | None = None  # inclusive
     key_to: int | float | str | None = None  # exclusive
+    # Never send to these: a file of phone numbers or keys, one per line.
+    suppress: str | None = None
+    dedupe_phone: bool = False  # reject a second row with the same number as "duplicate phone"
 
 
 @dataclass(frozen=True)
@@ -246,6 +249,10 @@ def parse_campaign(data: Mapping[str, Any], base_dir: Path) -> Campaign:
     _check_source(src)
     if src.get("path"):
         src["path"] = str((base_dir / src["path"]).resolve())
+    if src.get("suppress") is not None:
+        src["suppress"] = str((base_dir / src["suppress"]).resolve())
+        if not Path(src["suppress"]).is_file():
+            raise CampaignError("source.suppress", f"{src['suppress']} is not a readable file")
     if len(src.get("delimiter", ",")) != 1:
         raise CampaignError("source.delimiter", "must be one character")
     if not src.get("default_country", "86").isdigit():

@@ -38,7 +38,7 @@ from pipeline.errors import RunDirError, SluiceError, SourceError
 from pipeline.keys import KeySet
 from pipeline.ledger import Durability, LedgerState, LedgerWriter, Status, replay
 from pipeline.limit import RateGovernor
-from pipeline.render import Rejection, Renderer, Template
+from pipeline.render import Rejection, Renderer, Template, normalize_phone
 from pipeline.rundir import RunDir
 from pipeline.schedule import SendGate
 from pipeline.source import CsvSource, JsonlSource, Rows, Source
@@ -133,6 +133,8 @@ class _Run:
             default_country=campaign.source.default_country,
         )
         self.keys = KeySet() if campaign.source.key else None
+        self.phones = KeySet() if campaign.source.dedupe_phone else None
+        self.suppressed = _load_suppression(campaign) if campaign.source.suppress else None
         self.rows_read = 0
         self.stop_reason: str | None = None
         self.stop_code: str | None = None
@@ -168,8 +170,14 @@ class _Run:
         rejects: list[tuple[int, str, str]] = []
         out: list[Message] = []
         render = self.renderer.render
+        skipped_phones: list[str] = []
         for i, (row, rec) in enumerate(chunk):
             if row < n_status and skip[status[row]]:
+                if self.phones is not None and not isinstance(rec, str):
+                    raw = str(rec.get(self.campaign.source.phone, ""))
+                    phone = normalize_phone(raw, self.campaign.source.default_country)
+                    if phone is not None:
+                        skipped_phones.append(phone)  # settled earlier: still taken
                 continue
             key = keys[i]
             if isinstance(rec, str):
@@ -186,6 +194,22 @@ class _Run:
                     rejects.append((m.row, m.key, m.reason))
                 else:
                     out.append(m)
+        if self.suppressed is not None and out:
+            by_phone = self.suppressed.contains([m.phone for m in out])
+            by_key = self.suppressed.contains([m.key for m in out])
+            kept = []
+            for m, p, k in zip(out, by_phone, by_key, strict=True):
+                if p or k:
+                    rejects.append((m.row, m.key, "suppressed"))
+                else:
+                    kept.append(m)
+            out = kept
+        if self.phones is not None:
+            self.phones.add(skipped_phones)
+            dup_phone = self.phones.add([m.phone for m in out])
+            pairs = list(zip(out, dup_phone, strict=True))
+            rejects.extend((m.row, m.key, "duplicate phone") for m, d in pairs if d)
+            out = [m for m, d in pairs if not d]
         if rejects:
             self.writer.rejected(rejects)
         self.rows_read += len(chunk)
@@ -198,6 +222,25 @@ async def _aclose(iterator: object) -> None:
     if aclose is not None:
         with anyio.move_on_after(10, shield=True):
             await aclose()
+
+
+def _load_suppression(campaign: Campaign) -> KeySet:
+    """The suppression file: one phone number (any common format) or key per line."""
+    entries: list[str] = []
+    path = Path(campaign.source.suppress or "")
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for line in f:
+            entry = line.strip()
+            if not entry or entry.startswith("#"):
+                continue
+            entries.append(entry)
+            phone = normalize_phone(entry, campaign.source.default_country)
+            if phone is not None:
+                entries.append(phone)
+    suppressed = KeySet()
+    suppressed.add(entries)
+    log.info("suppression_loaded", entries=suppressed.size)
+    return suppressed
 
 
 def _valid_text(text: str) -> bool:
@@ -412,6 +455,14 @@ async def run_campaign(
                 breaker=CircuitBreaker(limits.breaker_window, limits.breaker_threshold),
                 gate=_send_gate(campaign, run_dir.ledger),
             )
+            gate = dispatcher.gate
+            if gate is not None and gate.daily_cap and total_hint:
+                left = max(0, total_hint - sum(base_counts.values()))
+                days = -(-(left + gate.sent_today) // gate.daily_cap)
+                if days > 1:
+                    log.warning(
+                        "daily_cap_spans_days", recipients_left=left, daily_cap=gate.daily_cap, days=days
+                    )
             run.dispatcher = dispatcher
             rows_send, rows_recv = anyio.create_memory_object_stream[Rows](2)
             batch_send, batch_recv = anyio.create_memory_object_stream[Batch](limits.concurrency)

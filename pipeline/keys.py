@@ -26,6 +26,18 @@ class KeySet:
         self._runs: list[npt.NDArray[np.int64]] = []
         self.size = 0
 
+    def contains(self, keys: Sequence[str]) -> list[bool]:
+        """Per key, whether it is in the set (nothing is added)."""
+        if not keys:
+            return []
+        h = np.fromiter((hash(k) for k in keys), dtype=np.int64, count=len(keys))
+        found = np.zeros(len(keys), dtype=bool)
+        for run in self._runs:
+            idx = np.searchsorted(run, h)
+            idx[idx == len(run)] = len(run) - 1
+            found |= run[idx] == h
+        return found.tolist()
+
     def add(self, keys: Sequence[str]) -> list[bool]:
         """Add ``keys``; return, per key, whether it was already present
         (earlier in the set or earlier in this same chunk)."""

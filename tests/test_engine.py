@@ -418,3 +418,31 @@ class TestReport:
         assert len(series["latency_ms"]["p50"]) >= 1
         assert report["summary"]["codes"] == {"failed:isv.MOBILE_NUMBER_ILLEGAL": 10}
         assert b"data:image/png;base64," in html.read_bytes()
+
+
+@pytest.mark.anyio
+class TestSuppressionAndPhoneDedupe:
+    async def test_suppressed_numbers_and_keys_and_duplicate_phones_are_rejected(
+        self, tmp_path: Path
+    ) -> None:
+        import dataclasses
+
+        data = rows(10)
+        data[5]["phone"] = data[1]["phone"]  # k6 has k2's number
+        (tmp_path / "suppress.txt").write_text("# do not contact\n+86 138 0000 0003\nk4\n\n")
+        c = make_campaign(tmp_path, data)
+        c = dataclasses.replace(
+            c,
+            source=dataclasses.replace(c.source, suppress=str(tmp_path / "suppress.txt"), dedupe_phone=True),
+        )
+        sent: list[str] = []
+
+        def handler(request: httpx.Request) -> httpx.Response:
+            sent.extend(orjson.loads(request.content)["phones"])
+            return ok(request)
+
+        result = await run(c, tmp_path, handler)
+        lines = [orjson.loads(x) for x in (tmp_path / "run" / "ledger.jsonl").read_bytes().splitlines()]
+        reasons = {x["k"]: x["e"] for x in lines if x.get("s") == "rejected"}
+        assert reasons == {"k3": "suppressed", "k4": "suppressed", "k6": "duplicate phone"}
+        assert result.counts["sent"] == 7 and len(sent) == len(set(sent)) == 7

@@ -237,6 +237,8 @@ class TestCampaign:
             ({"schedule": {"window": "08:00-21:00", "days": ["someday"]}}, "schedule.days"),
             ({"schedule": {"daily_cap": 10}}, "schedule.daily_cap"),
             ({"schedule": {"daily_cap": "many"}}, "schedule.daily_cap"),
+            ({"source": {"suppress": "no-such-file.txt"}}, "source.suppress"),
+            ({"source": {"dedupe_phone": "yes"}}, "source.dedupe_phone"),
         ],
     )
     def test_bad_fields_are_named(
