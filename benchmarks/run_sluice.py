@@ -197,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--gc",
         choices=("default", "cli"),
         default="default",
-        help="cli: gc.freeze() and gc.set_threshold(50000, 20, 100), as `sluice run` does",
+        help="cli: gc.freeze() and gc.set_threshold(10000, 10, 10), as `sluice run` does",
     )
     p.add_argument("--profile", choices=("cprofile", "sample", "pyinstrument"))
     p.add_argument("--profile-out", type=Path, help="also save the profile (pstats, JSON or text)")
@@ -243,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.gc == "cli":
         gc.freeze()
-        gc.set_threshold(50_000, 20, 100)
+        gc.set_threshold(10_000, 10, 10)
     cpu0 = time.process_time()
     t_call = time.monotonic()
     if prof is not None:
