@@ -196,21 +196,9 @@ def _rows(fingerprint: dict[str, Any], default: int | None) -> int | None:
 
 
 def run_status(run_dir: Path) -> dict[str, Any]:
-    """Counts by status for a run directory, read from its ledger."""
+    """Counts by status for a run directory, read from its ledger (see ``sluice status``)."""
+    from pipeline.summary import status_counts
+
     rd = RunDir(run_dir)
     rd.load()
-    state = replay(rd.ledger)
-    counts = state.counts()
-    inflight = counts.pop("inflight")
-    out: dict[str, Any] = {
-        "sent": counts["sent"],
-        "failed": counts["failed"],
-        "rejected": counts["rejected"],
-        # A row in flight in a stopped run is unknown (resume writes it so).
-        "unknown": counts["unknown"] + inflight,
-        "deferred": counts["deferred"],
-        "pending": counts["pending"],
-        "source_rows": state.eof_rows,
-    }
-    out["complete"] = state.eof_rows is not None and out["pending"] == 0 and out["deferred"] == 0
-    return out
+    return status_counts(replay(rd.ledger))

@@ -13,38 +13,16 @@ from typing import IO, Any
 
 import orjson
 
-from pipeline.ledger import replay
+from pipeline.ledger import LedgerState, replay
 from pipeline.rundir import RunDir
 
-__all__ = ("export_rows", "summarize")
+__all__ = ("export_rows", "status_counts", "summarize")
 
 
-def summarize(run_dir: Path) -> dict[str, Any]:
-    """Counts by status and by error code, first and last send, average rate."""
-    rd = RunDir(run_dir)
-    rd.load()
-    state = replay(rd.ledger)
+def status_counts(state: LedgerState) -> dict[str, Any]:
+    """The counts ``sluice status --json`` promises, from a replayed ledger."""
     counts = state.counts()
     inflight = counts.pop("inflight")
-    codes: Counter[str] = Counter()
-    attempts: Counter[str] = Counter()
-    first = last = None
-    batches = 0
-    if rd.ledger.exists():
-        with rd.ledger.open("rb") as f:
-            for line in f:
-                if line.startswith(b'{"r":'):
-                    if b'"c":' in line:
-                        obj = orjson.loads(line)
-                        codes[f"{obj['s']}:{obj['c']}"] += 1
-                elif line.startswith(b'{"b":'):
-                    obj = orjson.loads(line)
-                    batches += 1
-                    attempts[f"{obj['s']}:{obj.get('c', '')}"] += 1
-                    t = obj.get("t")
-                    if t is not None:
-                        first = t if first is None else min(first, t)
-                        last = t if last is None else max(last, t)
     out: dict[str, Any] = {
         "sent": counts["sent"],
         "failed": counts["failed"],
@@ -56,8 +34,34 @@ def summarize(run_dir: Path) -> dict[str, Any]:
         "source_rows": state.eof_rows,
     }
     out["complete"] = (
-        state.eof_rows is not None and out["pending"] == 0 and out["deferred"] == 0 and not inflight
+        state.eof_rows is not None and not out["pending"] and not out["deferred"] and not inflight
     )
+    return out
+
+
+def summarize(run_dir: Path) -> dict[str, Any]:
+    """Counts by status and by error code, first and last send, average rate."""
+    rd = RunDir(run_dir)
+    rd.load()
+    state = replay(rd.ledger)
+    codes: Counter[str] = Counter()
+    attempts: Counter[str] = Counter()
+    first = last = None
+    if rd.ledger.exists():
+        with rd.ledger.open("rb") as f:
+            for line in f:
+                if line.startswith(b'{"r":'):
+                    if b'"c":' in line:
+                        obj = orjson.loads(line)
+                        codes[f"{obj['s']}:{obj['c']}"] += 1
+                elif line.startswith(b'{"b":'):
+                    obj = orjson.loads(line)
+                    attempts[f"{obj['s']}:{obj.get('c', '')}"] += 1
+                    t = obj.get("t")
+                    if t is not None:
+                        first = t if first is None else min(first, t)
+                        last = t if last is None else max(last, t)
+    out = status_counts(state)
     out["codes"] = dict(codes.most_common())
     out["attempts"] = dict(attempts.most_common())
     out["first_send"] = first
