@@ -4,6 +4,7 @@ For each unknown row: the ``OutId`` and time of its last intent come from the
 ledger, its number from re-reading the source. Then, per provider:
 
 * Aliyun: ``QuerySendDetails`` (number + Beijing date) for a record with the batch's ``OutId``;
+* Aliyun card: ``GetCardSmsDetails`` the same way (``SendStatus`` 2 or 4 is a failure);
 * NXCloud: the record query for the recipient's ``sysMessageId`` (derived from its key);
 * SUBMAIL: ``sms/log`` pages over the time window of the unknown sends (SUBMAIL answers
   it once a minute, so the default pace is one page a minute), matched by number.
@@ -34,13 +35,14 @@ import structlog
 from pipeline.account import make_provider, protocol_of
 from pipeline.api import pinned_campaign
 from pipeline.engine import open_source
-from pipeline.errors import CampaignError, SluiceError
+from pipeline.errors import CampaignError
 from pipeline.ledger import LedgerWriter, Status, replay
 from pipeline.limit import RateGovernor
 from pipeline.render import normalize_phone
 from pipeline.rundir import RunDir
 from pipeline.transport import AiohttpTransport
 from providers.aliyun import AliyunSms, CredentialsError, aliyun_phone
+from providers.aliyun_card import AliyunCardSms, parse_card_details
 from providers.aliyun_query import beijing_date, parse_query
 from providers.base import Message, Provider
 from providers.nxcloud import NxcloudSms, parse_record
@@ -103,8 +105,6 @@ async def reconcile_run(
     campaign, doc = pinned_campaign(rd)
     provider = make_provider(campaign, run_id=doc["run_id"], endpoint=endpoint)
     protocol = protocol_of(campaign)
-    if protocol == "aliyun-card":
-        raise SluiceError("reconciling card SMS (GetCardSmsDetails) is not supported yet")
     if isinstance(provider, NxcloudSms):
         try:  # the record query authenticates with the app's own secret
             provider.record_query_request("probe-0000000000", "20260101")
@@ -159,7 +159,13 @@ async def reconcile_run(
         if isinstance(provider, SubmailSms):
             await _submail(provider, todo, fetch, record)
         else:
-            lookup = _aliyun if isinstance(provider, AliyunSms) else _nxcloud
+            lookup = (
+                _aliyun
+                if isinstance(provider, AliyunSms)
+                else _card
+                if isinstance(provider, AliyunCardSms)
+                else _nxcloud
+            )
             send, recv = anyio.create_memory_object_stream[_Unknown](concurrency)
 
             async def worker(stream: anyio.abc.ObjectReceiveStream[_Unknown]) -> None:
@@ -206,6 +212,27 @@ async def _aliyun(provider: Provider, item: _Unknown, fetch: Fetch) -> str:
         for rec in records:
             if rec.out_id == item.out_id:
                 return f"failed:{rec.err_code or 'SendStatus2'}" if rec.send_status == 2 else "sent"
+        if page * 50 >= total:
+            return "missing"
+        page += 1
+
+
+async def _card(provider: Provider, item: _Unknown, fetch: Fetch) -> str:
+    """GetCardSmsDetails by number and day, matched on the batch's OutId (2 and 4 are failures)."""
+    assert isinstance(provider, AliyunCardSms)
+    day = beijing_date(item.sent_at)
+    page = 1
+    while True:
+        code, total, records = parse_card_details(
+            await fetch(provider.card_details_request(aliyun_phone(item.phone), day, page=page))
+        )
+        if code.startswith("Throttling"):
+            continue
+        if code != "OK":
+            return f"error:{code}"
+        for rec in records:
+            if rec.out_id == item.out_id:
+                return f"failed:{rec.err_code or 'SendStatus'}" if rec.send_status in (2, 4) else "sent"
         if page * 50 >= total:
             return "missing"
         page += 1

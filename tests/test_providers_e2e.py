@@ -109,7 +109,7 @@ def test_faults_kill_resume_none_twice(tmp_path: Path, name: str) -> None:
     assert Counter(statuses.values())["sent"] > len(phones) // 2
 
 
-@pytest.mark.parametrize("name", ["nxcloud", "submail-batchsend"])
+@pytest.mark.parametrize("name", ["aliyun-card", "nxcloud", "submail-batchsend"])
 def test_reconcile_then_resume_sends_everyone_exactly_once(tmp_path: Path, name: str) -> None:
     provider, message, batch = PROVIDERS[name]
     phones = write_recipients(tmp_path / "recipients.csv", 1500)

@@ -1,4 +1,4 @@
-"""The simulated Aliyun dysmsapi gateway: SendBatchSms, SendBatchCardSms, QuerySendDetails.
+"""The simulated Aliyun dysmsapi gateway: SendBatchSms, SendBatchCardSms, QuerySendDetails, GetCardSmsDetails.
 
 Facts from PROTOCOLS.md §1. Parameters come from the query and, for
 ``application/x-www-form-urlencoded`` bodies, the form. Order of checks:
@@ -231,6 +231,8 @@ class AliyunGateway:
             self._send(conn, params, action, fault)
         elif action == "QuerySendDetails":
             conn.respond(200, self._query(params), delay=self._delay())
+        elif action == "GetCardSmsDetails":
+            conn.respond(200, self._card_query(params), delay=self._delay())
         else:
             raise _Reject(404, "InvalidAction.NotFound")
 
@@ -346,6 +348,27 @@ class AliyunGateway:
             "Code": "OK", "Message": "OK", "RequestId": self._ids.request_id(), "TotalCount": len(rows),
             "SmsSendDetailDTOs": {"SmsSendDetailDTO": dtos},
         })
+
+    def _card_query(self, params: dict[str, str]) -> bytes:
+        """``GetCardSmsDetails``: the card sends to a number on a day (``SendStatus`` 3 = success)."""
+        for name in ("PhoneNumber", "SendDate"):
+            if not params.get(name):
+                raise _missing(name)
+        if self._receipts.index is None:
+            raise _Reject(503, "ServiceUnavailable", "GetCardSmsDetails needs the simulator's receipt index.")
+        phone, date = params["PhoneNumber"], params["SendDate"]
+        biz = params.get("BizCardId")
+        rows = [s for s in self._receipts.lookup(phone_key(phone))
+                if _beijing(s.t, "%Y%m%d") == date and (not biz or s.biz_id == biz)]  # fmt: skip
+        records = [
+            {"OutId": s.out_id, "SendStatus": 3, "RenderStatus": 1, "ErrCode": "DELIVERED",
+             "ReceiveDate": _beijing(s.t + 1, "%Y-%m-%d %H:%M:%S"), "PhoneNumber": phone}
+            for s in rows[:50]
+        ]  # fmt: skip
+        return orjson.dumps({
+            "Code": "OK", "Message": "OK", "RequestId": self._ids.request_id(), "Success": True,
+            "CardSendDetailDTO": {"TotalCount": len(rows), "Records": records},
+        })  # fmt: skip
 
     # -- answers ---------------------------------------------------------------------------------
     def _delay(self) -> float:
