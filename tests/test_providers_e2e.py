@@ -12,6 +12,7 @@ import pytest
 from tests.helpers import final_statuses, simulator, sluice, write_recipients
 
 PROVIDERS = {
+    "aliyun": ('protocol = "aliyun"', 'template_code = "SMS_1"\nparams = { code = "{code}" }', 100),
     "aliyun-card": (
         'protocol = "aliyun-card"',
         'card_template_code = "CARD_1"\nfallback_type = "SMS"\ntemplate_code = "SMS_1"\n'
@@ -109,8 +110,8 @@ def test_faults_kill_resume_none_twice(tmp_path: Path, name: str) -> None:
     assert Counter(statuses.values())["sent"] > len(phones) // 2
 
 
-@pytest.mark.parametrize("name", ["aliyun-card", "nxcloud", "submail-batchsend"])
-def test_reconcile_then_resume_sends_everyone_exactly_once(tmp_path: Path, name: str) -> None:
+@pytest.mark.parametrize("name", ["aliyun", "aliyun-card", "nxcloud", "submail-batchsend"])
+def test_faults_crash_resume_reconcile_resume_everyone_exactly_once(tmp_path: Path, name: str) -> None:
     provider, message, batch = PROVIDERS[name]
     phones = write_recipients(tmp_path / "recipients.csv", 1500)
     ledger = tmp_path / "run" / "ledger.jsonl"
@@ -119,6 +120,14 @@ def test_reconcile_then_resume_sends_everyone_exactly_once(tmp_path: Path, name:
     with simulator(tmp_path, *args) as sim:
         c = campaign(tmp_path / "c.toml", sim.url, provider, message, min(batch, 100))
         p = sluice("run", str(c))
+        deadline = time.monotonic() + 60
+        while p.poll() is None and time.monotonic() < deadline:
+            if ledger.exists() and ledger.read_bytes().count(b'{"i":') >= 3:
+                break
+            time.sleep(0.01)  # polling a condition, bounded by the deadline
+        p.kill()  # a crash mid-run
+        p.communicate()
+        p = sluice("resume", str(tmp_path / "run"))
         _, err = p.communicate(timeout=120)
         assert p.returncode == 3, err.decode()
         before = final_statuses(ledger)
