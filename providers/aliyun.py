@@ -34,6 +34,7 @@ __all__ = (
     "CredentialsError",
     "aliyun_phone",
     "classify",
+    "codeless_outcome",
     "parse_v3_authorization",
     "percent_encode",
     "rpc_signature",
@@ -369,6 +370,23 @@ def _retry_after(headers: httpx.Headers) -> float | None:
 
 
 # -- the provider ---------------------------------------------------------------------------
+def codeless_outcome(response: httpx.Response, message: str | None, extra: dict[str, object]) -> BatchOutcome:
+    """A response with no usable ``Code``: a 2xx or 5xx reached the provider and may have
+    been processed (unknown); another 4xx refused the whole request; 429 is a throttle."""
+    status = response.status_code
+    if status == 429:
+        kind = Outcome.THROTTLED
+    else:
+        kind = Outcome.FATAL if 400 <= status < 500 else Outcome.UNKNOWN
+    return BatchOutcome(
+        kind,
+        code=f"HTTP{status}",
+        message=message or "response without an Aliyun Code",
+        retry_after=_retry_after(response.headers) if kind is Outcome.THROTTLED else None,
+        extra=extra,
+    )
+
+
 def aliyun_phone(phone: str) -> str:
     """E.164 digits → Aliyun's form: bare 11 digits for mainland mobiles, else CC + number."""
     return phone[2:] if len(phone) == 13 and phone[:3] == "861" else phone
@@ -516,18 +534,7 @@ class AliyunSms:
         message = data.get("Message")
         message = message[:500] if isinstance(message, str) and message else None
         if not isinstance(code, str) or not code:
-            # No usable Code. A 2xx or 5xx reached the provider and may have been processed.
-            if status == 429:
-                kind = Outcome.THROTTLED
-            else:
-                kind = Outcome.FATAL if 400 <= status < 500 else Outcome.UNKNOWN
-            return BatchOutcome(
-                kind,
-                code=f"HTTP{status}",
-                message=message or "response without an Aliyun Code",
-                retry_after=_retry_after(response.headers) if kind is Outcome.THROTTLED else None,
-                extra=extra,
-            )
+            return codeless_outcome(response, message, extra)
         if code == "OK":
             if 200 <= status < 300:
                 biz_id = data.get("BizId")

@@ -50,6 +50,7 @@ from providers.aliyun import (
     _retry_after,
     aliyun_phone,
     classify,
+    codeless_outcome,
     percent_encode,
     rpc_signature,
     v3_sign_headers,
@@ -318,18 +319,7 @@ class AliyunCardSms:
         message = data.get("Message")
         message = message[:500] if isinstance(message, str) and message else None
         if not isinstance(code, str) or not code:
-            # No usable Code. A 2xx or 5xx reached the provider and may have been processed.
-            if status == 429:
-                kind = Outcome.THROTTLED
-            else:
-                kind = Outcome.FATAL if 400 <= status < 500 else Outcome.UNKNOWN
-            return BatchOutcome(
-                kind,
-                code=f"HTTP{status}",
-                message=message or "response without an Aliyun Code",
-                retry_after=_retry_after(response.headers) if kind is Outcome.THROTTLED else None,
-                extra=extra,
-            )
+            return codeless_outcome(response, message, extra)
         if code != "OK":
             kind = classify(code, status)
             if state in (0, 2) and kind is not Outcome.UNKNOWN:
