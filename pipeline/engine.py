@@ -96,7 +96,12 @@ def open_source(
 
         return open_db_source(campaign, run_dir=run_dir, state=state, skip=skip)
     if spec.kind == "csv":
-        return CsvSource(Path(spec.path), delimiter=spec.delimiter)
+        settled = None
+        if state is not None and skip is not None:
+            # Rows a resume skips only need what de-duplication reads: the key and the phone.
+            keep = tuple(c for c in (spec.key, spec.phone if spec.dedupe_phone else None) if c)
+            settled = (state.status, skip, keep)
+        return CsvSource(Path(spec.path), delimiter=spec.delimiter, settled=settled)
     return JsonlSource(Path(spec.path))
 
 

@@ -107,9 +107,10 @@ class LedgerState:
     torn_tail: int = 0
 
     def reserve(self, row: int) -> None:
-        """Make room for rows up to ``row`` (growing by half, amortised)."""
+        """Make room for rows up to ``row``, a MiB at a time: growing by half would leave
+        up to 50 % of the array unused at 10M rows (a flat-memory goal)."""
         if row >= len(self.status):
-            self.status.extend(bytes(max(row + 1 - len(self.status), len(self.status) // 2)))
+            self.status.extend(bytes(max(row + 1 - len(self.status), 1 << 20)))
 
     def set(self, row: int, status: int) -> None:
         self.reserve(row)

@@ -78,6 +78,9 @@ class CsvSource:
 
     path: Path
     delimiter: str = ","
+    # (status bytes per row, skip table, columns to keep): rows whose status the table
+    # skips are yielded with only those columns, sparing a dict of every column.
+    settled: tuple[bytearray, bytes, tuple[str, ...]] | None = None
 
     def _open(self) -> tuple[Iterator[list[str]], list[str] | None, object]:
         try:
@@ -109,13 +112,20 @@ class CsvSource:
                 return
             row = 0
             chunk: Rows = []
+            status, skip, keep = self.settled or (bytearray(), bytes(256), ())
+            n_status = len(status)
+            keep_at = [(c, header.index(c)) for c in keep if c in header]
             while True:
                 try:
                     for values in reader:
                         if values:  # a blank line is not a record
                             row += 1
-                            # zip stops at the shorter side: extra cells dropped, missing ones absent
-                            chunk.append((row, dict(zip(header, values))))  # noqa: B905
+                            if row < n_status and skip[status[row]]:
+                                kept = {c: values[i] for c, i in keep_at if i < len(values)}
+                                chunk.append((row, kept))
+                            else:
+                                # zip stops at the shorter side: extra cells dropped, missing absent
+                                chunk.append((row, dict(zip(header, values))))  # noqa: B905
                             if len(chunk) >= CHUNK_ROWS:
                                 break
                     else:
