@@ -365,7 +365,7 @@ async def run_campaign(
     """Run (or resume) ``campaign`` into ``run_dir``; returns when every row is settled,
     the source is exhausted, or the run was stopped.
 
-    The run directory must have been created (see :mod:`pipeline.runs`).
+    The run directory must have been created (``pipeline.api.start_run`` does it).
     """
     if not run_dir.exists():
         raise RunDirError(f"{run_dir.path} has no run.json")
