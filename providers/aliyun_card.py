@@ -55,8 +55,16 @@ from providers.aliyun import (
     rpc_signature,
     v3_sign_headers,
 )
-from providers.base import Batch, BatchOutcome, Clock, Message, NonceSource, Outcome, RecipientOutcome
-from providers.submail import summarize
+from providers.base import (
+    Batch,
+    BatchOutcome,
+    Clock,
+    Message,
+    NonceSource,
+    Outcome,
+    RecipientOutcome,
+    summarize,
+)
 
 __all__ = (
     "CHANNELS",

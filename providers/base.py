@@ -23,7 +23,8 @@ Outcome classes, from PROTOCOLS.md::
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Hashable, Mapping, Sequence
+import math
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -39,6 +40,11 @@ __all__ = (
     "Provider",
     "RecipientOutcome",
     "classify_transport_error",
+    "match_entries",
+    "result_code",
+    "retry_after_seconds",
+    "summarize",
+    "whole_request",
 )
 
 
@@ -148,3 +154,124 @@ def classify_transport_error(exc: httpx.TransportError) -> BatchOutcome:
     if isinstance(exc, httpx.UnsupportedProtocol | httpx.ProxyError):
         return BatchOutcome(Outcome.FATAL, code=name, message=str(exc) or None)
     return BatchOutcome(Outcome.UNKNOWN, code=name, message=str(exc) or None)
+
+
+# -- helpers for providers that report per-recipient results ---------------------------------
+
+
+def match_entries(
+    entries: Sequence[object],
+    keys: Sequence[str],
+    entry_keys: Callable[[object], Iterable[str]],
+) -> list[object | None]:
+    """Pair result entries with the batch's recipients.
+
+    ``keys[i]`` identifies recipient ``i`` (phone, message id); ``entry_keys`` gives the
+    candidate keys an entry carries. An entry goes to the recipient with its key (its own
+    position first, then the first free one); entries without a usable key fall back to
+    their position, but only when there are exactly as many entries as recipients.
+    Recipients left without an entry get ``None``.
+    """
+    out: list[object | None] = [None] * len(keys)
+    slots: dict[str, list[int]] = {}
+    for i, k in enumerate(keys):
+        slots.setdefault(k, []).append(i)
+    positional = len(entries) == len(keys)
+    leftover: list[int] = []
+    for pos, entry in enumerate(entries):
+        target = None
+        for k in entry_keys(entry):
+            free = [i for i in slots.get(k, ()) if out[i] is None]
+            if free:
+                target = pos if pos in free else free[0]
+                break
+        if target is None:
+            leftover.append(pos)
+        else:
+            out[target] = entry
+    if positional:
+        for pos in leftover:
+            if out[pos] is None:
+                out[pos] = entries[pos]
+    return out
+
+
+_NOT_ACCEPTED = frozenset({Outcome.RETRY, Outcome.THROTTLED, Outcome.FATAL})
+
+
+def summarize(
+    recipients: Sequence[RecipientOutcome],
+    *,
+    provider_id: str | None = None,
+    extra: Mapping[str, object] | None = None,
+    retry_after: float | None = None,
+) -> BatchOutcome:
+    """One :class:`BatchOutcome` for per-recipient results.
+
+    The engine retries or stops on the *batch* outcome, so it is only RETRY, THROTTLED or
+    FATAL (without ``recipients``) when no recipient at all was accepted. Otherwise it is
+    SENT if any was accepted, else UNKNOWN if any may have been, else FAILED if all failed,
+    else DEFER; recipients refused with a RETRY/THROTTLED/FATAL class are then written as
+    deferred by the ledger (a later resume sends them).
+    """
+    kinds = {r.outcome for r in recipients}
+    extra = dict(extra or {})
+    kind: Outcome
+    if kinds and kinds <= _NOT_ACCEPTED:
+        kind = next(k for k in (Outcome.FATAL, Outcome.THROTTLED, Outcome.RETRY) if k in kinds)
+        first = next(r for r in recipients if r.outcome is kind)
+        return BatchOutcome(
+            kind, code=first.code, provider_id=provider_id, retry_after=retry_after, extra=extra
+        )
+    if Outcome.SENT in kinds:
+        kind = Outcome.SENT
+    elif Outcome.UNKNOWN in kinds:
+        kind = Outcome.UNKNOWN
+    elif kinds == {Outcome.FAILED}:
+        kind = Outcome.FAILED
+    else:
+        kind = Outcome.DEFER
+    codes = {r.code for r in recipients}
+    counts: dict[str, int] = {}
+    for r in recipients:
+        counts[r.outcome.value] = counts.get(r.outcome.value, 0) + 1
+    return BatchOutcome(
+        kind,
+        code=codes.pop() if len(codes) == 1 and len(kinds) == 1 else None,
+        message=", ".join(f"{n} {name}" for name, n in counts.items()),
+        provider_id=provider_id,
+        recipients=list(recipients),
+        extra=extra,
+    )
+
+
+def whole_request(kind: Outcome, recipients: int) -> Outcome:
+    """A per-recipient class (FAILED) given for a whole request of several recipients.
+
+    Nothing was sent and we cannot tell whose fault it is, so no recipient is failed:
+    they are deferred (the code is kept) and a resume, or a smaller batch, sends them.
+    """
+    return Outcome.DEFER if kind is Outcome.FAILED and recipients > 1 else kind
+
+
+def result_code(value: object) -> str | None:
+    """A result code as text (providers send both ``"108"`` and ``108``)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return str(int(value))[:64]
+    if isinstance(value, str) and value.strip():
+        return value.strip()[:64]
+    return None
+
+
+def retry_after_seconds(headers: httpx.Headers) -> float | None:
+    """``Retry-After`` in seconds, when usable (capped at an hour)."""
+    raw = headers.get("retry-after")
+    try:
+        seconds = float(raw.strip()) if raw is not None else math.nan
+    except ValueError:
+        return None
+    return min(seconds, 3600.0) if math.isfinite(seconds) and seconds > 0 else None

@@ -39,7 +39,6 @@ from __future__ import annotations
 import datetime
 import hashlib
 import hmac
-import math
 import os
 import re
 import time
@@ -52,8 +51,19 @@ import httpx
 import orjson
 
 from providers.aliyun import CredentialsError
-from providers.base import Batch, BatchOutcome, Clock, Message, Outcome, RecipientOutcome
-from providers.submail import match_entries, summarize, whole_request
+from providers.base import (
+    Batch,
+    BatchOutcome,
+    Clock,
+    Message,
+    Outcome,
+    RecipientOutcome,
+    match_entries,
+    result_code,
+    retry_after_seconds,
+    summarize,
+    whole_request,
+)
 
 __all__ = (
     "CODE_CLASSES",
@@ -217,18 +227,6 @@ def classify(code: str | None, http_status: int) -> Outcome:
     return Outcome.FATAL
 
 
-def _code(value: object) -> str | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
-        return str(int(value))[:64]
-    if isinstance(value, str) and value.strip():
-        return value.strip()[:64]
-    return None
-
-
 def _text(data: Mapping[str, object]) -> str | None:
     for name in ("message", "msg", "result"):
         value = data.get(name)
@@ -242,15 +240,6 @@ def _loads(content: bytes) -> Any:
         return orjson.loads(content)
     except orjson.JSONDecodeError:
         return None
-
-
-def _retry_after(headers: httpx.Headers) -> float | None:
-    raw = headers.get("retry-after")
-    try:
-        seconds = float(raw.strip()) if raw is not None else math.nan
-    except ValueError:
-        return None
-    return min(seconds, 3600.0) if math.isfinite(seconds) and seconds > 0 else None
 
 
 # -- legacy record query ----------------------------------------------------------------------
@@ -274,7 +263,7 @@ def parse_record(response: httpx.Response) -> RecordResult:
     data = _loads(response.content)
     if not isinstance(data, dict):
         return RecordResult(f"HTTP{response.status_code}", message="unreadable response")
-    code = _code(data.get("code")) or f"HTTP{response.status_code}"
+    code = result_code(data.get("code")) or f"HTTP{response.status_code}"
     row = data.get("row")
     return RecordResult(code, row if isinstance(row, dict) and code == "0" else None, _text(data))
 
@@ -403,7 +392,7 @@ class NxcloudSms:
     def parse_response(self, batch: Batch, response: httpx.Response) -> BatchOutcome:
         status = response.status_code
         data = _loads(response.content)
-        code = _code(data.get("code")) if isinstance(data, dict) else None
+        code = result_code(data.get("code")) if isinstance(data, dict) else None
         if not isinstance(data, dict) or code is None:
             # No usable code. A 2xx or 5xx reached NXCloud and may have been processed.
             if status == 429:
@@ -414,12 +403,12 @@ class NxcloudSms:
                 kind,
                 code=f"HTTP{status}",
                 message=(_text(data) if isinstance(data, dict) else None) or "response without a code",
-                retry_after=_retry_after(response.headers) if kind is Outcome.THROTTLED else None,
+                retry_after=retry_after_seconds(response.headers) if kind is Outcome.THROTTLED else None,
             )
         message = _text(data)
         if code == "0" and not 200 <= status < 300:  # contradicts itself: may have been accepted
             return BatchOutcome(Outcome.UNKNOWN, code=f"HTTP{status}", message=message or code)
-        retry_after = _retry_after(response.headers)
+        retry_after = retry_after_seconds(response.headers)
         items = self._items(data)
         if items is None:
             kind = whole_request(classify(code, status), len(batch.messages))
@@ -449,7 +438,7 @@ class NxcloudSms:
             return RecipientOutcome(Outcome.UNKNOWN, code="NoResult")
         ids = self._entry_ids(entry)
         provider_id = ids[0] if ids else None
-        code = _code(entry.get("code")) if isinstance(entry, dict) else None
+        code = result_code(entry.get("code")) if isinstance(entry, dict) else None
         code = code or top_code  # an item without its own code takes the request's
         kind = classify(code, http_status)
         return RecipientOutcome(kind, code=None if kind is Outcome.SENT else code, provider_id=provider_id)

@@ -40,7 +40,7 @@ import math
 import os
 import time
 import urllib.parse
-from collections.abc import Callable, Collection, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -48,7 +48,19 @@ import httpx
 import orjson
 
 from providers.aliyun import CredentialsError
-from providers.base import Batch, BatchOutcome, Clock, Message, Outcome, RecipientOutcome
+from providers.base import (
+    Batch,
+    BatchOutcome,
+    Clock,
+    Message,
+    Outcome,
+    RecipientOutcome,
+    match_entries,
+    result_code,
+    retry_after_seconds,
+    summarize,
+    whole_request,
+)
 
 __all__ = (
     "CODE_CLASSES",
@@ -208,117 +220,8 @@ def classify(code: str | None, http_status: int) -> Outcome:
     return Outcome.FATAL
 
 
-# -- result helpers (shared with providers.nxcloud) -----------------------------------------
-def match_entries(
-    entries: Sequence[object],
-    keys: Sequence[str],
-    entry_keys: Callable[[object], Iterable[str]],
-) -> list[object | None]:
-    """Pair result entries with the batch's recipients.
-
-    ``keys[i]`` identifies recipient ``i`` (phone, message id); ``entry_keys`` gives the
-    candidate keys an entry carries. An entry goes to the recipient with its key (its own
-    position first, then the first free one); entries without a usable key fall back to
-    their position, but only when there are exactly as many entries as recipients.
-    Recipients left without an entry get ``None``.
-    """
-    out: list[object | None] = [None] * len(keys)
-    slots: dict[str, list[int]] = {}
-    for i, k in enumerate(keys):
-        slots.setdefault(k, []).append(i)
-    positional = len(entries) == len(keys)
-    leftover: list[int] = []
-    for pos, entry in enumerate(entries):
-        target = None
-        for k in entry_keys(entry):
-            free = [i for i in slots.get(k, ()) if out[i] is None]
-            if free:
-                target = pos if pos in free else free[0]
-                break
-        if target is None:
-            leftover.append(pos)
-        else:
-            out[target] = entry
-    if positional:
-        for pos in leftover:
-            if out[pos] is None:
-                out[pos] = entries[pos]
-    return out
-
-
-_NOT_ACCEPTED = frozenset({Outcome.RETRY, Outcome.THROTTLED, Outcome.FATAL})
-
-
-def summarize(
-    recipients: Sequence[RecipientOutcome],
-    *,
-    provider_id: str | None = None,
-    extra: Mapping[str, object] | None = None,
-    retry_after: float | None = None,
-) -> BatchOutcome:
-    """One :class:`BatchOutcome` for per-recipient results.
-
-    The engine retries or stops on the *batch* outcome, so it is only RETRY, THROTTLED or
-    FATAL (without ``recipients``) when no recipient at all was accepted. Otherwise it is
-    SENT if any was accepted, else UNKNOWN if any may have been, else FAILED if all failed,
-    else DEFER; recipients refused with a RETRY/THROTTLED/FATAL class are then written as
-    deferred by the ledger (a later resume sends them).
-    """
-    kinds = {r.outcome for r in recipients}
-    extra = dict(extra or {})
-    kind: Outcome
-    if kinds and kinds <= _NOT_ACCEPTED:
-        kind = next(k for k in (Outcome.FATAL, Outcome.THROTTLED, Outcome.RETRY) if k in kinds)
-        first = next(r for r in recipients if r.outcome is kind)
-        return BatchOutcome(
-            kind, code=first.code, provider_id=provider_id, retry_after=retry_after, extra=extra
-        )
-    if Outcome.SENT in kinds:
-        kind = Outcome.SENT
-    elif Outcome.UNKNOWN in kinds:
-        kind = Outcome.UNKNOWN
-    elif kinds == {Outcome.FAILED}:
-        kind = Outcome.FAILED
-    else:
-        kind = Outcome.DEFER
-    codes = {r.code for r in recipients}
-    counts: dict[str, int] = {}
-    for r in recipients:
-        counts[r.outcome.value] = counts.get(r.outcome.value, 0) + 1
-    return BatchOutcome(
-        kind,
-        code=codes.pop() if len(codes) == 1 and len(kinds) == 1 else None,
-        message=", ".join(f"{n} {name}" for name, n in counts.items()),
-        provider_id=provider_id,
-        recipients=list(recipients),
-        extra=extra,
-    )
-
-
-def _code(value: object) -> str | None:
-    """A result code as text (SUBMAIL sends both ``"108"`` and ``108``)."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
-        return str(int(value))[:64]
-    if isinstance(value, str) and value.strip():
-        return value.strip()[:64]
-    return None
-
-
 def _text(value: object) -> str | None:
     return value[:500] if isinstance(value, str) and value else None
-
-
-def _retry_after(headers: httpx.Headers) -> float | None:
-    raw = headers.get("retry-after")
-    try:
-        seconds = float(raw.strip()) if raw is not None else math.nan
-    except ValueError:
-        return None
-    return min(seconds, 3600.0) if math.isfinite(seconds) and seconds > 0 else None
 
 
 def _loads(content: bytes) -> Any:
@@ -337,15 +240,6 @@ def _no_result(status: int, message: str | None = None) -> BatchOutcome:
     else:
         kind = Outcome.FATAL
     return BatchOutcome(kind, code=f"HTTP{status}", message=message or "response without a SUBMAIL result")
-
-
-def whole_request(kind: Outcome, recipients: int) -> Outcome:
-    """A per-recipient class (FAILED) given for a whole request of several recipients.
-
-    Nothing was sent and we cannot tell whose fault it is, so no recipient is failed:
-    they are deferred (the code is kept) and a resume, or a smaller batch, sends them.
-    """
-    return Outcome.DEFER if kind is Outcome.FAILED and recipients > 1 else kind
 
 
 # -- request helpers -----------------------------------------------------------------------------
@@ -389,7 +283,7 @@ def parse_log(response: httpx.Response) -> list[dict[str, object]]:
     """
     data = _loads(response.content)
     if not isinstance(data, dict) or data.get("status") != "success" or not 200 <= response.status_code < 300:
-        code = _code(data.get("code")) if isinstance(data, dict) else None
+        code = result_code(data.get("code")) if isinstance(data, dict) else None
         message = _text(data.get("msg")) if isinstance(data, dict) else None
         raise SubmailError(code or f"HTTP{response.status_code}", message or "sms/log did not succeed")
     rows = data.get("data")
@@ -616,13 +510,13 @@ class SubmailSms:
                 return self._per_recipient(batch, responses, response, provider_id, extra)
             return BatchOutcome(Outcome.SENT, provider_id=provider_id, extra=extra)
         if data.get("status") == "error":
-            code = _code(data.get("code"))
+            code = result_code(data.get("code"))
             kind = whole_request(classify(code, status), len(batch.messages))
             return BatchOutcome(
                 kind,
                 code=code or f"HTTP{status}",
                 message=message,
-                retry_after=_retry_after(response.headers) if kind is Outcome.THROTTLED else None,
+                retry_after=retry_after_seconds(response.headers) if kind is Outcome.THROTTLED else None,
             )
         return _no_result(status, message)
 
@@ -638,7 +532,10 @@ class SubmailSms:
         matched = match_entries(entries, [submail_phone(m.phone) for m in batch.messages], _entry_to)
         recipients = [_entry_outcome(e, response.status_code) for e in matched]
         return summarize(
-            recipients, provider_id=provider_id, extra=extra, retry_after=_retry_after(response.headers)
+            recipients,
+            provider_id=provider_id,
+            extra=extra,
+            retry_after=retry_after_seconds(response.headers),
         )
 
 
@@ -660,6 +557,6 @@ def _entry_outcome(entry: object, http_status: int) -> RecipientOutcome:
             fee=fee if isinstance(fee, int) and not isinstance(fee, bool) else None,
         )
     if state == "error":
-        code = _code(entry.get("code"))
+        code = result_code(entry.get("code"))
         return RecipientOutcome(classify(code, http_status), code=code or f"HTTP{http_status}")
     return RecipientOutcome(Outcome.UNKNOWN, code="NoResult")

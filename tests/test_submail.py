@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pipeline.batch import Batcher
-from providers.base import Batch, Message, Outcome, RecipientOutcome
+from providers.base import Batch, Message, Outcome, RecipientOutcome, match_entries, summarize
 from providers.submail import (
     CODE_CLASSES,
     CredentialsError,
@@ -19,14 +19,12 @@ from providers.submail import (
     SubmailError,
     SubmailSms,
     classify,
-    match_entries,
     parse_log,
     parse_timestamp,
     string_to_sign,
     submail_phone,
     submail_signature,
     submail_text,
-    summarize,
     verify,
 )
 

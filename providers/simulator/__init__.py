@@ -41,7 +41,11 @@ from providers.simulator.submail import SubmailGateway
 __all__ = (
     "DEFAULT_FAULT_MIX",
     "FAULT_KINDS",
-    "Simulator", "SimulatorConfig", "default_credentials", "run_forever", "serve",
+    "Simulator",
+    "SimulatorConfig",
+    "default_credentials",
+    "run_forever",
+    "serve",
 )
 
 
@@ -49,7 +53,12 @@ class Simulator:
     """A running simulator (from :func:`serve`)."""
 
     def __init__(
-        self, config: SimulatorConfig, host: str, port: int, stats: Stats, receipts: ReceiptLog,
+        self,
+        config: SimulatorConfig,
+        host: str,
+        port: int,
+        stats: Stats,
+        receipts: ReceiptLog,
         live: set[Connection],
     ) -> None:
         self.config = config

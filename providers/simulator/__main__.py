@@ -36,38 +36,66 @@ def _weights(text: str) -> dict[str, float]:
 
 def build_parser(prog: str = "python -m providers.simulator") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog=prog, description="Serve the SMS provider simulator (Aliyun dysmsapi, SUBMAIL v4, NXCloud).")
+        prog=prog, description="Serve the SMS provider simulator (Aliyun dysmsapi, SUBMAIL v4, NXCloud)."
+    )
     p.add_argument("--host", default="127.0.0.1", help="listen address (loopback unless --allow-remote)")
     p.add_argument("--port", type=int, default=0, help="0: a free port (the URL is printed)")
     p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --host")
     p.add_argument("--latency-ms", type=float, default=0.0, help="delay before every response")
     p.add_argument("--jitter-ms", type=float, default=0.0, help="plus a uniform random 0..N ms")
-    p.add_argument("--qps", type=int, default=0,
-                   help="requests per second per Aliyun AccessKeyId and NXCloud accessKey (0: unlimited)")
+    p.add_argument(
+        "--qps",
+        type=int,
+        default=0,
+        help="requests per second per Aliyun AccessKeyId and NXCloud accessKey (0: unlimited)",
+    )
     p.add_argument("--no-retry-after", action="store_true", help="no x-acs-retry-after header on throttles")
     p.add_argument("--fault-rate", type=float, default=0.0, help="fraction of send requests given a fault")
-    p.add_argument("--fault-mix", type=_weights, default=None,
-                   help=f"relative weights kind=w,... (default: all equal) of {', '.join(FAULT_KINDS)}")
+    p.add_argument(
+        "--fault-mix",
+        type=_weights,
+        default=None,
+        help=f"relative weights kind=w,... (default: all equal) of {', '.join(FAULT_KINDS)}",
+    )
     p.add_argument("--fault-rates", type=_weights, default=None, help="absolute per-kind rates kind=r,...")
     p.add_argument("--slow-ms", type=float, default=10_000.0, help="response delay of a 'slow' fault")
-    p.add_argument("--business-error-code", default="isv.MOBILE_NUMBER_ILLEGAL",
-                   help="Code of a 'business_error' fault")
+    p.add_argument(
+        "--business-error-code", default="isv.MOBILE_NUMBER_ILLEGAL", help="Code of a 'business_error' fault"
+    )
     p.add_argument("--receipts", type=Path, help="append every accepted recipient here (JSONL)")
     p.add_argument("--seed", type=int, help="seed of the fault and jitter draws")
     p.add_argument("--no-verify", action="store_true", help="skip access key, signature and version checks")
     p.add_argument("--no-time-check", action="store_true", help="skip timestamp windows")
     p.add_argument("--no-nonce-check", action="store_true", help="skip SignatureNonceUsed")
     p.add_argument("--no-index", action="store_true", help="no receipt index (QuerySendDetails unavailable)")
-    p.add_argument("--submail-hot-numbers", default="",
-                   help="comma-separated numbers SUBMAIL refuses with 115 (per-number frequency)")
-    p.add_argument("--submail-log-interval", type=float, default=60.0,
-                   help="seconds sms/log answers its cached result (0: always fresh)")
-    p.add_argument("--submail-qps", type=int, default=0,
-                   help="SUBMAIL requests per second per appid (HTTP 429; 0: unlimited)")
-    p.add_argument("--nxcloud-tps", type=int, default=None,
-                   help="NXCloud requests per second per accessKey (code 13008; default: --qps)")
-    p.add_argument("--minimal", action="store_true",
-                   help="benchmark mode: --no-verify --no-time-check --no-nonce-check --no-index")
+    p.add_argument(
+        "--submail-hot-numbers",
+        default="",
+        help="comma-separated numbers SUBMAIL refuses with 115 (per-number frequency)",
+    )
+    p.add_argument(
+        "--submail-log-interval",
+        type=float,
+        default=60.0,
+        help="seconds sms/log answers its cached result (0: always fresh)",
+    )
+    p.add_argument(
+        "--submail-qps",
+        type=int,
+        default=0,
+        help="SUBMAIL requests per second per appid (HTTP 429; 0: unlimited)",
+    )
+    p.add_argument(
+        "--nxcloud-tps",
+        type=int,
+        default=None,
+        help="NXCloud requests per second per accessKey (code 13008; default: --qps)",
+    )
+    p.add_argument(
+        "--minimal",
+        action="store_true",
+        help="benchmark mode: --no-verify --no-time-check --no-nonce-check --no-index",
+    )
     return p
 
 

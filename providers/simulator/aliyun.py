@@ -81,7 +81,8 @@ class _Reject(Exception):
 
 def _missing(name: str) -> _Reject:
     return _Reject(
-        400, "MissingParameter",
+        400,
+        "MissingParameter",
         f'The input parameter "{name}" that is mandatory for processing this request is not supplied.',
     )
 
@@ -127,7 +128,9 @@ class AliyunGateway:
         self._stats = stats
         self._receipts = receipts
         self._faults = FaultPlan(
-            config.fault_rate, config.fault_mix, config.fault_rates,
+            config.fault_rate,
+            config.fault_mix,
+            config.fault_rates,
             random.Random(None if seed is None else f"{seed}:faults"),
         )
         self._jitter_rng = random.Random(None if seed is None else f"{seed}:jitter")
@@ -244,14 +247,22 @@ class AliyunGateway:
         if v3:
             ok = verify_v3(req.method, req.path, query, h, req.body, secret)
             version, stamp, nonce, window = (
-                h.get("x-acs-version"), h.get("x-acs-date"), h.get("x-acs-signature-nonce"), V3_WINDOW)
+                h.get("x-acs-version"),
+                h.get("x-acs-date"),
+                h.get("x-acs-signature-nonce"),
+                V3_WINDOW,
+            )
             names = ("x-acs-version", "x-acs-date", "x-acs-signature-nonce")
         else:
             if "Signature" not in params:
                 raise _missing("Signature")
             ok = verify_v2(req.method, params, secret)
             version, stamp, nonce, window = (
-                params.get("Version"), params.get("Timestamp"), params.get("SignatureNonce"), V2_WINDOW)
+                params.get("Version"),
+                params.get("Timestamp"),
+                params.get("SignatureNonce"),
+                V2_WINDOW,
+            )
             names = ("Version", "Timestamp", "SignatureNonce")
         if not ok:
             raise _Reject(400, "SignatureDoesNotMatch")
@@ -295,14 +306,26 @@ class AliyunGateway:
         self._stats.accepted_requests += 1
         rid = self._ids.request_id()
         if card:
-            body = orjson.dumps({
-                "Code": "OK", "Success": True, "RequestId": rid,
-                "Data": {"BizCardId": biz, "BizSmsId": "", "BizDigitalId": "",
-                         "MediaMobiles": ",".join(phones), "NotMediaMobiles": "", "CardTmpState": 1},
-            })
+            body = orjson.dumps(
+                {
+                    "Code": "OK",
+                    "Success": True,
+                    "RequestId": rid,
+                    "Data": {
+                        "BizCardId": biz,
+                        "BizSmsId": "",
+                        "BizDigitalId": "",
+                        "MediaMobiles": ",".join(phones),
+                        "NotMediaMobiles": "",
+                        "CardTmpState": 1,
+                    },
+                }
+            )
         else:
             body = b'{"Code":"OK","Message":"OK","BizId":"%s","RequestId":"%s"}' % (
-                biz.encode(), rid.encode())
+                biz.encode(),
+                rid.encode(),
+            )
         delay = self._delay()
         if fault is None:
             conn.respond(200, body, delay=delay)
@@ -335,19 +358,34 @@ class AliyunGateway:
         if not (len(date) == 8 and date.isascii() and date.isdigit()):
             raise _Reject(200, "isv.INVALID_PARAMETERS", "SendDate must be yyyyMMdd.")
         biz = params.get("BizId")
-        rows = [s for s in self._receipts.lookup(phone_key(phone))
-                if _beijing(s.t, "%Y%m%d") == date and (not biz or s.biz_id == biz)]
+        rows = [
+            s
+            for s in self._receipts.lookup(phone_key(phone))
+            if _beijing(s.t, "%Y%m%d") == date and (not biz or s.biz_id == biz)
+        ]
         first = (int(page) - 1) * int(size)
         dtos = [
-            {"PhoneNum": phone, "SendStatus": 3, "ErrCode": "DELIVERED", "TemplateCode": s.template,
-             "Content": "", "SendDate": _beijing(s.t, "%Y-%m-%d %H:%M:%S"),
-             "ReceiveDate": _beijing(s.t + 1, "%Y-%m-%d %H:%M:%S"), "OutId": s.out_id}
+            {
+                "PhoneNum": phone,
+                "SendStatus": 3,
+                "ErrCode": "DELIVERED",
+                "TemplateCode": s.template,
+                "Content": "",
+                "SendDate": _beijing(s.t, "%Y-%m-%d %H:%M:%S"),
+                "ReceiveDate": _beijing(s.t + 1, "%Y-%m-%d %H:%M:%S"),
+                "OutId": s.out_id,
+            }
             for s in rows[first : first + int(size)]
         ]
-        return orjson.dumps({
-            "Code": "OK", "Message": "OK", "RequestId": self._ids.request_id(), "TotalCount": len(rows),
-            "SmsSendDetailDTOs": {"SmsSendDetailDTO": dtos},
-        })
+        return orjson.dumps(
+            {
+                "Code": "OK",
+                "Message": "OK",
+                "RequestId": self._ids.request_id(),
+                "TotalCount": len(rows),
+                "SmsSendDetailDTOs": {"SmsSendDetailDTO": dtos},
+            }
+        )
 
     def _card_query(self, params: dict[str, str]) -> bytes:
         """``GetCardSmsDetails``: the card sends to a number on a day (``SendStatus`` 3 = success)."""
@@ -377,15 +415,23 @@ class AliyunGateway:
         return self._latency
 
     def _gateway(
-        self, conn: Connection, status: int, code: str, message: str | None = None,
+        self,
+        conn: Connection,
+        status: int,
+        code: str,
+        message: str | None = None,
         headers: Sequence[tuple[str, str]] = (),
     ) -> None:
         rid = self._ids.request_id()
-        body = orjson.dumps({
-            "RequestId": rid, "HostId": HOST_ID, "Code": code,
-            "Message": message or _MESSAGES.get(code, code),
-            "Recommend": f"https://api.aliyun.com/troubleshoot?q={code}&product=Dysmsapi&requestId={rid}",
-        })
+        body = orjson.dumps(
+            {
+                "RequestId": rid,
+                "HostId": HOST_ID,
+                "Code": code,
+                "Message": message or _MESSAGES.get(code, code),
+                "Recommend": f"https://api.aliyun.com/troubleshoot?q={code}&product=Dysmsapi&requestId={rid}",
+            }
+        )
         conn.respond(status, body, headers, delay=self._delay())
 
     def _business(self, conn: Connection, code: str, message: str) -> None:
@@ -393,8 +439,11 @@ class AliyunGateway:
         conn.respond(200, body, delay=self._delay())
 
     def _throttle(self, conn: Connection, wait: float) -> None:
-        headers = [("x-acs-retry-after", str(max(1, int(wait * 1000 + 0.999))))] \
-            if self._cfg.retry_after_header else []
+        headers = (
+            [("x-acs-retry-after", str(max(1, int(wait * 1000 + 0.999))))]
+            if self._cfg.retry_after_header
+            else []
+        )
         self._gateway(conn, 400, "Throttling.User", headers=headers)
 
     def _pre_fault(self, conn: Connection, fault: str) -> None:
@@ -450,8 +499,11 @@ def _validate_send(params: dict[str, str], card: bool) -> tuple[list[str], list[
                 raise _Reject(200, "isv.INVALID_JSON_PARAM")
             if not s:
                 raise _Reject(200, "isv.SMS_SIGNATURE_ILLEGAL")
-    for name in (("CardTemplateParamJson", "SmsTemplateParamJson", "DigitalTemplateParamJson",
-                  "TemplateParamJson") if card else ("TemplateParamJson",)):
+    for name in (
+        ("CardTemplateParamJson", "SmsTemplateParamJson", "DigitalTemplateParamJson", "TemplateParamJson")
+        if card
+        else ("TemplateParamJson",)
+    ):
         if params.get(name):
             items = _json_list(params, name)
             if len(items) != n:
@@ -460,7 +512,8 @@ def _validate_send(params: dict[str, str], card: bool) -> tuple[list[str], list[
                 raise _Reject(200, "isv.INVALID_JSON_PARAM")
             # Variable values must be strings (the card's own parameters are objects).
             if name != "CardTemplateParamJson" and not set(
-                    map(type, itertools.chain.from_iterable(map(dict.values, items)))) <= {str}:
+                map(type, itertools.chain.from_iterable(map(dict.values, items)))
+            ) <= {str}:
                 raise _Reject(200, "isv.INVALID_JSON_PARAM")
     if params.get("SmsUpExtendCodeJson") and len(_json_list(params, "SmsUpExtendCodeJson")) != n:
         raise _Reject(200, "isv.INVALID_PARAMETERS", "SmsUpExtendCodeJson and PhoneNumberJson differ.")

@@ -36,12 +36,24 @@ def _raw(request: httpx.Request) -> bytes:
 
 
 def _requests(url: str, n: int, numbers: int, signature: str) -> list[bytes]:
-    sms = AliyunSms(credentials=TEST_CREDENTIALS, template_code="SMS_154950909", endpoint=url,
-                    signature="v2" if signature == "v2" else "v3")
+    sms = AliyunSms(
+        credentials=TEST_CREDENTIALS,
+        template_code="SMS_154950909",
+        endpoint=url,
+        signature="v2" if signature == "v2" else "v3",
+    )
     out = []
     for i in range(n):
-        msgs = [Message(j, f"k{j}", f"861{(i * numbers + j) % 10**10:010d}",
-                        {"name": f"n{j}", "code": f"{j % 1000000:06d}"}, "Acme") for j in range(numbers)]
+        msgs = [
+            Message(
+                j,
+                f"k{j}",
+                f"861{(i * numbers + j) % 10**10:010d}",
+                {"name": f"n{j}", "code": f"{j % 1000000:06d}"},
+                "Acme",
+            )
+            for j in range(numbers)
+        ]
         out.append(_raw(sms.build_request(Batch(i, msgs, out_id=f"bench-{i}"))))
     return out
 
@@ -114,8 +126,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             proc.wait(timeout=30)
     n = args.requests
     result = {
-        "requests": n, "numbers": args.numbers, "ok": ok, "signature": args.signature,
-        "minimal": args.minimal, "receipts": not args.no_receipts, "connections": args.connections,
+        "requests": n,
+        "numbers": args.numbers,
+        "ok": ok,
+        "signature": args.signature,
+        "minimal": args.minimal,
+        "receipts": not args.no_receipts,
+        "connections": args.connections,
         "simulator_args": args.sim_args,
         "server_cpu_us_per_request": round(delta["cpu_s"] / n * 1e6, 1),
         "server_cpu_bound_requests_per_s": round(n / delta["cpu_s"]) if delta["cpu_s"] else None,

@@ -141,8 +141,20 @@ class SimulatorConfig:
     nxcloud_business_error_code: int = 6
 
     def __post_init__(self) -> None:
-        if min(self.latency_ms, self.jitter_ms, self.slow_ms, self.qps, self.port, self.submail_qps,
-               self.submail_timestamp_window_s, self.submail_log_interval_s, self.nxcloud_tps or 0) < 0:
+        if (
+            min(
+                self.latency_ms,
+                self.jitter_ms,
+                self.slow_ms,
+                self.qps,
+                self.port,
+                self.submail_qps,
+                self.submail_timestamp_window_s,
+                self.submail_log_interval_s,
+                self.nxcloud_tps or 0,
+            )
+            < 0
+        ):
             raise ValueError("delays, windows, rate limits and port must not be negative")
         if not 0 <= self.fault_rate <= 1:
             raise ValueError("fault_rate must be between 0 and 1")

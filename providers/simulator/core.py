@@ -245,7 +245,11 @@ class Pacer:
         return self._latency
 
     def finish(
-        self, conn: Connection, body: bytes, fault: object, stats: Stats,
+        self,
+        conn: Connection,
+        body: bytes,
+        fault: object,
+        stats: Stats,
         headers: Iterable[tuple[str, str]] = (),
     ) -> None:
         """Answer a processed request with 200 ``body``, or as the drawn post-processing fault says."""

@@ -72,10 +72,18 @@ _MESSAGE_ID = re.compile(r"[0-9A-Za-z-]{10,50}")
 _SENDER = re.compile(r"[0-9A-Za-z]{1,20}")
 
 _MESSAGES = {
-    0: "Success", 1: "Application unavailable or wrong appKey", 4: "Empty content",
-    5: "Content too long", 6: "Invalid phone number", 8: "Invalid sourceAddress",
-    1001: "Missing common header parameters", 1002: "Parameter error", 1003: "Invalid signature",
-    1004: "Timestamp expired", 1005: "Insufficient permissions", 9000: "Parameter error",
+    0: "Success",
+    1: "Application unavailable or wrong appKey",
+    4: "Empty content",
+    5: "Content too long",
+    6: "Invalid phone number",
+    8: "Invalid sourceAddress",
+    1001: "Missing common header parameters",
+    1002: "Parameter error",
+    1003: "Invalid signature",
+    1004: "Timestamp expired",
+    1005: "Insufficient permissions",
+    9000: "Parameter error",
     13008: "TPS limit exceeded",
 }
 
@@ -104,10 +112,18 @@ class _Record:
         single, multi = (160, 153) if gsm else (70, 67)
         n = len(self.content)
         return {
-            "msgid": self.message_id, "phone": self.phone, "body": self.content, "senderid": self.sender,
-            "date": _beijing(self.t, _STAMP), "dr_time": _beijing(self.t + 1, _STAMP),
-            "dr": "DELIVRD", "dr_status": "Successful", "billing_size": 1 if n <= single else -(-n // multi),
-            "billing_price": 0.0, "billing_status": "Yes", "network": "",
+            "msgid": self.message_id,
+            "phone": self.phone,
+            "body": self.content,
+            "senderid": self.sender,
+            "date": _beijing(self.t, _STAMP),
+            "dr_time": _beijing(self.t + 1, _STAMP),
+            "dr": "DELIVRD",
+            "dr_status": "Successful",
+            "billing_size": 1 if n <= single else -(-n // multi),
+            "billing_price": 0.0,
+            "billing_status": "Yes",
+            "network": "",
         }
 
 
@@ -117,8 +133,10 @@ def _beijing(t: float, fmt: str) -> str:
 
 def _sign(headers: dict[str, str], body: bytes, secret: str, sha256: bool) -> str:
     """The documented string: the four headers A→Z, ``&body=`` + the exact bytes (when any), the secret."""
-    text = (f"accessKey={headers['accesskey']}&action={headers['action']}&bizType={headers['biztype']}"
-            f"&ts={headers['ts']}").encode()
+    text = (
+        f"accessKey={headers['accesskey']}&action={headers['action']}&bizType={headers['biztype']}"
+        f"&ts={headers['ts']}"
+    ).encode()
     if body:
         text += b"&body=" + body
     text += b"&accessSecret=" + secret.encode()
@@ -266,7 +284,7 @@ class NxcloudGateway:
         tail = f',"provider":"nxcloud","t":{t!r}}}\n'
         lines = [
             f'{{"phone":"{r.phone}","out_id":{orjson.dumps(sys_id).decode()},"message_id":'
-            f'{orjson.dumps(r.message_id).decode()}{tail}'
+            f"{orjson.dumps(r.message_id).decode()}{tail}"
             for r, sys_id in records
         ]
         self._receipts.write("".join(lines).encode(), len(records))
@@ -283,8 +301,9 @@ class NxcloudGateway:
         if not (appkey and secret and message_id and day):
             return _record_error("1", "params invalid")
         if self._cfg.verify and not any(
-                a.app_key == appkey and hmac.compare_digest(a.app_secret.encode(), secret.encode())
-                for a in self._accounts.values()):
+            a.app_key == appkey and hmac.compare_digest(a.app_secret.encode(), secret.encode())
+            for a in self._accounts.values()
+        ):
             return _record_error("2", "keys invalid")
         try:
             wanted = datetime.strptime(day, "%Y%m%d").date() if len(day) == 8 and day.isdigit() else None

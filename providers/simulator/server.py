@@ -44,10 +44,18 @@ _PIPELINE_LIMIT = 1024 * 1024  # buffered bytes past a busy request before readi
 JSON = b"application/json;charset=utf-8"
 
 _REASONS = {
-    100: b"Continue", 200: b"OK", 400: b"Bad Request", 403: b"Forbidden", 404: b"Not Found",
-    405: b"Method Not Allowed", 413: b"Content Too Large", 429: b"Too Many Requests",
+    100: b"Continue",
+    200: b"OK",
+    400: b"Bad Request",
+    403: b"Forbidden",
+    404: b"Not Found",
+    405: b"Method Not Allowed",
+    413: b"Content Too Large",
+    429: b"Too Many Requests",
     431: b"Request Header Fields Too Large",
-    500: b"Internal Server Error", 501: b"Not Implemented", 503: b"Service Unavailable",
+    500: b"Internal Server Error",
+    501: b"Not Implemented",
+    503: b"Service Unavailable",
     505: b"HTTP Version Not Supported",
 }
 _LINGER_RST = struct.pack("ii", 1, 0)
@@ -205,7 +213,11 @@ class Connection(asyncio.Protocol):
         req = self._current
         close = req is None or not req.keep_alive
         out = b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n" % (
-            status, _REASONS.get(status, b"Status"), content_type, len(body))
+            status,
+            _REASONS.get(status, b"Status"),
+            content_type,
+            len(body),
+        )
         for name, value in headers:
             out += f"{name}: {value}\r\n".encode("latin-1")
         out += b"Connection: close\r\n\r\n" if close else b"\r\n"
@@ -357,8 +369,10 @@ class Connection(asyncio.Protocol):
         if transport is not None and not transport.is_closing():
             reason = _REASONS[status]
             body = b'{"error":"%s"}' % reason
-            transport.write(b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
-                            b"Connection: close\r\n\r\n%s" % (status, reason, JSON, len(body), body))
+            transport.write(
+                b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
+                b"Connection: close\r\n\r\n%s" % (status, reason, JSON, len(body), body)
+            )
             transport.close()
         self._buf.clear()
 

@@ -67,8 +67,11 @@ SIGN_V2_EXCLUDED: Mapping[str, frozenset[str]] = {
     "multixsend": frozenset({"multi", "content"}),
 }
 _PATHS = {
-    "/sms/batchsend": "batchsend", "/sms/multisend": "multisend", "/sms/multixsend": "multixsend",
-    "/sms/log": "log", "/service/timestamp": "timestamp",
+    "/sms/batchsend": "batchsend",
+    "/sms/multisend": "multisend",
+    "/sms/multixsend": "multixsend",
+    "/sms/log": "log",
+    "/service/timestamp": "timestamp",
 }
 _MOBILE = re.compile(r"1[0-9]{10}")
 _PROJECT = re.compile(r"[0-9A-Za-z]{1,32}")
@@ -76,15 +79,24 @@ _VAR = re.compile(r"@var\(([^)]*)\)")
 _DAY = 86_400
 
 _MESSAGES = {
-    "101": "Incorrect APP ID", "107": "Invalid sign_type", "108": "Invalid signature",
-    "109": "Invalid appkey", "111": "Empty signature", "115": "This phone number request frequency limit",
-    "151": "timestamp error", "152": "Invalid timestamp", "252": "Incorrect recipient message address",
-    "305": "Project ID cannot be empty", "306": "Invalid Project ID",
+    "101": "Incorrect APP ID",
+    "107": "Invalid sign_type",
+    "108": "Invalid signature",
+    "109": "Invalid appkey",
+    "111": "Empty signature",
+    "115": "This phone number request frequency limit",
+    "151": "timestamp error",
+    "152": "Invalid timestamp",
+    "252": "Incorrect recipient message address",
+    "305": "Project ID cannot be empty",
+    "306": "Invalid Project ID",
     "307": "Incorrect json format, please check vars and link parameters",
-    "310": "The tag is limited to 32 characters", "401": "Message signature cannot be empty",
+    "310": "The tag is limited to 32 characters",
+    "401": "Message signature cannot be empty",
     "403": "Message content cannot be empty",
     "404": "Please limit message content and signature to 1000 characters",
-    "408": "You cannot send same messages to this contact", "410": "empty multi value",
+    "408": "You cannot send same messages to this contact",
+    "410": "empty multi value",
     "413": "Please keep the SMS signature between 2 and 10 characters",
 }
 
@@ -141,10 +153,21 @@ class _Row:
         t = self.req.t
         sign = self.content[: self.content.find("】") + 1] if self.content.startswith("【") else ""
         return {
-            "sendID": self.send_id, "to": self.to, "appid": self.req.appid, "template_id": self.req.project,
-            "sms_signature": sign, "sms_content": self.content, "fee": self.fee, "status": "delivered",
-            "report_state": "DELIVRD", "location": "", "mobile_type": "", "ip_address": "127.0.0.1",
-            "send_at": t, "sent_at": t, "report_at": t + 1,
+            "sendID": self.send_id,
+            "to": self.to,
+            "appid": self.req.appid,
+            "template_id": self.req.project,
+            "sms_signature": sign,
+            "sms_content": self.content,
+            "fee": self.fee,
+            "status": "delivered",
+            "report_state": "DELIVRD",
+            "location": "",
+            "mobile_type": "",
+            "ip_address": "127.0.0.1",
+            "send_at": t,
+            "sent_at": t,
+            "report_at": t + 1,
         }
 
 
@@ -345,10 +368,14 @@ class SubmailGateway:
         if rows:
             self._record(rows, tag, t)
         if api == "batchsend":
-            body = orjson.dumps({
-                "status": "success", "batchlist": batchlist, "total_fee": sum(r.fee for r in rows),
-                "responses": entries,
-            })
+            body = orjson.dumps(
+                {
+                    "status": "success",
+                    "batchlist": batchlist,
+                    "total_fee": sum(r.fee for r in rows),
+                    "responses": entries,
+                }
+            )
         else:
             body = orjson.dumps(entries)
         self._pacer.finish(conn, body, fault, self._stats)
@@ -428,7 +455,9 @@ class SubmailGateway:
         else:
             candidates = index.rows
         checks: list[Callable[[_Row], bool]] = [
-            lambda r: r.req.appid == appid, lambda r: start <= r.req.t <= end]
+            lambda r: r.req.appid == appid,
+            lambda r: start <= r.req.t <= end,
+        ]
         if sendlist:
             checks.append(lambda r: r.req.batchlist == sendlist)
         if to:
@@ -437,10 +466,17 @@ class SubmailGateway:
         if params.get("status", "delivered") != "delivered":
             matched = []  # every simulated message is delivered
         page = matched[offset : offset + rows_per_page]
-        return orjson.dumps({
-            "status": "success", "start_date": start, "end_date": end, "total": len(matched),
-            "offset": offset, "results": rows_per_page, "data": [r.as_log() for r in page],
-        })
+        return orjson.dumps(
+            {
+                "status": "success",
+                "start_date": start,
+                "end_date": end,
+                "total": len(matched),
+                "offset": offset,
+                "results": rows_per_page,
+                "data": [r.as_log() for r in page],
+            }
+        )
 
     # -- answers -------------------------------------------------------------------------------------
     def _http_error(
@@ -500,6 +536,7 @@ def _checked_content(content: str) -> str:
 
 def _render(template: str, variables: dict[str, Any]) -> str:
     """``@var(key)`` → the value (strings as is, other JSON values as JSON); unknown keys stay."""
+
     def value(m: re.Match[str]) -> str:
         if m.group(1) not in variables:
             return m.group()
@@ -507,4 +544,3 @@ def _render(template: str, variables: dict[str, Any]) -> str:
         return v if isinstance(v, str) else orjson.dumps(v).decode()
 
     return _VAR.sub(value, template) if "@var(" in template else template
-
