@@ -12,7 +12,6 @@ action's own parameters. Gateway errors use ``{"RequestId","HostId","Code",
 from __future__ import annotations
 
 import itertools
-import random
 import re
 import time
 from collections.abc import Sequence
@@ -123,18 +122,14 @@ class AliyunGateway:
     """The dysmsapi endpoint (path ``/``); an :class:`~providers.simulator.server.App`."""
 
     def __init__(self, config: SimulatorConfig, stats: Stats, receipts: ReceiptLog) -> None:
-        seed = config.seed
         self._cfg = config
         self._stats = stats
         self._receipts = receipts
         self._faults = FaultPlan(
-            config.fault_rate,
-            config.fault_mix,
-            config.fault_rates,
-            random.Random(None if seed is None else f"{seed}:faults"),
+            config.fault_rate, config.fault_mix, config.fault_rates, config.rng("faults")
         )
-        self._jitter_rng = random.Random(None if seed is None else f"{seed}:jitter")
-        self._ids = IdSource(random.Random(None if seed is None else f"{seed}:ids"))
+        self._jitter_rng = config.rng("jitter")
+        self._ids = IdSource(config.rng("ids"))
         self._limiter = FixedWindowLimiter(config.qps, config.monotonic)
         self._nonces = NonceCache()
         self._secrets = {c.access_key_id: c.access_key_secret for c in config.resolved_credentials()}

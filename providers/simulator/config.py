@@ -168,6 +168,10 @@ class SimulatorConfig:
         base = cls(verify=False, check_time=False, check_nonce=False, index_receipts=False)
         return dataclasses.replace(base, **overrides)
 
+    def rng(self, *tags: str) -> random.Random:
+        """A generator for one purpose (``"faults"``, ``"submail", "ids"``…), reproducible with ``seed``."""
+        return random.Random(None if self.seed is None else ":".join((str(self.seed), *tags)))
+
     def resolved_credentials(self) -> tuple[AliyunCredentials, ...]:
         return self.credentials or (default_credentials(),)
 

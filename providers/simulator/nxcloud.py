@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import random
 import re
 import time
 from collections.abc import Iterable
@@ -147,17 +146,16 @@ class NxcloudGateway:
     """The NXCloud endpoints; an :class:`~providers.simulator.server.App` for both paths in :meth:`routes`."""
 
     def __init__(self, config: SimulatorConfig, stats: Stats, receipts: ReceiptLog) -> None:
-        seed = config.seed
-
-        def rng(tag: str) -> random.Random:
-            return random.Random(None if seed is None else f"{seed}:nxcloud:{tag}")
-
         self._cfg = config
         self._stats = stats
         self._receipts = receipts
-        self._faults = FaultPlan(config.fault_rate, config.fault_mix, config.fault_rates, rng("faults"))
-        self._pacer = Pacer(config.latency_ms, config.jitter_ms, config.slow_ms, rng("jitter"))
-        self._ids = IdSource(rng("ids"))
+        self._faults = FaultPlan(
+            config.fault_rate, config.fault_mix, config.fault_rates, config.rng("nxcloud", "faults")
+        )
+        self._pacer = Pacer(
+            config.latency_ms, config.jitter_ms, config.slow_ms, config.rng("nxcloud", "jitter")
+        )
+        self._ids = IdSource(config.rng("nxcloud", "ids"))
         tps = config.qps if config.nxcloud_tps is None else config.nxcloud_tps
         self._limiter = FixedWindowLimiter(tps, config.monotonic)
         self._accounts: dict[str, NxcloudAccount] = {a.access_key: a for a in config.resolved_nxcloud()}

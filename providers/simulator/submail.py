@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import random
 import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -197,17 +196,16 @@ class SubmailGateway:
     """The SUBMAIL endpoints; an :class:`~providers.simulator.server.App` for every path in :meth:`routes`."""
 
     def __init__(self, config: SimulatorConfig, stats: Stats, receipts: ReceiptLog) -> None:
-        seed = config.seed
-
-        def rng(tag: str) -> random.Random:
-            return random.Random(None if seed is None else f"{seed}:submail:{tag}")
-
         self._cfg = config
         self._stats = stats
         self._receipts = receipts
-        self._faults = FaultPlan(config.fault_rate, config.fault_mix, config.fault_rates, rng("faults"))
-        self._pacer = Pacer(config.latency_ms, config.jitter_ms, config.slow_ms, rng("jitter"))
-        self._ids = IdSource(rng("ids"))
+        self._faults = FaultPlan(
+            config.fault_rate, config.fault_mix, config.fault_rates, config.rng("submail", "faults")
+        )
+        self._pacer = Pacer(
+            config.latency_ms, config.jitter_ms, config.slow_ms, config.rng("submail", "jitter")
+        )
+        self._ids = IdSource(config.rng("submail", "ids"))
         self._limiter = FixedWindowLimiter(config.submail_qps, config.monotonic)
         self._keys = {app.appid: app.appkey for app in config.resolved_submail()}
         self._hot = config.submail_hot_numbers
