@@ -29,7 +29,6 @@ import orjson
 from providers.base import Batch, BatchOutcome, Outcome, RecipientOutcome
 
 __all__ = (
-    "TERMINAL",
     "Durability",
     "LedgerState",
     "LedgerWriter",
@@ -49,8 +48,6 @@ class Status(enum.IntEnum):
     UNKNOWN = 5
     DEFERRED = 6
 
-
-TERMINAL = frozenset({Status.SENT, Status.FAILED, Status.REJECTED, Status.UNKNOWN})
 
 _BY_NAME = {
     b"sent": Status.SENT,

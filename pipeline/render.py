@@ -61,10 +61,6 @@ class Template:
     def columns(self) -> tuple[str, ...]:
         return self.parts[1::2]
 
-    @property
-    def is_literal(self) -> bool:
-        return len(self.parts) == 1
-
     def render(self, row: Mapping[str, object]) -> str:
         """Fill the template; raises KeyError naming the first missing column."""
         parts = self.parts
