@@ -22,7 +22,8 @@ import structlog
 from pipeline.ledger import LedgerWriter
 from pipeline.limit import RateGovernor
 from pipeline.schedule import SendGate
-from providers.base import Batch, BatchOutcome, Outcome, Provider, classify_transport_error
+from pipeline.transport import HttpTransport
+from providers.base import Batch, BatchOutcome, Outcome, Provider, WireRequest, classify_transport_error
 
 __all__ = ("CircuitBreaker", "Dispatcher", "RetryPolicy")
 
@@ -89,7 +90,7 @@ class Dispatcher:
     ) -> None:
         self._provider = provider
         self._transport = transport
-        self._timeout = timeout.as_dict()
+        self._timeout = timeout
         self._ledger = ledger
         self._governor = governor
         self._policy = policy
@@ -103,19 +104,12 @@ class Dispatcher:
         self.retries = 0
 
     async def _attempt(self, batch: Batch) -> tuple[BatchOutcome, float]:
-        request = self._provider.build_request(batch)
+        request = self._provider.build_wire(batch)
         self._ledger.intent(batch)
         started = time.perf_counter()
         self.requests += 1
         try:
-            # The transport directly: httpx.AsyncClient's per-request machinery (auth,
-            # redirects, cookies, hooks) costs more CPU than the request itself here.
-            request.extensions["timeout"] = self._timeout
-            response = await self._transport.handle_async_request(request)
-            try:
-                await response.aread()
-            finally:
-                await response.aclose()
+            response = await self._send(request)
         except httpx.TransportError as exc:
             result = classify_transport_error(exc)
         else:
@@ -125,6 +119,21 @@ class Dispatcher:
                 log.error("parse_failed", batch=batch.id, error=repr(exc))
                 result = BatchOutcome(Outcome.UNKNOWN, code="ParseError")
         return result, (time.perf_counter() - started) * 1000
+
+    async def _send(self, request: WireRequest) -> httpx.Response:
+        transport = self._transport
+        if isinstance(transport, HttpTransport):
+            return await transport.send(request, self._timeout)
+        # Any other httpx transport (httpx.MockTransport in tests): httpx's own objects. The
+        # transport directly, not an AsyncClient: no auth, redirects, cookies or hooks to run.
+        http_request = request.to_httpx()
+        http_request.extensions["timeout"] = self._timeout.as_dict()
+        response = await transport.handle_async_request(http_request)
+        try:
+            await response.aread()
+        finally:
+            await response.aclose()
+        return response
 
     async def send(self, batch: Batch) -> None:
         """Send ``batch`` until it has an outcome (or the run is stopping)."""

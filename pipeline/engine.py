@@ -42,7 +42,7 @@ from pipeline.render import Rejection, Renderer, Template, normalize_phone
 from pipeline.rundir import RunDir
 from pipeline.schedule import SendGate
 from pipeline.source import CsvSource, JsonlSource, Rows, Source
-from pipeline.transport import AiohttpTransport
+from pipeline.transport import HttpTransport
 from providers.base import Batch, BatchOutcome, Message, Provider
 
 __all__ = ("Progress", "RunResult", "open_source", "run_campaign")
@@ -399,7 +399,7 @@ async def run_campaign(
     )
     timeout = httpx.Timeout(campaign.provider.timeout, connect=campaign.provider.connect_timeout, pool=None)
     if transport is None:
-        transport = AiohttpTransport(max_connections=limits.concurrency, verify=campaign.provider.verify_tls)
+        transport = HttpTransport(max_connections=limits.concurrency, verify=campaign.provider.verify_tls)
     source = open_source(campaign, run_dir=run_dir.path, state=state, skip=bytes(run.skip))
     batcher = Batcher(limits.batch_size, provider.batch_key, first_id=state.next_batch)
 

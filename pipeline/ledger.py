@@ -270,9 +270,7 @@ class LedgerWriter:
                 status_bytes[m.row] = code
             head = b'{"r":%d,"s":"' + status.encode() + b'"' + tail
             if self._keyed:
-                self._buf += b"".join(
-                    [head % m.row + b',"k":' + _json_text(m.key) + b"}\n" for m in msgs]
-                )
+                self._buf += b"".join([head % m.row + b',"k":' + _json_text(m.key) + b"}\n" for m in msgs])
             else:
                 self._buf += b"".join([head % m.row + b"}\n" for m in msgs])
             self.counts[status] += len(msgs)

@@ -5,6 +5,7 @@ Counts come from ledger outcomes (what was settled), not from rows read.
 
 from __future__ import annotations
 
+import math
 import time
 from types import TracebackType
 
@@ -34,7 +35,7 @@ class ProgressReporter:
         self.console = console or Console(stderr=True)
         self._live: Live | None = None
         self._log_every = log_every
-        self._last_log = 0.0
+        self._last_log = -math.inf  # the first snapshot is always logged (monotonic time may start near 0)
         self._window: list[tuple[float, int]] = []
         self.last: Progress | None = None
 

@@ -157,7 +157,7 @@ def build_report(run_dir: Path, out_dir: Path | None = None) -> Path:
         if not isinstance(v, dict)
     )
     images = "".join(
-        f'<h2>{html.escape(name[:-4].replace("_", " "))}</h2>'
+        f"<h2>{html.escape(name[:-4].replace('_', ' '))}</h2>"
         f'<img alt="{html.escape(name)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
         for name, data in charts.items()
     )

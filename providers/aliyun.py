@@ -22,7 +22,7 @@ from typing import Literal
 import httpx
 import orjson
 
-from providers.base import Batch, BatchOutcome, Clock, Message, NonceSource, Outcome
+from providers.base import Batch, BatchOutcome, Clock, Message, NonceSource, Outcome, WireRequest
 
 __all__ = (
     "API_VERSION",
@@ -497,6 +497,9 @@ class AliyunSms:
         return form
 
     def build_request(self, batch: Batch) -> httpx.Request:
+        return self.build_wire(batch).to_httpx()
+
+    def build_wire(self, batch: Batch) -> WireRequest:
         form = self._form(batch.messages, twice=not self._v3)
         body = _join(form).encode("ascii")
         stamp, nonce = self._timestamp(), self._nonce()
@@ -517,8 +520,8 @@ class AliyunSms:
             signature = _rpc_hmac(to_sign, self._creds.access_key_secret)
             target += f"&Signature={percent_encode(signature)}"
             headers = self._v2_headers
-        # The query is already encoded: httpx keeps it byte for byte, so what is sent is what was signed.
-        return httpx.Request("POST", httpx.URL(f"{self._origin}/?{target}"), headers=headers, content=body)
+        # The query is already encoded and is sent byte for byte: what is sent is what was signed.
+        return WireRequest("POST", f"{self._origin}/?{target}", list(headers.items()), body)
 
     def parse_response(self, batch: Batch, response: httpx.Response) -> BatchOutcome:
         status = response.status_code

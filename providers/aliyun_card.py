@@ -63,6 +63,7 @@ from providers.base import (
     NonceSource,
     Outcome,
     RecipientOutcome,
+    WireRequest,
     summarize,
 )
 
@@ -234,6 +235,9 @@ class AliyunCardSms:
     # -- requests -------------------------------------------------------------------------
     def batch_key(self, message: Message) -> Hashable:
         return _ACTION  # templates are campaign-wide and sign names go per number
+
+    def build_wire(self, batch: Batch) -> WireRequest:
+        return WireRequest.from_httpx(self.build_request(batch))
 
     def build_request(self, batch: Batch) -> httpx.Request:
         msgs = batch.messages

@@ -39,6 +39,7 @@ __all__ = (
     "Outcome",
     "Provider",
     "RecipientOutcome",
+    "WireRequest",
     "classify_transport_error",
     "match_entries",
     "result_code",
@@ -116,6 +117,35 @@ class BatchOutcome:
     extra: Mapping[str, object] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class WireRequest:
+    """A signed request exactly as it goes on the wire: what the engine's transport sends.
+
+    ``url`` is absolute and already percent-encoded (sent byte for byte: what was
+    signed is what is sent); ``headers`` are (name, value) pairs, ``Host`` and
+    ``Content-Length`` being added by the transport when absent.
+    """
+
+    method: str
+    url: str
+    headers: Sequence[tuple[str, str]]
+    content: bytes = b""
+
+    @classmethod
+    def from_httpx(cls, request: httpx.Request) -> WireRequest:
+        headers = [
+            (k.decode("latin-1"), v.decode("latin-1"))
+            for k, v in request.headers.raw
+            if k.lower() != b"content-length"
+        ]
+        return cls(request.method, str(request.url), headers, request.content)
+
+    def to_httpx(self) -> httpx.Request:
+        return httpx.Request(
+            self.method, httpx.URL(self.url), headers=list(self.headers), content=self.content
+        )
+
+
 Clock = Callable[[], float]
 """Wall-clock seconds since the epoch (``time.time``); injected for tests."""
 
@@ -135,6 +165,10 @@ class Provider(Protocol):
 
     def build_request(self, batch: Batch) -> httpx.Request:
         """A fully signed request for ``batch`` (uses the clock and nonce source)."""
+        ...
+
+    def build_wire(self, batch: Batch) -> WireRequest:
+        """The same request as :meth:`build_request`, as the engine sends it."""
         ...
 
     def parse_response(self, batch: Batch, response: httpx.Response) -> BatchOutcome:

@@ -58,6 +58,7 @@ from providers.base import (
     Message,
     Outcome,
     RecipientOutcome,
+    WireRequest,
     match_entries,
     result_code,
     retry_after_seconds,
@@ -332,6 +333,9 @@ class NxcloudSms:
                 item["sourceAddress"] = self._source
             items.append(item)
         return orjson.dumps({"appKey": self._creds.app_key, "items": items})
+
+    def build_wire(self, batch: Batch) -> WireRequest:
+        return WireRequest.from_httpx(self.build_request(batch))
 
     def build_request(self, batch: Batch) -> httpx.Request:
         body = self.body(batch)

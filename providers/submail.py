@@ -55,6 +55,7 @@ from providers.base import (
     Message,
     Outcome,
     RecipientOutcome,
+    WireRequest,
     match_entries,
     result_code,
     retry_after_seconds,
@@ -451,6 +452,9 @@ class SubmailSms:
         if message.content is None:
             raise ValueError("SUBMAIL batchsend needs rendered content (a content template)")
         return submail_text(message.sign_name, message.content)
+
+    def build_wire(self, batch: Batch) -> WireRequest:
+        return WireRequest.from_httpx(self.build_request(batch))
 
     def build_request(self, batch: Batch) -> httpx.Request:
         """Signed now: send it at once (the signature is valid for 6 s)."""

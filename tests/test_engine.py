@@ -17,7 +17,7 @@ from pipeline.campaign import Campaign, parse_campaign
 from pipeline.engine import run_campaign
 from pipeline.ledger import Status, replay
 from pipeline.rundir import RunDir
-from providers.base import Batch, BatchOutcome, Message, Outcome
+from providers.base import Batch, BatchOutcome, Message, Outcome, WireRequest
 
 
 class FakeProvider:
@@ -32,6 +32,9 @@ class FakeProvider:
     def build_request(self, batch: Batch) -> httpx.Request:
         body = orjson.dumps({"out_id": batch.out_id, "phones": [m.phone for m in batch.messages]})
         return httpx.Request("POST", "http://fake.invalid/send", content=body)
+
+    def build_wire(self, batch: Batch) -> WireRequest:
+        return WireRequest.from_httpx(self.build_request(batch))
 
     def parse_response(self, batch: Batch, response: httpx.Response) -> BatchOutcome:
         data = orjson.loads(response.content)

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable
 import httpx
 import pytest
 
-from pipeline.transport import AiohttpTransport
+from pipeline.transport import HttpTransport
 from providers.base import Outcome, classify_transport_error
 
 Behaviour = Callable[[asyncio.StreamReader, asyncio.StreamWriter], "asyncio.Future[None] | object"]
@@ -93,18 +93,18 @@ def free_port() -> int:
 
 
 @pytest.mark.anyio
-class TestAiohttpTransport:
+class TestHttpTransport:
     async def test_round_trip_keeps_the_exact_target(self, server: Callable[[str], str]) -> None:
         base = server("ok")
         target = "/?A=%2A~%20%2B&B=%E4%B8%AD"
-        async with httpx.AsyncClient(transport=AiohttpTransport(max_connections=2)) as client:
+        async with httpx.AsyncClient(transport=HttpTransport(max_connections=2)) as client:
             r = await client.send(httpx.Request("POST", httpx.URL(base + target), content=b"x=1"))
         assert r.status_code == 200 and r.json() == {"Code": "OK"}
         assert r.headers["x-echo"] == target
         assert server.received[0].endswith(b"\r\n\r\nx=1")  # type: ignore[attr-defined]
 
     async def test_connect_refused_is_retryable(self) -> None:
-        async with httpx.AsyncClient(transport=AiohttpTransport()) as client:
+        async with httpx.AsyncClient(transport=HttpTransport()) as client:
             with pytest.raises(httpx.ConnectError) as info:
                 await client.post(f"http://127.0.0.1:{free_port()}/", content=b"x")
         assert classify_transport_error(info.value).outcome is Outcome.RETRY
@@ -112,7 +112,7 @@ class TestAiohttpTransport:
     @pytest.mark.parametrize("mode", ["close_after_read", "truncated"])
     async def test_loss_after_sending_is_unknown(self, server: Callable[[str], str], mode: str) -> None:
         base = server(mode)
-        async with httpx.AsyncClient(transport=AiohttpTransport()) as client:
+        async with httpx.AsyncClient(transport=HttpTransport()) as client:
             with pytest.raises(httpx.TransportError) as info:
                 await client.post(base + "/", content=b"x=1")
         assert not isinstance(info.value, httpx.ConnectError | httpx.ConnectTimeout)
@@ -120,7 +120,7 @@ class TestAiohttpTransport:
 
     async def test_read_timeout_is_unknown(self, server: Callable[[str], str]) -> None:
         base = server("hang")
-        async with httpx.AsyncClient(transport=AiohttpTransport(), timeout=httpx.Timeout(0.2)) as client:
+        async with httpx.AsyncClient(transport=HttpTransport(), timeout=httpx.Timeout(0.2)) as client:
             with pytest.raises(httpx.ReadTimeout) as info:
                 await client.post(base + "/", content=b"x=1")
         assert classify_transport_error(info.value).outcome is Outcome.UNKNOWN
