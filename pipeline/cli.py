@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import gc
 import os
 import random
 import signal
@@ -147,12 +146,6 @@ async def _drive(fn: Any, kwargs: dict[str, Any], console: Console) -> tuple[Run
 
 
 def _run_async(fn: Any, kwargs: dict[str, Any], console: Console) -> tuple[RunResult, int | None]:
-    # A run allocates a few short-lived objects per recipient and holds few long-lived
-    # ones: collecting the young generation every 10k allocations instead of 700 cuts CPU,
-    # and freezing what the imports built keeps it out of every pass. The older
-    # generations still run every ~1M allocations, so cyclic garbage cannot pile up.
-    gc.freeze()
-    gc.set_threshold(10_000, 10, 10)
     return anyio.run(_drive, fn, kwargs, console, backend="asyncio", backend_options=_backend_options())
 
 

@@ -24,6 +24,7 @@ request is written to it; one idle longer than ``keepalive_seconds`` is not reus
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import ssl
 import time
@@ -37,6 +38,7 @@ from providers.base import WireRequest
 __all__ = ("HttpTransport",)
 
 _MAX_HEAD = 64 * 1024
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 _UNTIL_CLOSE = -1
 _CHUNKED = -2
 
@@ -57,6 +59,7 @@ class _Connection(asyncio.Protocol):
         self._head: tuple[int, list[tuple[bytes, bytes]]] | None = None
         self._body_at = 0
         self._need = 0
+        self._no_body = False  # a response to HEAD
         self.keep_alive = True
 
     # -- asyncio.Protocol -------------------------------------------------------------
@@ -83,7 +86,7 @@ class _Connection(asyncio.Protocol):
         waiter = self._waiter
         if waiter is None or waiter.done():
             return
-        if self._head is not None and self._need == _UNTIL_CLOSE:
+        if exc is None and self._head is not None and self._need == _UNTIL_CLOSE:
             self._finish(waiter, bytes(self._buf[self._body_at :]))
             return
         what = "the server closed the connection before a complete response"
@@ -96,7 +99,7 @@ class _Connection(asyncio.Protocol):
     def usable(self) -> bool:
         return not self.closed and self.transport is not None and not self.transport.is_closing()
 
-    async def exchange(self, data: bytes, read_timeout: float | None) -> _Result:
+    async def exchange(self, data: bytes, read_timeout: float | None, *, head: bool = False) -> _Result:
         """Write ``data``; the status, headers and body of the response to it."""
         assert self.transport is not None
         loop = asyncio.get_running_loop()
@@ -104,6 +107,7 @@ class _Connection(asyncio.Protocol):
         self._waiter = waiter
         self._buf.clear()
         self._head = None
+        self._no_body = head
         self.transport.write(data)
         timer = None
         if read_timeout is not None:
@@ -143,7 +147,9 @@ class _Connection(asyncio.Protocol):
             self._head = (status, headers)
             self._body_at = end + 4
             self.keep_alive = keep_alive
-            self._need = _body_length(status, headers)
+            self._need = 0 if self._no_body else _body_length(status, headers)
+            if self._need > self._max_body:
+                raise httpx.ReadError(f"response body of {self._need} bytes is over the limit")
             if self._need == _UNTIL_CLOSE:
                 self.keep_alive = False
         need, at = self._need, self._body_at
@@ -156,6 +162,8 @@ class _Connection(asyncio.Protocol):
             body = _dechunk(buf, at)
             if body is not None:
                 self._finish(waiter, body)
+            elif len(buf) - at > self._max_body + _MAX_HEAD:  # chunk framing allowed for
+                raise httpx.ReadError("response body too large")
         elif len(buf) - at > self._max_body:
             raise httpx.ReadError("response body too large")
 
@@ -213,10 +221,9 @@ def _dechunk(buf: bytearray, at: int) -> bytes | None:
         if eol < 0:
             return None
         size_text = bytes(buf[pos:eol]).split(b";", 1)[0].strip()
-        try:
-            size = int(size_text, 16)
-        except ValueError:
-            raise httpx.RemoteProtocolError(f"bad chunk size {size_text[:20]!r}") from None
+        if not _CHUNK_SIZE.fullmatch(size_text):  # int(..., 16) alone would take "-6" and loop
+            raise httpx.RemoteProtocolError(f"bad chunk size {size_text[:20]!r}")
+        size = int(size_text, 16)
         pos = eol + 2
         if size == 0:
             while True:  # trailers, up to the empty line
@@ -228,6 +235,8 @@ def _dechunk(buf: bytearray, at: int) -> bytes | None:
                 pos = eol + 2
         if len(buf) < pos + size + 2:
             return None
+        if buf[pos + size : pos + size + 2] != b"\r\n":
+            raise httpx.RemoteProtocolError("chunk data not followed by CRLF")
         out.append(bytes(buf[pos : pos + size]))
         pos += size + 2
 
@@ -265,8 +274,11 @@ class HttpTransport(httpx.AsyncBaseTransport):
 
     def _split(self, url: str) -> tuple[tuple[str, str, int], str]:
         start = url.find("://") + 3
-        slash = url.find("/", start)
-        base, target = (url, "/") if slash < 0 else (url[:slash], url[slash:])
+        ends = [i for i in (url.find("/", start), url.find("?", start)) if i >= 0]
+        cut = min(ends) if ends else len(url)
+        base, target = url[:cut], url[cut:] or "/"
+        if target[0] == "?":
+            target = "/" + target
         origin = self._origins.get(base)
         if origin is None:
             parsed = httpx.URL(base)
@@ -290,7 +302,9 @@ class HttpTransport(httpx.AsyncBaseTransport):
         )
         data = _head(request.method, url.raw_path.decode("ascii"), origin, headers, len(body)) + body
         try:
-            status, raw_headers, content = await self._round_trip(origin, data, timeouts)
+            status, raw_headers, content = await self._round_trip(
+                origin, data, timeouts, head=request.method == "HEAD"
+            )
         except httpx.TransportError as exc:
             exc.request = request
             raise
@@ -298,7 +312,7 @@ class HttpTransport(httpx.AsyncBaseTransport):
 
     # -- the pool -------------------------------------------------------------------------
     async def _round_trip(
-        self, origin: tuple[str, str, int], data: bytes, timeouts: httpx.Timeout
+        self, origin: tuple[str, str, int], data: bytes, timeouts: httpx.Timeout, *, head: bool = False
     ) -> _Result:
         if self._closed:
             raise httpx.ConnectError("the transport is closed")
@@ -314,8 +328,8 @@ class HttpTransport(httpx.AsyncBaseTransport):
             await slots.acquire()
         try:
             conn = await self._connection(origin, timeouts.connect)
-            result = await conn.exchange(data, timeouts.read)
-            if conn.keep_alive and conn.usable():
+            result = await conn.exchange(data, timeouts.read, head=head)
+            if conn.keep_alive and conn.usable() and not self._closed:
                 conn.idle_since = time.monotonic()
                 self._idle.setdefault(origin, []).append(conn)
             else:
@@ -399,6 +413,8 @@ def _head(
         lines.append(f"{name}: {value}")
     if not has_host:
         scheme, host, port = origin
+        if ":" in host:
+            host = f"[{host}]"  # an IPv6 literal
         default = 443 if scheme == "https" else 80
         lines.append(f"host: {host}" if port == default else f"host: {host}:{port}")
     if length or method not in ("GET", "HEAD"):
