@@ -20,7 +20,7 @@ import datetime as dt
 import gc
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,7 @@ from pipeline.errors import RunDirError, SluiceError, SourceError
 from pipeline.keys import KeySet
 from pipeline.ledger import Durability, LedgerState, LedgerWriter, Status, replay
 from pipeline.limit import RateGovernor
-from pipeline.render import Rejection, Renderer, Template, normalize_phone
+from pipeline.render import Renderer, Template, normalize_phone
 from pipeline.rundir import RunDir
 from pipeline.schedule import SendGate
 from pipeline.source import CsvSource, JsonlSource, Rows, Source
@@ -175,8 +175,7 @@ class _Run:
             assert self.keys is not None
             dup = self.keys.add(keys)
         rejects: list[tuple[int, str, str]] = []
-        out: list[Message] = []
-        render = self.renderer.render
+        todo: list[tuple[int, str, Mapping[str, object]]] = []
         skipped_phones: list[str] = []
         for i, (row, rec) in enumerate(chunk):
             if row < n_status and skip[status[row]]:
@@ -196,11 +195,9 @@ class _Run:
             elif dup is not None and dup[i]:
                 rejects.append((row, key, "duplicate key"))
             else:
-                m = render(row, key, rec)
-                if isinstance(m, Rejection):
-                    rejects.append((m.row, m.key, m.reason))
-                else:
-                    out.append(m)
+                todo.append((row, key, rec))
+        out, bad = self.renderer.render_rows(todo)
+        rejects.extend(bad)
         if self.suppressed is not None and out:
             by_phone = self.suppressed.contains([m.phone for m in out])
             by_key = self.suppressed.contains([m.key for m in out])

@@ -264,15 +264,17 @@ class LedgerWriter:
                 tail += b',"c":' + orjson.dumps(result.code)
             # The hot path (every recipient of every batch): one formatted line each.
             msgs = batch.messages
-            self.state.reserve(max(m.row for m in msgs))
+            rows = [m.row for m in msgs]
+            self.state.reserve(max(rows))
             status_bytes, code = self.state.status, _BY_NAME[status.encode()]
-            for m in msgs:
-                status_bytes[m.row] = code
-            head = b'{"r":%d,"s":"' + status.encode() + b'"' + tail
+            for row in rows:
+                status_bytes[row] = code
+            # a provider's code may hold '%': only the row is a format field
+            head = b'{"r":%d,"s":"' + (status.encode() + b'"' + tail).replace(b"%", b"%%")
             if self._keyed:
                 self._buf += b"".join([head % m.row + b',"k":' + _json_text(m.key) + b"}\n" for m in msgs])
-            else:
-                self._buf += b"".join([head % m.row + b"}\n" for m in msgs])
+            else:  # every line in one formatting call
+                self._buf += ((head + b"}\n") * len(rows)) % tuple(rows)
             self.counts[status] += len(msgs)
         else:
             for m, r in zip(batch.messages, per, strict=True):

@@ -94,12 +94,18 @@ def _encode_bytes(raw: bytes) -> str:
     unsafe = raw.translate(None, _UNRESERVED)  # the bytes that need an escape
     if not unsafe:
         return raw.decode("ascii")
-    kinds = set(unsafe)
-    if len(kinds) > 12:  # many distinct characters: one table pass beats many replaces
-        return raw.decode("ascii").translate(_ASCII_TABLE)
+    # The distinct characters, each found by stripping the previous ones (set(unsafe) would
+    # make a Python int of every byte: most of the cost for a 100-recipient batch).
+    kinds: list[int] = []
+    while unsafe:
+        if len(kinds) == 12:  # many distinct characters: one table pass beats many replaces
+            return raw.decode("ascii").translate(_ASCII_TABLE)
+        c = unsafe[0]
+        kinds.append(c)
+        unsafe = unsafe.replace(_ESCAPES[c][0], b"")
     if 0x25 in kinds:  # '%' first, so the escapes added below are not escaped again
         raw = raw.replace(b"%", b"%25")
-        kinds.discard(0x25)
+        kinds.remove(0x25)
     for c in kinds:
         raw = raw.replace(*_ESCAPES[c])
     return raw.decode("ascii")

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipeline.batch import Batcher
 from pipeline.campaign import load_campaign, parse_campaign
@@ -90,6 +92,52 @@ class TestRenderer:
         assert reason in r.reason
 
 
+class TestRenderRows:
+    """render_rows (the engine's chunk path) agrees with render, row by row, for any rows."""
+
+    VALUES = st.one_of(
+        st.sampled_from(["13800000000", "19912345678", "12800000000", "+8613800000000", "", "Li", "李"]),
+        st.text(max_size=12),
+        st.integers(-5, 10**12),
+        st.none(),
+    )
+
+    @staticmethod
+    def renderers() -> list[Renderer]:
+        common = {"phone_column": "phone", "sign_name": Template.compile("Acme")}
+        return [
+            Renderer(**common, params={"name": Template.compile("{first}"), "c": Template.compile("{code}")}),
+            Renderer(**common, params={}),
+            Renderer(**common, params={"name": Template.compile("Dear {first}")}),
+            Renderer(phone_column="phone", sign_name=Template.compile("{sign}"), params={}),
+        ]
+
+    @settings(max_examples=150)
+    @given(
+        st.lists(
+            st.fixed_dictionaries(
+                {}, optional={"phone": VALUES, "first": VALUES, "code": VALUES, "sign": VALUES}
+            ),
+            max_size=30,
+        )
+    )
+    def test_same_as_render_one_by_one(self, records: list[dict[str, object]]) -> None:
+        items = [(i + 1, f"k{i}", rec) for i, rec in enumerate(records)]
+        for renderer in self.renderers():
+            messages, rejects = renderer.render_rows(items)
+            one_by_one = [renderer.render(row, key, rec) for row, key, rec in items]
+            assert messages == [m for m in one_by_one if isinstance(m, Message)]
+            assert rejects == [(r.row, r.key, r.reason) for r in one_by_one if isinstance(r, Rejection)]
+
+    def test_a_clean_chunk_takes_the_chunk_path(self) -> None:
+        items = [(i, str(i), {"phone": f"139{i:08d}", "first": f"n{i}", "code": "7"}) for i in range(1, 50)]
+        renderer = self.renderers()[0]
+        assert renderer._render_common(items, "Acme", (("name", "first"), ("c", "code"))) is not None
+        messages, rejects = renderer.render_rows(items)
+        assert not rejects and [m.phone for m in messages] == [f"86139{i:08d}" for i in range(1, 50)]
+        assert messages[0].params == {"name": "n1", "c": "7"}
+
+
 class TestBatcher:
     def msg(self, row: int, sign: str = "A") -> Message:
         return Message(row, str(row), "8613800000000", {}, sign)
@@ -120,6 +168,23 @@ def _batch(rows: list[int], bid: int = 1) -> Batch:
 
 
 class TestLedger:
+    @pytest.mark.parametrize("keyed", [False, True])
+    def test_codes_with_percent_signs(self, tmp_path: Path, keyed: bool) -> None:
+        path = tmp_path / "ledger.jsonl"
+        w = LedgerWriter(path, keyed=keyed)
+        b = Batch(4, [Message(r, f"key-{r}", "8613800000000", {}, "S") for r in (2, 3, 9)])
+        w.intent(b)
+        w.outcome(b, BatchOutcome(Outcome.FAILED, code="100%d %s%%"), 1.0)
+        w.close()
+        lines = [orjson.loads(x) for x in path.read_bytes().splitlines()]
+        per_row = [x for x in lines if "r" in x and "s" in x]
+        assert [(x["r"], x["s"], x["c"], x["b"]) for x in per_row] == [
+            (r, "failed", "100%d %s%%", 4) for r in (2, 3, 9)
+        ]
+        assert [x.get("k") for x in per_row] == ([f"key-{r}" for r in (2, 3, 9)] if keyed else [None] * 3)
+        state = replay(path)
+        assert [state.get(r) for r in (1, 2, 3, 9)] == [Status.PENDING] + [Status.FAILED] * 3
+
     def test_round_trip(self, tmp_path: Path) -> None:
         path = tmp_path / "ledger.jsonl"
         w = LedgerWriter(path)
