@@ -54,16 +54,19 @@ from benchmarks.common import (
 
 __all__ = ("main", "measure")
 
-CLIENTS = ("sdk", "sluice", "sluice-gc", "httpx", "aiohttp")
+CLIENTS = ("sdk", "sluice", "httpx", "aiohttp")
 LABELS = {
     "sdk": "official SDK (32 threads)",
     "sluice": "sluice (start_run)",
-    "sluice-gc": "sluice (start_run, CLI's GC settings)",
     "httpx": "httpx, sequential",
     "aiohttp": "aiohttp + Semaphore(64)",
 }
 GOAL_SPEEDUP_VS_SDK = 2.0
 GOAL_CPU_US = 4.0
+# The issue set 4 µs when the official SDK measured 10.6 µs CPU per recipient on its machine;
+# CPU speed here varies by day (and hour), so the goal is also read as that ratio to the SDK
+# measured in the same run.
+ISSUE_SDK_CPU_US = 10.6
 
 
 def _pin(core: int | None) -> Callable[[], None] | None:
@@ -92,7 +95,7 @@ def measure(
     quiet = wait_quiet(max_wait_quiet) if max_wait_quiet > 0 else None
     before = resp.reset()
     foreign = ForeignLoad()
-    if client in ("sluice", "sluice-gc"):
+    if client == "sluice":
         run_dir = work / f"run-{round_no}-{client}-{profile or 'bench'}"
         args = [
             "-m",
@@ -111,8 +114,6 @@ def measure(
             "--batch",
             "100",
         ]
-        if client == "sluice-gc":
-            args += ["--gc", "cli"]
         if profile:
             args += ["--profile", profile, "--profile-out", str(work / f"profile-{profile}.out")]
         out = run_child(args, env=TEST_ENV, preexec=_pin(core))
@@ -277,6 +278,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             "met": sl["cpu_us_per_recipient"] <= GOAL_CPU_US,
         }
         if "sdk" in summary:
+            cpu_ratio = sl["cpu_us_per_recipient"] / summary["sdk"]["cpu_us_per_recipient"]
+            goals["cpu_vs_sdk"] = {
+                "goal": f"<= {GOAL_CPU_US / ISSUE_SDK_CPU_US:.3f} (4 µs where the SDK took 10.6)",
+                "measured": cpu_ratio,
+                "at_issue_sdk_speed_us": cpu_ratio * ISSUE_SDK_CPU_US,
+                "met": cpu_ratio <= GOAL_CPU_US / ISSUE_SDK_CPU_US,
+            }
             speedup = sl["recipients_per_s"] / summary["sdk"]["recipients_per_s"]
             goals["speedup_vs_sdk"] = {
                 "goal": f">= {GOAL_SPEEDUP_VS_SDK}",

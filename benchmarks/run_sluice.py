@@ -4,7 +4,7 @@
 
     python -m benchmarks.run_sluice run    --csv R.csv --url URL --run-dir DIR [--rate 100000]
                                            [--concurrency 64] [--batch 100] [--loop uvloop|asyncio]
-                                           [--gc default|cli] [--profile cprofile|sample|pyinstrument]
+                                           [--profile cprofile|sample|pyinstrument]
                                            [--profile-out FILE]
     python -m benchmarks.run_sluice resume --url URL --run-dir DIR
 
@@ -25,7 +25,6 @@ T_MAIN = time.monotonic()  # before the heavy imports: what a resume costs from 
 
 import argparse  # noqa: E402
 import cProfile  # noqa: E402
-import gc  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import pstats  # noqa: E402
@@ -193,12 +192,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--loop", choices=("uvloop", "asyncio"), default="uvloop", help="as the CLI: uvloop if installed"
     )
-    p.add_argument(
-        "--gc",
-        choices=("default", "cli"),
-        default="default",
-        help="cli: gc.freeze() and gc.set_threshold(10000, 10, 10), as `sluice run` does",
-    )
     p.add_argument("--profile", choices=("cprofile", "sample", "pyinstrument"))
     p.add_argument("--profile-out", type=Path, help="also save the profile (pstats, JSON or text)")
     args = p.parse_args(argv)
@@ -241,9 +234,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         pyi = Profiler(interval=0.0005, async_mode="disabled")
 
-    if args.gc == "cli":
-        gc.freeze()
-        gc.set_threshold(10_000, 10, 10)
     cpu0 = time.process_time()
     t_call = time.monotonic()
     if prof is not None:
@@ -296,7 +286,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         t_end=t_end,
         profile=profile,
         profile_cumulative=cumulative,
-        gc=args.gc,
         loop=args.loop if _backend_options(args.loop) else "asyncio",
     )
     return 0

@@ -23,7 +23,15 @@ from pipeline.ledger import LedgerWriter
 from pipeline.limit import RateGovernor
 from pipeline.schedule import SendGate
 from pipeline.transport import HttpTransport
-from providers.base import Batch, BatchOutcome, Outcome, Provider, WireRequest, classify_transport_error
+from providers.base import (
+    Batch,
+    BatchOutcome,
+    Outcome,
+    Provider,
+    Response,
+    WireRequest,
+    classify_transport_error,
+)
 
 __all__ = ("CircuitBreaker", "Dispatcher", "RetryPolicy")
 
@@ -120,7 +128,7 @@ class Dispatcher:
                 result = BatchOutcome(Outcome.UNKNOWN, code="ParseError")
         return result, (time.perf_counter() - started) * 1000
 
-    async def _send(self, request: WireRequest) -> httpx.Response:
+    async def _send(self, request: WireRequest) -> Response:
         transport = self._transport
         if isinstance(transport, HttpTransport):
             return await transport.send(request, self._timeout)

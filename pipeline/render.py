@@ -212,7 +212,6 @@ class Renderer:
             return Rejection(row, key, "invalid UTF-8 or control characters in a field")
         return Message(row, key, phone, params, sign, content)
 
-
     def render_rows(
         self, items: Iterable[tuple[int, str, Mapping[str, object]]]
     ) -> tuple[list[Message], list[tuple[int, str, str]]]:

@@ -33,7 +33,7 @@ from types import TracebackType
 
 import httpx
 
-from providers.base import WireRequest
+from providers.base import WireRequest, WireResponse
 
 __all__ = ("HttpTransport",)
 
@@ -265,12 +265,12 @@ class HttpTransport(httpx.AsyncBaseTransport):
         self._closed = False
 
     # -- the engine's path: a WireRequest ------------------------------------------------
-    async def send(self, request: WireRequest, timeouts: httpx.Timeout) -> httpx.Response:
+    async def send(self, request: WireRequest, timeouts: httpx.Timeout) -> WireResponse:
         """Send ``request``; its whole response. Raises ``httpx.TransportError`` subclasses."""
         origin, target = self._split(request.url)
         data = _head(request.method, target, origin, request.headers, len(request.content)) + request.content
         status, raw_headers, body = await self._round_trip(origin, data, timeouts)
-        return httpx.Response(status, headers=raw_headers, content=body)
+        return WireResponse(status, raw_headers, body)
 
     def _split(self, url: str) -> tuple[tuple[str, str, int], str]:
         start = url.find("://") + 3

@@ -22,7 +22,16 @@ from typing import Literal
 import httpx
 import orjson
 
-from providers.base import Batch, BatchOutcome, Clock, Message, NonceSource, Outcome, WireRequest
+from providers.base import (
+    Batch,
+    BatchOutcome,
+    Clock,
+    Message,
+    NonceSource,
+    Outcome,
+    Response,
+    WireRequest,
+)
 
 __all__ = (
     "API_VERSION",
@@ -376,7 +385,7 @@ def _retry_after(headers: httpx.Headers) -> float | None:
 
 
 # -- the provider ---------------------------------------------------------------------------
-def codeless_outcome(response: httpx.Response, message: str | None, extra: dict[str, object]) -> BatchOutcome:
+def codeless_outcome(response: Response, message: str | None, extra: dict[str, object]) -> BatchOutcome:
     """A response with no usable ``Code``: a 2xx or 5xx reached the provider and may have
     been processed (unknown); another 4xx refused the whole request; 429 is a throttle."""
     status = response.status_code
@@ -529,7 +538,7 @@ class AliyunSms:
         # The query is already encoded and is sent byte for byte: what is sent is what was signed.
         return WireRequest("POST", f"{self._origin}/?{target}", list(headers.items()), body)
 
-    def parse_response(self, batch: Batch, response: httpx.Response) -> BatchOutcome:
+    def parse_response(self, batch: Batch, response: Response) -> BatchOutcome:
         status = response.status_code
         try:
             data = orjson.loads(response.content)

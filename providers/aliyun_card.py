@@ -63,6 +63,7 @@ from providers.base import (
     NonceSource,
     Outcome,
     RecipientOutcome,
+    Response,
     WireRequest,
     summarize,
 )
@@ -317,7 +318,7 @@ class AliyunCardSms:
         return httpx.Request("POST", httpx.URL(f"{self._origin}/?{query}"), headers=headers)
 
     # -- responses ------------------------------------------------------------------------
-    def parse_response(self, batch: Batch, response: httpx.Response) -> BatchOutcome:
+    def parse_response(self, batch: Batch, response: Response) -> BatchOutcome:
         status = response.status_code
         data = _json_object(response)
         request_id = data.get("RequestId") or response.headers.get("x-acs-request-id")
@@ -382,7 +383,7 @@ class AliyunCardSms:
         )
 
 
-def _json_object(response: httpx.Response) -> dict[str, Any]:
+def _json_object(response: Response) -> dict[str, Any]:
     try:
         data = orjson.loads(response.content)
     except orjson.JSONDecodeError:

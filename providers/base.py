@@ -39,7 +39,9 @@ __all__ = (
     "Outcome",
     "Provider",
     "RecipientOutcome",
+    "Response",
     "WireRequest",
+    "WireResponse",
     "classify_transport_error",
     "match_entries",
     "result_code",
@@ -146,6 +148,41 @@ class WireRequest:
         )
 
 
+class Response(Protocol):
+    """What a provider reads of a response: ``httpx.Response`` and :class:`WireResponse` both are."""
+
+    @property
+    def status_code(self) -> int: ...
+
+    @property
+    def headers(self) -> httpx.Headers: ...
+
+    @property
+    def content(self) -> bytes: ...
+
+
+class WireResponse:
+    """A whole response as the engine's transport received it; headers parsed on first use
+    (a success rarely needs them, and building ``httpx.Headers`` costs more than the parse)."""
+
+    __slots__ = ("_headers", "_raw", "content", "status_code")
+
+    def __init__(self, status_code: int, raw_headers: list[tuple[bytes, bytes]], content: bytes) -> None:
+        self.status_code = status_code
+        self.content = content
+        self._raw = raw_headers
+        self._headers: httpx.Headers | None = None
+
+    @property
+    def headers(self) -> httpx.Headers:
+        if self._headers is None:
+            self._headers = httpx.Headers(self._raw)
+        return self._headers
+
+    def __repr__(self) -> str:
+        return f"<WireResponse [{self.status_code}]>"
+
+
 Clock = Callable[[], float]
 """Wall-clock seconds since the epoch (``time.time``); injected for tests."""
 
@@ -171,7 +208,7 @@ class Provider(Protocol):
         """The same request as :meth:`build_request`, as the engine sends it."""
         ...
 
-    def parse_response(self, batch: Batch, response: httpx.Response) -> BatchOutcome:
+    def parse_response(self, batch: Batch, response: Response) -> BatchOutcome:
         """Classify a received response (its body is already read)."""
         ...
 

@@ -58,6 +58,7 @@ from providers.base import (
     Message,
     Outcome,
     RecipientOutcome,
+    Response,
     WireRequest,
     match_entries,
     result_code,
@@ -393,7 +394,7 @@ class NxcloudSms:
                 ids += [value, value.rpartition("-")[0]]  # also without a "-<suffix>"
         return ids
 
-    def parse_response(self, batch: Batch, response: httpx.Response) -> BatchOutcome:
+    def parse_response(self, batch: Batch, response: Response) -> BatchOutcome:
         status = response.status_code
         data = _loads(response.content)
         code = result_code(data.get("code")) if isinstance(data, dict) else None

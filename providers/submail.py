@@ -55,6 +55,7 @@ from providers.base import (
     Message,
     Outcome,
     RecipientOutcome,
+    Response,
     WireRequest,
     match_entries,
     result_code,
@@ -493,7 +494,7 @@ class SubmailSms:
         return self._request("sms/log", self._signed("sms/log", params, ()))
 
     # -- responses --------------------------------------------------------------------------------
-    def parse_response(self, batch: Batch, response: httpx.Response) -> BatchOutcome:
+    def parse_response(self, batch: Batch, response: Response) -> BatchOutcome:
         status = response.status_code
         data = _loads(response.content)
         if isinstance(data, list) and data:
@@ -528,7 +529,7 @@ class SubmailSms:
         self,
         batch: Batch,
         entries: Sequence[object],
-        response: httpx.Response,
+        response: Response,
         provider_id: str | None,
         extra: Mapping[str, object],
     ) -> BatchOutcome:
