@@ -108,6 +108,9 @@ class TestRenderRows:
         return [
             Renderer(**common, params={"name": Template.compile("{first}"), "c": Template.compile("{code}")}),
             Renderer(**common, params={}),
+            Renderer(**common, params={"a": Template.compile("{first}")}),
+            Renderer(**common, params={k: Template.compile("{code}") for k in "abc"}),
+            Renderer(**common, params={k: Template.compile("{first}") for k in "abcd"}),
             Renderer(**common, params={"name": Template.compile("Dear {first}")}),
             Renderer(phone_column="phone", sign_name=Template.compile("{sign}"), params={}),
         ]
@@ -136,6 +139,9 @@ class TestRenderRows:
         messages, rejects = renderer.render_rows(items)
         assert not rejects and [m.phone for m in messages] == [f"86139{i:08d}" for i in range(1, 50)]
         assert messages[0].params == {"name": "n1", "c": "7"}
+        for renderer in self.renderers()[:-1]:  # 0 to 4 parameters: the chunk path, same as row by row
+            one_by_one = [renderer.render(row, key, rec) for row, key, rec in items]
+            assert renderer.render_rows(items) == (one_by_one, [])
 
 
 class TestBatcher:
