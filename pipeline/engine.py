@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import gc
+import itertools
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -43,7 +44,7 @@ from pipeline.limit import RateGovernor
 from pipeline.render import Renderer, Template, normalize_phone
 from pipeline.rundir import RunDir
 from pipeline.schedule import SendGate
-from pipeline.source import CsvSource, JsonlSource, Rows, Source
+from pipeline.source import Chunk, Columns, CsvSource, JsonlSource, Source
 from pipeline.transport import HttpTransport
 from providers.base import Batch, BatchOutcome, Message, Provider
 
@@ -89,6 +90,7 @@ def open_source(
     run_dir: Path | None = None,
     state: LedgerState | None = None,
     skip: bytes | None = None,
+    columnar: bool = False,
 ) -> Source:
     """The campaign's source. A database source given the run directory, its ledger state and
     the statuses a resume skips starts after the last settled checkpoint (pipeline/dbsource.py)."""
@@ -103,7 +105,7 @@ def open_source(
             # Rows a resume skips only need what de-duplication reads: the key and the phone.
             keep = tuple(c for c in (spec.key, spec.phone if spec.dedupe_phone else None) if c)
             settled = (state.status, skip, keep)
-        return CsvSource(Path(spec.path), delimiter=spec.delimiter, settled=settled)
+        return CsvSource(Path(spec.path), delimiter=spec.delimiter, settled=settled, columnar=columnar)
     return JsonlSource(Path(spec.path))
 
 
@@ -158,7 +160,13 @@ class _Run:
         self.stop_event.set()
 
     # -- prepare: skip, de-duplicate, render ------------------------------
-    def prepare(self, chunk: Rows) -> list[Message]:
+    def prepare(self, chunk: Chunk) -> list[Message]:
+        if isinstance(chunk, Columns):
+            out = self._prepare_columns(chunk)
+            if out is not None:
+                self.rows_read += len(chunk)
+                return out
+            chunk = chunk.records()
         status = self.state.status
         n_status = len(status)
         skip = self.skip
@@ -219,6 +227,46 @@ class _Run:
         self.rows_read += len(chunk)
         return out
 
+    def _prepare_columns(self, chunk: Columns) -> list[Message] | None:
+        """:meth:`prepare` for a chunk of columns, with no dict per row; None (before any
+        side effect) when the chunk is not the common case, which the row path then takes."""
+        if self.phones is not None or self.suppressed is not None:
+            return None
+        first, n = chunk.first, len(chunk)
+        status = self.state.status
+        if first < len(status) and 1 in status[first : first + n].translate(self.skip):
+            return None  # rows settled earlier (a resume): the row path skips them
+        key_col = self.campaign.source.key
+        rows = range(first, first + n)
+        if key_col is None:
+            keys = list(map(str, rows))
+            dup = None
+        else:
+            column = chunk.column(key_col)
+            if column is None or "" in column or not "".join(column).isascii():
+                return None
+            keys = list(column)
+            assert self.keys is not None
+            dup = self.keys.add(keys)
+        rejects: list[tuple[int, str, str]] = []
+        values = chunk.values
+        if dup is not None and any(dup):
+            rejects = [(r, k, "duplicate key") for r, k, d in zip(rows, keys, dup, strict=True) if d]
+            keep = [not d for d in dup]
+            rows = list(itertools.compress(rows, keep))  # type: ignore[assignment]
+            keys = list(itertools.compress(keys, keep))
+            values = [tuple(itertools.compress(v, keep)) for v in values]
+        out = self.renderer.render_columns(rows, keys, chunk.header, values)
+        if out is None:  # not all rows of the common shape: render them one by one
+            by_row = dict(chunk.records())
+            out, bad = self.renderer.render_rows(
+                [(r, k, by_row[r]) for r, k in zip(rows, keys, strict=True)]  # type: ignore[misc]
+            )
+            rejects.extend(bad)
+        if rejects:
+            self.writer.rejected(rejects)
+        return out
+
 
 async def _aclose(iterator: object) -> None:
     """Close an async generator now, so that a database connection it holds is closed."""
@@ -257,7 +305,7 @@ def _valid_text(text: str) -> bool:
 
 async def _prepare_task(
     run: _Run,
-    recv: MemoryObjectReceiveStream[Rows],
+    recv: MemoryObjectReceiveStream[Chunk],
     send: MemoryObjectSendStream[Batch],
     batcher: Batcher,
     linger: float,
@@ -271,13 +319,13 @@ async def _prepare_task(
 
 async def _prepare_loop(
     run: _Run,
-    recv: MemoryObjectReceiveStream[Rows],
+    recv: MemoryObjectReceiveStream[Chunk],
     send: MemoryObjectSendStream[Batch],
     batcher: Batcher,
     linger: float,
 ) -> None:
     while True:
-        chunk: Rows | None = None
+        chunk: Chunk | None = None
         with anyio.move_on_after(linger if batcher.pending else None):
             try:
                 chunk = await recv.receive()
@@ -419,7 +467,7 @@ async def run_campaign(
     timeout = httpx.Timeout(campaign.provider.timeout, connect=campaign.provider.connect_timeout, pool=None)
     if transport is None:
         transport = HttpTransport(max_connections=limits.concurrency, verify=campaign.provider.verify_tls)
-    source = open_source(campaign, run_dir=run_dir.path, state=state, skip=bytes(run.skip))
+    source = open_source(campaign, run_dir=run_dir.path, state=state, skip=bytes(run.skip), columnar=True)
     batcher = Batcher(limits.batch_size, provider.batch_key, first_id=state.next_batch)
 
     def counts() -> dict[str, int]:
@@ -489,7 +537,7 @@ async def run_campaign(
                             "daily_cap_spans_days", recipients_left=left, daily_cap=gate.daily_cap, days=days
                         )
                 run.dispatcher = dispatcher
-                rows_send, rows_recv = anyio.create_memory_object_stream[Rows](2)
+                rows_send, rows_recv = anyio.create_memory_object_stream[Chunk](2)
                 batch_send, batch_recv = anyio.create_memory_object_stream[Batch](limits.concurrency)
                 async with anyio.create_task_group() as tg:
 

@@ -9,7 +9,7 @@ campaign is loaded, so untrusted rows can never reach an object's internals.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -232,10 +232,15 @@ class Renderer:
                 else:
                     messages.append(m)
             return messages, rejects
-        sign = self._sign.parts[0]
         if not isinstance(items, list):
             items = list(items)
-        fast = self._render_common(items, sign, columns)
+        phone_column = self._phone
+        fast = self._render_common(
+            [row for row, _, _ in items],
+            [key for _, key, _ in items],
+            [record.get(phone_column) for _, _, record in items],
+            [[record.get(column) for _, _, record in items] for _, column in columns],
+        )
         if fast is not None:
             return fast, rejects
         render = self.render
@@ -248,17 +253,34 @@ class Renderer:
                 append(m)
         return messages, rejects
 
+    def render_columns(
+        self,
+        rows: Sequence[int],
+        keys: Sequence[str],
+        header: Sequence[str],
+        values: Sequence[Sequence[str]],
+    ) -> list[Message] | None:
+        """Render rows given as columns (``values[i]`` holds column ``header[i]``), when every
+        row is of the common shape; None when any is not (render them one by one then)."""
+        columns = self._columns_only
+        if columns is None:
+            return None
+        index = {name: i for i, name in enumerate(header)}  # the last of a name, as a dict has it
+        at = [index.get(self._phone), *(index.get(column) for _, column in columns)]
+        if None in at:
+            return None
+        return self._render_common(rows, keys, values[at[0]], [values[i] for i in at[1:]])  # type: ignore[index]
+
     def _render_common(
         self,
-        items: list[tuple[int, str, Mapping[str, object]]],
-        sign: str,
-        columns: tuple[tuple[str, str], ...],
+        rows: Sequence[int],
+        keys: Sequence[str],
+        raws: Sequence[Any],
+        values: Sequence[Sequence[Any]],
     ) -> list[Message] | None:
         """Every row at once when all are of the common shape (checked column by column,
         in C-speed passes over the whole chunk); None when any row is not."""
-        phone_column = self._phone
-        raws: list[Any] = [record.get(phone_column) for _, _, record in items]
-        values: list[list[Any]] = [[record.get(column) for _, _, record in items] for _, column in columns]
+        assert self._columns_only is not None
         try:
             phones = "".join(raws)
             texts = ["".join(v) for v in values]
@@ -272,30 +294,31 @@ class Renderer:
             and all("" not in v for v in values)
         ):
             return None
-        names = [name for name, _ in columns]
+        sign = self._sign.parts[0]
+        names = [name for name, _ in self._columns_only]
         # A dict display per row is 3x cheaper than dict(zip(...)): spelled out for up to 3.
         if len(names) == 1:
             (n0,) = names
             return [
                 Message(r, k, "86" + p, {n0: a}, sign)
-                for (r, k, _), p, a in zip(items, raws, *values, strict=True)
+                for r, k, p, a in zip(rows, keys, raws, *values, strict=True)
             ]
         if len(names) == 2:
             n0, n1 = names
             return [
                 Message(r, k, "86" + p, {n0: a, n1: b}, sign)
-                for (r, k, _), p, a, b in zip(items, raws, *values, strict=True)
+                for r, k, p, a, b in zip(rows, keys, raws, *values, strict=True)
             ]
         if len(names) == 3:
             n0, n1, n2 = names
             return [
                 Message(r, k, "86" + p, {n0: a, n1: b, n2: c}, sign)
-                for (r, k, _), p, a, b, c in zip(items, raws, *values, strict=True)
+                for r, k, p, a, b, c in zip(rows, keys, raws, *values, strict=True)
             ]
-        rows_params = zip(*values, strict=True) if values else [()] * len(items)
+        rows_params = zip(*values, strict=True) if values else [()] * len(rows)
         return [
             Message(r, k, "86" + p, dict(zip(names, params, strict=True)), sign)
-            for (r, k, _), p, params in zip(items, raws, rows_params, strict=True)
+            for r, k, p, params in zip(rows, keys, raws, rows_params, strict=True)
         ]
 
 

@@ -23,6 +23,8 @@ import orjson
 from pipeline.errors import SourceError
 
 __all__ = (
+    "Chunk",
+    "Columns",
     "CsvSource",
     "JsonlSource",
     "Record",
@@ -38,7 +40,45 @@ Rows = list[tuple[int, Record]]
 
 CHUNK_ROWS = 2000
 
+
+@dataclass(slots=True)
+class Columns:
+    """Consecutive CSV records, every one of the header's width, kept as columns.
+
+    Rows ``first`` to ``first + len(self) - 1``; the engine renders these without a dict
+    per row (the dicts cost more than parsing the CSV). :meth:`records` gives the usual rows.
+    """
+
+    first: int
+    header: list[str]
+    values: list[tuple[str, ...]]  # one tuple per header column
+
+    def __len__(self) -> int:
+        return len(self.values[0]) if self.values else 0
+
+    def column(self, name: str) -> tuple[str, ...] | None:
+        """The values of column ``name`` (the last of that name, as a record's dict has it)."""
+        for i in range(len(self.header) - 1, -1, -1):
+            if self.header[i] == name:
+                return self.values[i]
+        return None
+
+    def __iter__(self) -> Iterator[tuple[int, Record]]:
+        return iter(self.records())
+
+    def records(self) -> Rows:
+        header = self.header
+        return [
+            (self.first + i, dict(zip(header, cells, strict=True)))
+            for i, cells in enumerate(zip(*self.values, strict=True))
+        ]
+
+
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+
+
+Chunk = Rows | Columns
+"""What a source yields: rows, or (CSV, for the engine) the same rows as columns."""
 
 
 class Source(Protocol):
@@ -48,7 +88,7 @@ class Source(Protocol):
         """The column names when known before reading (a CSV header), else None."""
         ...
 
-    def chunks(self) -> AsyncIterator[Rows]:
+    def chunks(self) -> AsyncIterator[Chunk]:
         """Every row in order, in chunks of a few thousand."""
         ...
 
@@ -81,6 +121,9 @@ class CsvSource:
     # (status bytes per row, skip table, columns to keep): rows whose status the table
     # skips are yielded with only those columns, sparing a dict of every column.
     settled: tuple[bytearray, bytes, tuple[str, ...]] | None = None
+    # True: a chunk whose records all have the header's width comes as Columns (the engine's
+    # choice); any other chunk, and every chunk when False, as rows.
+    columnar: bool = False
 
     def _open(self) -> tuple[Iterator[list[str]], list[str] | None, object]:
         try:
@@ -105,7 +148,7 @@ class CsvSource:
     def fingerprint(self) -> dict[str, object]:
         return {"kind": "csv", **file_fingerprint(self.path)}
 
-    async def chunks(self) -> AsyncIterator[Rows]:
+    async def chunks(self) -> AsyncIterator[Chunk]:
         reader, header, f = self._open()
         try:
             if header is None:
@@ -115,7 +158,33 @@ class CsvSource:
             status, skip, keep = self.settled or (bytearray(), bytes(256), ())
             n_status = len(status)
             keep_at = [(c, header.index(c)) for c in keep if c in header]
+            width = len(header)
             while True:
+                if self.columnar:
+                    block: list[list[str]] = []
+                    try:
+                        for values in reader:
+                            if values:  # a blank line is not a record
+                                block.append(values)
+                                if len(block) >= CHUNK_ROWS:
+                                    break
+                    except csv.Error as exc:
+                        chunk = self._as_rows(block, header, row, keep_at, status, skip)
+                        row += len(block) + 1
+                        chunk.append((row, f"unreadable CSV record: {exc}"))
+                        yield chunk
+                        chunk = []
+                        await anyio.lowlevel.checkpoint()
+                        continue
+                    if not block:
+                        break
+                    if set(map(len, block)) == {width}:
+                        yield Columns(row + 1, header, list(zip(*block, strict=True)))
+                    else:
+                        yield self._as_rows(block, header, row, keep_at, status, skip)
+                    row += len(block)
+                    await anyio.lowlevel.checkpoint()
+                    continue
                 try:
                     for values in reader:
                         if values:  # a blank line is not a record
@@ -141,6 +210,27 @@ class CsvSource:
                 yield chunk
         finally:
             f.close()  # type: ignore[attr-defined]
+
+    @staticmethod
+    def _as_rows(
+        block: list[list[str]],
+        header: list[str],
+        row: int,
+        keep_at: list[tuple[str, int]],
+        status: bytearray,
+        skip: bytes,
+    ) -> Rows:
+        """Records after row ``row`` as rows (settled ones with only the kept columns)."""
+        out: Rows = []
+        n_status = len(status)
+        for values in block:
+            row += 1
+            if row < n_status and skip[status[row]]:
+                out.append((row, {c: values[i] for c, i in keep_at if i < len(values)}))
+            else:
+                # zip stops at the shorter side: extra cells dropped, missing absent
+                out.append((row, dict(zip(header, values))))  # noqa: B905
+        return out
 
 
 @dataclass

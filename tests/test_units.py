@@ -135,7 +135,12 @@ class TestRenderRows:
     def test_a_clean_chunk_takes_the_chunk_path(self) -> None:
         items = [(i, str(i), {"phone": f"139{i:08d}", "first": f"n{i}", "code": "7"}) for i in range(1, 50)]
         renderer = self.renderers()[0]
-        assert renderer._render_common(items, "Acme", (("name", "first"), ("c", "code"))) is not None
+        cells = [(str(r), rec["phone"], rec["first"], rec["code"]) for r, _, rec in items]
+        columns = list(zip(*cells, strict=True))
+        header = ["id", "phone", "first", "code"]
+        rows, keys = [r for r, _, _ in items], [k for _, k, _ in items]
+        assert renderer.render_columns(rows, keys, header, columns) == renderer.render_rows(items)[0]
+        assert renderer.render_columns(rows, keys, ["id", "phone", "first"], columns[:3]) is None  # no code
         messages, rejects = renderer.render_rows(items)
         assert not rejects and [m.phone for m in messages] == [f"86139{i:08d}" for i in range(1, 50)]
         assert messages[0].params == {"name": "n1", "c": "7"}
