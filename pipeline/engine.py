@@ -234,10 +234,20 @@ class _Run:
             return None
         first, n = chunk.first, len(chunk)
         status = self.state.status
-        if first < len(status) and 1 in status[first : first + n].translate(self.skip):
-            return None  # rows settled earlier (a resume): the row path skips them
         key_col = self.campaign.source.key
         rows = range(first, first + n)
+        if first < len(status):
+            skipped = status[first : first + n].translate(self.skip)
+            if 1 in skipped:  # rows settled earlier (a resume)
+                if len(skipped) < n or 0 in skipped:
+                    return None  # some still to send: the row path sorts them out
+                if key_col is not None:  # all settled: only their keys still count
+                    column = chunk.column(key_col)
+                    if column is None:
+                        return None
+                    assert self.keys is not None
+                    self.keys.add([v or str(r) for r, v in zip(rows, column, strict=True)])
+                return []
         if key_col is None:
             keys = list(map(str, rows))
             dup = None
