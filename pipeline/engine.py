@@ -101,11 +101,23 @@ def open_source(
         return open_db_source(campaign, run_dir=run_dir, state=state, skip=skip)
     if spec.kind == "csv":
         settled = None
+        prefix = 0
         if state is not None and skip is not None:
             # Rows a resume skips only need what de-duplication reads: the key and the phone.
             keep = tuple(c for c in (spec.key, spec.phone if spec.dedupe_phone else None) if c)
             settled = (state.status, skip, keep)
-        return CsvSource(Path(spec.path), delimiter=spec.delimiter, settled=settled, columnar=columnar)
+            if not keep and len(state.status) > 1:
+                # Nothing is read from settled rows: the leading run of them is not even parsed.
+                flags = state.status.translate(skip)
+                end = flags.find(0, 1)
+                prefix = (len(flags) if end < 0 else end) - 1
+        return CsvSource(
+            Path(spec.path),
+            delimiter=spec.delimiter,
+            settled=settled,
+            columnar=columnar,
+            skip_records=prefix,
+        )
     return JsonlSource(Path(spec.path))
 
 

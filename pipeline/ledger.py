@@ -127,7 +127,7 @@ class LedgerState:
         return out
 
 
-_BLOCK = 1 << 24  # bytes of ledger replayed at a time
+_BLOCK = 1 << 20  # bytes of ledger replayed at a time (larger blocks: slower, more memory)
 _R_PREFIX = b'{"r":'
 _S_FIELD = b',"s":"'
 _INITIAL = np.frombuffer(_BY_INITIAL, np.uint8)

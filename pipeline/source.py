@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import os
 import sys
 from collections.abc import AsyncIterator, Iterator, Mapping
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Protocol
 
 import anyio
+import numpy as np
 import orjson
 
 from pipeline.errors import SourceError
@@ -31,6 +33,7 @@ __all__ = (
     "Rows",
     "Source",
     "file_fingerprint",
+    "record_offset",
 )
 
 Record = Mapping[str, object] | str
@@ -124,6 +127,10 @@ class CsvSource:
     # True: a chunk whose records all have the header's width comes as Columns (the engine's
     # choice); any other chunk, and every chunk when False, as rows.
     columnar: bool = False
+    # Leading records the caller needs nothing of (a resume's settled prefix, no keys to
+    # check): passed over by counting lines, without parsing, where the file allows it.
+    skip_records: int = 0
+    rows_before: int = 0  # records passed over that way (the engine counts them as read)
 
     def _open(self) -> tuple[Iterator[list[str]], list[str] | None, object]:
         try:
@@ -154,6 +161,14 @@ class CsvSource:
             if header is None:
                 return
             row = 0
+            offset = record_offset(self.path, self.skip_records) if self.skip_records > 0 else None
+            if offset is not None:
+                f.close()  # type: ignore[attr-defined]
+                raw = self.path.open("rb")
+                raw.seek(offset)
+                f = io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape", newline="")
+                reader = csv.reader(f, delimiter=self.delimiter)
+                row = self.rows_before = self.skip_records
             chunk: Rows = []
             status, skip, keep = self.settled or (bytearray(), bytes(256), ())
             n_status = len(status)
@@ -231,6 +246,45 @@ class CsvSource:
                 # zip stops at the shorter side: extra cells dropped, missing absent
                 out.append((row, dict(zip(header, values))))  # noqa: B905
         return out
+
+
+def record_offset(path: Path, records: int, block_size: int = 1 << 20) -> int | None:
+    """The byte offset where CSV record ``records + 1`` starts (after the header line), or
+    None where counting lines could disagree with the CSV reader: a quote, a bare CR or a
+    NUL before that point, or fewer records in the file."""
+    with path.open("rb") as f:
+        head = f.readline()
+        if not head.endswith(b"\n") or b'"' in head or b"\r" in head[:-2]:
+            return None
+        offset = len(head)  # of the start of ``carry``
+        carry = b""
+        left = records
+        while True:
+            data = f.read(block_size)
+            if not data:
+                return None
+            block = carry + data
+            if b'"' in block or b"\x00" in block or block.count(b"\r") != block.count(b"\r\n"):
+                return None
+            buf = np.frombuffer(block, np.uint8)
+            ends = np.flatnonzero(buf == 10)
+            if len(ends):
+                starts = np.empty_like(ends)
+                starts[0] = 0
+                starts[1:] = ends[:-1] + 1
+                length = ends - starts
+                # a blank line ("" or "\r" before the newline) is not a record
+                is_record = (length > 1) | ((length == 1) & (buf[starts] != 13))
+                counted = np.cumsum(is_record)
+                if counted[-1] >= left:
+                    at = int(np.searchsorted(counted, left))
+                    return offset + int(ends[at]) + 1
+                left -= int(counted[-1])
+                cut = int(ends[-1]) + 1
+                offset += cut
+                carry = block[cut:]
+            else:
+                carry = block
 
 
 @dataclass

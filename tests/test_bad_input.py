@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline.ledger import Status, replay
-from pipeline.source import Columns, CsvSource
+from pipeline.source import Columns, CsvSource, record_offset
 from tests.test_engine import make_campaign, ok, run
 
 # Cells: arbitrary bytes including NUL, quotes, newlines, invalid UTF-8, and huge fields.
@@ -166,3 +166,44 @@ class TestColumnarPrepare:
             10: "duplicate key",
         }
         assert sorted(sent) == sorted(f"861380000{i:04d}" for i in range(7) if i != 3)
+
+
+class TestRecordOffset:
+    """A resume passes over settled records by counting lines: it must land where the CSV
+    reader would be after them, or decline."""
+
+    line = st.lists(st.sampled_from(["a", "1", ",", " ", '"', "\r", "é", "\x00", ""]), max_size=6).map(
+        "".join
+    )
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(line, max_size=30), st.integers(1, 12), st.sampled_from([1 << 20, 5]))
+    def test_lands_where_the_reader_would(self, lines: list[str], n: int, block: int) -> None:
+        import csv
+        import io
+
+        data = ("id,phone\n" + "\n".join(lines) + "\n").encode("utf-8", "surrogatepass")
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / "r.csv"
+            path.write_bytes(data)
+            offset = record_offset(path, n, block_size=block)
+
+        def records(text: str) -> list[list[str]]:
+            try:
+                return [r for r in csv.reader(io.StringIO(text, newline="")) if r]
+            except csv.Error:
+                return [["<error>"]]
+
+        text = data.decode("utf-8", "surrogateescape")
+        everything = records(text)[1:]
+        if offset is None:
+            assert '"' in text or "\x00" in text or "\r" in text.replace("\r\n", "") or len(everything) < n
+        else:
+            assert records(data[offset:].decode("utf-8", "surrogateescape")) == everything[n:]
+
+    def test_quotes_decline(self, tmp_path: Path) -> None:
+        path = tmp_path / "r.csv"
+        path.write_text('id,phone\n1,"13800000000"\n2,13800000001\n')
+        assert record_offset(path, 1) is None
+        path.write_text("id,phone\n\n1,13800000000\n\r\n2,13800000001\n3,x\n")
+        assert path.read_bytes()[record_offset(path, 2) or 0 :] == b"3,x\n"

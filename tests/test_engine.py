@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 from pathlib import Path
+from unittest.mock import patch
 
 import httpx
 import orjson
 import pytest
 
+from pipeline import source as source_module
 from pipeline.api import run_status
 from pipeline.campaign import Campaign, parse_campaign
 from pipeline.engine import run_campaign
@@ -449,3 +451,50 @@ class TestSuppressionAndPhoneDedupe:
         reasons = {x["k"]: x["e"] for x in lines if x.get("s") == "rejected"}
         assert reasons == {"k3": "suppressed", "k4": "suppressed", "k6": "duplicate phone"}
         assert result.counts["sent"] == 7 and len(sent) == len(set(sent)) == 7
+
+
+@pytest.mark.anyio
+class TestResumePassesOverTheSettledPrefix:
+    async def test_unkeyed_resume_skips_without_parsing_and_sends_the_rest_once(self, tmp_path: Path) -> None:
+        data = rows(5000)
+        (tmp_path / "r.csv").write_text(
+            "phone,first\n" + "".join(f"{r['phone']},{r['first']}\n" for r in data)
+        )
+        c = parse_campaign(
+            {  # no key column: keys are row numbers, nothing is read from settled rows
+                "source": {"kind": "csv", "path": "r.csv", "phone": "phone"},
+                "provider": {"kind": "simulator", "endpoint": "http://fake.invalid"},
+                "message": {"template_code": "T", "sign_name": "S", "params": {"n": "{first}"}},
+                "limits": {"requests_per_second": 10000, "concurrency": 4, "batch_size": 10},
+            },
+            tmp_path,
+        )
+        seen: list[str] = []
+
+        def refuse_after_2000(request: httpx.Request) -> httpx.Response:
+            if len(seen) >= 2000:
+                return httpx.Response(200, json={"outcome": "fatal", "code": "Stop"})
+            seen.extend(orjson.loads(request.content)["phones"])
+            return ok(request)
+
+        first = await run(c, tmp_path, refuse_after_2000)
+        assert first.stop_code == "Stop" and first.counts["sent"] == 2000
+        offsets: list[int | None] = []
+        real = source_module.record_offset
+
+        def record_and_accept(request: httpx.Request) -> httpx.Response:
+            seen.extend(orjson.loads(request.content)["phones"])
+            return ok(request)
+
+        def spy(path: Path, records: int, block_size: int = 1 << 20) -> int | None:
+            offsets.append(real(path, records, block_size))
+            return offsets[-1]
+
+        with patch.object(source_module, "record_offset", spy):
+            second = await run(
+                c, tmp_path, lambda r: (seen.extend(orjson.loads(r.content)["phones"]), ok(r))[1]
+            )
+        assert offsets and offsets[0] is not None  # the fast path was taken
+        assert second.complete and second.counts["sent"] == 5000
+        assert sorted(seen) == sorted("86" + r["phone"] for r in data)  # everyone once
+        assert replay(tmp_path / "run" / "ledger.jsonl").eof_rows == 5000
