@@ -4,13 +4,14 @@
 process, cumulative slices of the pipeline over every row of ``CSV`` and prints one JSON
 line (CPU seconds of the work, peak RSS):
 
-* ``source``: ``pipeline.source.CsvSource.chunks()``, every row read and nothing else;
+* ``source``: ``pipeline.source.CsvSource.chunks()`` as the engine reads it (columns),
+  every row read and nothing else;
 * ``ledger``: plus, per 100 rows, a ``Batch`` of bare ``Message`` objects, its intent
   line (``LedgerWriter.intent``, one ``os.write`` each, as the dispatcher does) and its
   outcome lines (``LedgerWriter.outcome`` with ``SENT``): the floor the issue names;
-* ``render``: ``Renderer.render`` builds the messages instead and ``Batcher`` groups
+* ``render``: ``Renderer.render_columns`` builds the messages instead and ``Batcher`` groups
   them (the engine's prepare step; key = the row number, as in the benchmarks' campaign);
-* ``sign``: plus ``AliyunSms.build_request`` (V3) per batch: everything but the HTTP.
+* ``sign``: plus ``AliyunSms.build_wire`` (V3) per batch: everything but the HTTP.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from benchmarks.common import SIGN_NAME, TEMPLATE_CODE, child_result
 from pipeline.batch import Batcher
 from pipeline.ledger import Durability, LedgerWriter
 from pipeline.render import Renderer, Template
-from pipeline.source import CsvSource
+from pipeline.source import Columns, CsvSource
 from providers.aliyun import TEST_CREDENTIALS, AliyunSms
 from providers.base import Batch, BatchOutcome, Message, Outcome
 
@@ -39,13 +40,13 @@ BATCH = 100
 
 async def run_stage(csv_path: Path, ledger_path: Path, stage: str) -> int:
     """Returns the rows seen."""
-    source = CsvSource(csv_path)
+    source = CsvSource(csv_path, columnar=True)  # as the engine reads it
     rows = 0
     if stage == "source":
         async for chunk in source.chunks():
             rows += len(chunk)
         return rows
-    writer = LedgerWriter(ledger_path, durability=Durability.PROCESS)
+    writer = LedgerWriter(ledger_path, durability=Durability.PROCESS, keyed=False)
     sent = BatchOutcome(Outcome.SENT, code="OK", provider_id="1^0")
     renderer = Renderer(
         phone_column="phone",
@@ -64,27 +65,30 @@ async def run_stage(csv_path: Path, ledger_path: Path, stage: str) -> int:
     def settle(batch: Batch) -> None:
         batch.out_id = f"floor-{batch.id}-1"
         if stage == "sign":
-            provider.build_request(batch)
+            provider.build_wire(batch)
         writer.intent(batch)
         writer.outcome(batch, sent, 1.0)
 
     try:
         async for chunk in source.chunks():
+            if not isinstance(chunk, Columns):
+                raise RuntimeError("the floor's CSV must come as columns, as in the engine")
             rows += len(chunk)
+            numbers = range(chunk.first, chunk.first + len(chunk))
+            keys = list(map(str, numbers))
             if stage == "ledger":
+                phones = chunk.column("phone") or ()
                 msgs = [
-                    Message(row, str(row), "86" + str(rec["phone"]), {}, SIGN_NAME)  # type: ignore[index]
-                    for row, rec in chunk
+                    Message(r, k, "86" + p, {}, SIGN_NAME)
+                    for r, k, p in zip(numbers, keys, phones, strict=True)
                 ]
                 for i in range(0, len(msgs), BATCH):
                     settle(Batch(next_id, msgs[i : i + BATCH]))
                     next_id += 1
             else:
-                rendered = []
-                for row, rec in chunk:
-                    m = renderer.render(row, str(row), rec)  # type: ignore[arg-type]
-                    if isinstance(m, Message):
-                        rendered.append(m)
+                rendered = renderer.render_columns(numbers, keys, chunk.header, chunk.values)
+                if rendered is None:
+                    raise RuntimeError("the floor's rows must take the engine's common path")
                 for b in batcher.add(rendered):
                     settle(b)
         for b in batcher.drain():

@@ -9,7 +9,7 @@ Modules, in the order data flows through them:
 - ``batch``: group messages into provider requests
 - ``limit``: requests per second, adaptive to throttling (aiolimiter)
 - ``dispatch``: send over httpx with retries, classify outcomes
-- ``transport``: the httpx transport over aiohttp
+- ``transport``: HTTP/1.1 keep-alive connections on asyncio protocols, behind httpx's transport API
 - ``ledger``: the append-only JSONL ledger, replay and repair
 - ``rundir``: run.json and the run directory
 - ``engine``: the tasks wired together

@@ -497,7 +497,12 @@ class AliyunSms:
             phone_json = _once_twice(orjson.dumps(phones).decode())
         # Sign names repeat from batch to batch: each is encoded once, then joined.
         signs = self._signs
-        names = [signs.get(m.sign_name) or self._sign_name(m.sign_name) for m in messages]
+        sign_names = [m.sign_name for m in messages]
+        if sign_names and sign_names.count(sign_names[0]) == len(sign_names):  # one sign name: usual
+            first = signs.get(sign_names[0]) or self._sign_name(sign_names[0])
+            names = [first] * len(sign_names)
+        else:
+            names = [signs.get(n) or self._sign_name(n) for n in sign_names]
         form = [
             ("PhoneNumberJson", *phone_json),
             (
