@@ -78,7 +78,7 @@ import structlog
 
 from pipeline.campaign import Campaign, SourceSpec
 from pipeline.errors import CampaignError, SourceError
-from pipeline.ledger import LedgerState
+from pipeline.ledger import LedgerState, StatusArray
 from pipeline.source import CHUNK_ROWS, Rows
 
 if TYPE_CHECKING:
@@ -141,7 +141,9 @@ def read_checkpoints(path: Path) -> list[Checkpoint]:
     return out
 
 
-def resume_checkpoint(status: bytearray, skip: bytes, checkpoints: Iterable[Checkpoint]) -> Checkpoint | None:
+def resume_checkpoint(
+    status: StatusArray, skip: bytes, checkpoints: Iterable[Checkpoint]
+) -> Checkpoint | None:
     """The highest checkpoint whose rows are all settled, or None to read from the start.
 
     ``status`` holds a byte per ledger row, ``skip[b]`` is 1 for the statuses a
@@ -150,12 +152,10 @@ def resume_checkpoint(status: bytearray, skip: bytes, checkpoints: Iterable[Chec
     "rank"`` this means rows 1..N are all settled; with ``"key"`` the zeros
     between are key values absent from the table.
     """
-    first_open = len(status)  # the lowest row with a status a resume must act on
-    for value in range(1, 256):
-        if not skip[value]:
-            i = status.find(bytes((value,)), 1)
-            if 0 < i < first_open:
-                first_open = i
+    # the lowest row with a status a resume must act on (pending rows past the end aside)
+    acts = bytes(1 if value and not skip[value] else 0 for value in range(256))
+    i = status.flags(acts, 1).find(1)
+    first_open = len(status) if i < 0 else i + 1
     best: Checkpoint | None = None
     zeros = 0
     counted = 1  # zeros counts the zero bytes in status[1:counted]

@@ -108,7 +108,7 @@ def open_source(
             settled = (state.status, skip, keep)
             if not keep and len(state.status) > 1:
                 # Nothing is read from settled rows: the leading run of them is not even parsed.
-                flags = state.status.translate(skip)
+                flags = state.status.flags(skip)
                 end = flags.find(0, 1)
                 prefix = (len(flags) if end < 0 else end) - 1
         return CsvSource(
@@ -249,7 +249,7 @@ class _Run:
         key_col = self.campaign.source.key
         rows = range(first, first + n)
         if first < len(status):
-            skipped = status[first : first + n].translate(self.skip)
+            skipped = status.flags(self.skip, first, first + n)
             if 1 in skipped:  # rows settled earlier (a resume)
                 if len(skipped) < n or 0 in skipped:
                     return None  # some still to send: the row path sorts them out
@@ -422,17 +422,10 @@ def _run_gc() -> Iterator[None]:
 
 def _settle_interrupted(state: LedgerState, writer: LedgerWriter) -> int:
     """Rows whose intent has no result: the process died mid-flight."""
-    status = state.status
-    inflight = bytes((Status.INFLIGHT,))
-    rows: list[int] = []
-    pos = status.find(inflight)
-    while pos >= 0:
-        rows.append(pos)
-        status[pos] = Status.UNKNOWN
-        pos = status.find(inflight, pos + 1)
+    rows = state.status.rows_with(Status.INFLIGHT)
     state.open_intents.clear()
     if rows:
-        writer.unknown_rows(rows, "Interrupted")
+        writer.unknown_rows(rows, "Interrupted")  # sets their status too
         writer.flush()
     return len(rows)
 

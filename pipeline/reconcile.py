@@ -75,7 +75,7 @@ class _Unknown:
 def _unknown_rows(ledger: Path) -> dict[int, tuple[str, float]]:
     """Row → (OutId, time) of the last intent of every row now unknown or in flight."""
     state = replay(ledger)
-    wanted = {r for r, s in enumerate(state.status) if s in (Status.UNKNOWN, Status.INFLIGHT)}
+    wanted = set(state.status.rows_with(Status.UNKNOWN, Status.INFLIGHT))
     out: dict[int, tuple[str, float]] = {}
     with ledger.open("rb") as f:
         for line in f:

@@ -23,6 +23,7 @@ import numpy as np
 import orjson
 
 from pipeline.errors import SourceError
+from pipeline.ledger import StatusArray
 
 __all__ = (
     "Chunk",
@@ -123,7 +124,7 @@ class CsvSource:
     delimiter: str = ","
     # (status bytes per row, skip table, columns to keep): rows whose status the table
     # skips are yielded with only those columns, sparing a dict of every column.
-    settled: tuple[bytearray, bytes, tuple[str, ...]] | None = None
+    settled: tuple[StatusArray, bytes, tuple[str, ...]] | None = None
     # True: a chunk whose records all have the header's width comes as Columns (the engine's
     # choice); any other chunk, and every chunk when False, as rows.
     columnar: bool = False
@@ -170,7 +171,7 @@ class CsvSource:
                 reader = csv.reader(f, delimiter=self.delimiter)
                 row = self.rows_before = self.skip_records
             chunk: Rows = []
-            status, skip, keep = self.settled or (bytearray(), bytes(256), ())
+            status, skip, keep = self.settled or (StatusArray(), bytes(256), ())
             n_status = len(status)
             keep_at = [(c, header.index(c)) for c in keep if c in header]
             width = len(header)
@@ -232,7 +233,7 @@ class CsvSource:
         header: list[str],
         row: int,
         keep_at: list[tuple[str, int]],
-        status: bytearray,
+        status: StatusArray,
         skip: bytes,
     ) -> Rows:
         """Records after row ``row`` as rows (settled ones with only the kept columns)."""

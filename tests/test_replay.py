@@ -69,7 +69,7 @@ def reference(data: bytes) -> tuple[dict[int, int], int | None, int, set[int], i
 
 
 def as_tuple(state: LedgerState) -> tuple[dict[int, int], int | None, int, set[int], int, int]:
-    status = {int(r): state.status[r] for r in np.flatnonzero(np.frombuffer(state.status, np.uint8))}
+    status = {int(r): state.status[r] for r in np.flatnonzero(state.status.unpack())}
     return status, state.eof_rows, state.next_batch, set(state.open_intents), state.bad_lines, state.torn_tail
 
 

@@ -369,3 +369,56 @@ class TestSegments:
         from pipeline.dryrun import segments
 
         assert segments(text, domestic_cn=domestic) == want
+
+
+class TestStatusArray:
+    """Two statuses a byte, checked against a plain list of statuses."""
+
+    ops = st.lists(
+        st.one_of(
+            st.tuples(st.just("set"), st.integers(0, 70), st.integers(0, 6)),
+            st.tuples(st.just("run"), st.integers(0, 60), st.integers(0, 12), st.integers(0, 6)),
+            st.tuples(
+                st.just("many"), st.lists(st.integers(0, 70), unique=True, max_size=8), st.integers(0, 6)
+            ),
+        ),
+        max_size=40,
+    )
+
+    @settings(max_examples=200, deadline=None)
+    @given(ops, st.integers(0, 80), st.integers(0, 80))
+    def test_same_as_a_list(self, ops: list[tuple[object, ...]], start: int, stop: int) -> None:
+        import numpy as np
+
+        from pipeline.ledger import StatusArray
+
+        arr, model = StatusArray(), [0] * 72
+        arr.reserve(71)
+        for op in ops:
+            if op[0] == "set":
+                arr[op[1]] = op[2]  # type: ignore[index]
+                model[op[1]] = op[2]  # type: ignore[index]
+            elif op[0] == "run":
+                rows = list(range(op[1], op[1] + op[2]))  # type: ignore[operator]
+                arr.set_many(rows, op[3])  # type: ignore[arg-type]
+                for r in rows:
+                    model[r] = op[3]  # type: ignore[assignment]
+            else:
+                rows = op[1]  # type: ignore[assignment]
+                arr.set_rows(np.array(rows, np.int64), np.full(len(rows), op[2]))
+                for r in rows:
+                    model[r] = op[2]  # type: ignore[assignment]
+        n = len(arr)  # room for 2M rows (a MiB): rows past the model's 72 are all 0
+        assert n >= 2 << 20 and [arr[r] for r in range(80)] == [*model, 0, 0, 0, 0, 0, 0, 0, 0]
+        full = [*model, *[0] * 8]  # rows 0-79
+        if start <= stop:
+            assert arr.unpack(start, stop).tolist() == full[start:stop]
+        table = bytes(range(100, 116)) + bytes(240)
+        assert arr.flags(table, start, 80) == bytes(table[v] for v in full[start:80])
+        for v in range(7):
+            assert arr.count(v, start, stop) == full[start:stop].count(v)
+            past = max(start, 80) if v == 0 else -1  # rows from 80 on are all 0
+            expected = next((i for i in range(start, 80) if full[i] == v), past)
+            assert arr.find(v, start) == expected
+            assert arr.histogram()[v] == model.count(v) + (n - 72 if v == 0 else 0)
+        assert arr.rows_with(1, 5) == [i for i, v in enumerate(model) if v in (1, 5)]
