@@ -35,7 +35,7 @@ from pipeline.dbsource import (
     resume_checkpoint,
 )
 from pipeline.errors import CampaignError, SourceError
-from pipeline.ledger import Status
+from pipeline.ledger import Status, StatusArray
 from pipeline.source import Rows
 from tests.conftest import REPO
 from tests.helpers import final_statuses, simulator, sluice
@@ -220,8 +220,9 @@ class TestCampaign:
 
 
 # -- checkpoints and fingerprints ----------------------------------------------------------
-def statuses(*pairs: tuple[int, Status]) -> bytearray:
-    out = bytearray(max(r for r, _ in pairs) + 1)
+def statuses(*pairs: tuple[int, Status]) -> StatusArray:
+    out = StatusArray()
+    out.reserve(max(r for r, _ in pairs))
     for r, s in pairs:
         out[r] = s
     return out
@@ -258,7 +259,7 @@ class TestResumePoint:
         assert resume_checkpoint(st, SKIP, cks) == Checkpoint(4, 2, 4)
 
     def test_nothing_settled(self) -> None:
-        assert resume_checkpoint(bytearray(), SKIP, [Checkpoint(2, 2, 2)]) is None
+        assert resume_checkpoint(StatusArray(), SKIP, [Checkpoint(2, 2, 2)]) is None
         assert resume_checkpoint(statuses((1, Status.SENT)), SKIP, []) is None
 
     def test_torn_checkpoint_file(self, tmp_path: Path) -> None:
@@ -360,7 +361,7 @@ class TestSqlitePaging:
         assert sorted(seen) == sorted(f"n{i}" for i in range(1, len(self.KEYS) + 1))
 
 
-def _state(status: bytearray) -> Any:
+def _state(status: StatusArray) -> Any:
     from pipeline.ledger import LedgerState
 
     return LedgerState(status=status)
