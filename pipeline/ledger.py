@@ -325,14 +325,26 @@ def _replay_block(block: bytes, state: LedgerState) -> None:
     key = all_rows * len(ends) + lines
     order = np.argsort(key, kind="stable")
     sorted_rows = all_rows[order]
+    sorted_codes = all_codes[order]
+    # "Back to pending if still in flight" depends on the row's state just before: resolved
+    # in order (rare: the rows of attempts that were refused before being processed).
+    status = state.status
+    for j in np.flatnonzero(sorted_codes == _IF_INFLIGHT).tolist():
+        row = int(sorted_rows[j])
+        if j and sorted_rows[j - 1] == row:
+            before = int(sorted_codes[j - 1])
+        else:
+            before = status[row] if row < len(status) else 0
+        sorted_codes[j] = _PENDING if before == _INFLIGHT else before
     last = np.ones(len(order), bool)
     last[:-1] = sorted_rows[1:] != sorted_rows[:-1]
     final_rows = sorted_rows[last]
     state.reserve(int(final_rows[-1]))
-    state.status.set_rows(final_rows, all_codes[order][last])
+    status.set_rows(final_rows, sorted_codes[last])
 
 
 _INFLIGHT, _PENDING = int(Status.INFLIGHT), int(Status.PENDING)
+_IF_INFLIGHT = 15  # an event, not a status: PENDING if the row is INFLIGHT, else no change
 
 
 def _replay_line(line: bytes, state: LedgerState) -> tuple[list[int], int] | None:
@@ -364,8 +376,8 @@ def _replay_line(line: bytes, state: LedgerState) -> tuple[list[int], int] | Non
     if "b" in obj:
         rows = state.open_intents.pop(obj["b"], [])
         if obj.get("s") in ("retry", "fatal") and rows:
-            # Provably not processed: the rows go back to pending (they were in flight).
-            return rows, _PENDING
+            # Provably not processed: the rows still in flight go back to pending.
+            return rows, _IF_INFLIGHT
     elif "eof" in obj:
         state.eof_rows = obj["eof"]
     return None
