@@ -154,8 +154,8 @@ def resume_checkpoint(
     """
     # the lowest row with a status a resume must act on (pending rows past the end aside)
     acts = bytes(1 if value and not skip[value] else 0 for value in range(256))
-    i = status.flags(acts, 1).find(1)
-    first_open = len(status) if i < 0 else i + 1
+    i = status.first(acts, 1)
+    first_open = len(status) if i < 0 else i
     best: Checkpoint | None = None
     zeros = 0
     counted = 1  # zeros counts the zero bytes in status[1:counted]

@@ -108,9 +108,8 @@ def open_source(
             settled = (state.status, skip, keep)
             if not keep and len(state.status) > 1:
                 # Nothing is read from settled rows: the leading run of them is not even parsed.
-                flags = state.status.flags(skip)
-                end = flags.find(0, 1)
-                prefix = (len(flags) if end < 0 else end) - 1
+                end = state.status.first(bytes(not flag for flag in skip), 1)
+                prefix = (len(state.status) if end < 0 else end) - 1
         return CsvSource(
             Path(spec.path),
             delimiter=spec.delimiter,

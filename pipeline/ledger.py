@@ -20,7 +20,7 @@ from __future__ import annotations
 import enum
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,6 +94,7 @@ class Durability(enum.Enum):
     INTERVAL = "interval"
 
 
+_WINDOW = 1 << 20  # rows per bulk read
 _LOW_NIBBLE = bytes(b & 15 for b in range(256))
 _HIGH_NIBBLE = bytes(b >> 4 for b in range(256))
 
@@ -143,27 +144,51 @@ class StatusArray:
         skew = start & 1
         return rows[skew : skew + stop - start]
 
+    def _windows(self, start: int, stop: int | None) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, unpacked statuses) over the range, 1M rows at a time: bulk reads of a
+        100M-row array never unpack it whole."""
+        stop = len(self) if stop is None else min(stop, len(self))
+        for lo in range(max(start, 0), stop, _WINDOW):
+            yield lo, self.unpack(lo, min(lo + _WINDOW, stop))
+
     def flags(self, table: bytes | bytearray, start: int = 0, stop: int | None = None) -> bytes:
         """``table[status]`` for each row in the range (as ``bytes.translate`` would)."""
-        flags: bytes = np.frombuffer(table, np.uint8)[self.unpack(start, stop)].tobytes()
-        return flags
+        lookup = np.frombuffer(table, np.uint8)
+        return b"".join(lookup[rows].tobytes() for _, rows in self._windows(start, stop))
+
+    def first(self, table: bytes | bytearray, start: int = 0) -> int:
+        """The first row from ``start`` whose ``table[status]`` is non-zero, or -1."""
+        lookup = np.frombuffer(table, np.uint8)
+        for lo, rows in self._windows(start, None):
+            hits = np.flatnonzero(lookup[rows])
+            if len(hits):
+                return lo + int(hits[0])
+        return -1
 
     def count(self, value: int, start: int = 0, stop: int | None = None) -> int:
-        return int(np.count_nonzero(self.unpack(start, stop) == value))
+        return sum(int(np.count_nonzero(rows == value)) for _, rows in self._windows(start, stop))
 
     def find(self, value: int, start: int = 0) -> int:
         """The first row from ``start`` with ``value``, or -1."""
-        hits = np.flatnonzero(self.unpack(start) == value)
-        return start + int(hits[0]) if len(hits) else -1
+        return self.first(bytes(v == value for v in range(256)), start)
 
     def rows_with(self, *values: int) -> list[int]:
-        rows: list[int] = np.flatnonzero(np.isin(self.unpack(), values)).tolist()
-        return rows
+        out: list[int] = []
+        for lo, rows in self._windows(0, None):
+            out.extend((np.flatnonzero(np.isin(rows, values)) + lo).tolist())
+        return out
 
     def histogram(self) -> list[int]:
-        """Rows per status value (0-15). (np.bincount would first widen every byte to 8.)"""
-        low, high = self._packed.translate(_LOW_NIBBLE), self._packed.translate(_HIGH_NIBBLE)
-        return [low.count(v) + high.count(v) for v in range(16)]
+        """Rows per status value (0-15), a MiB at a time (np.bincount would widen every
+        byte to 8; translating the whole array would copy it twice)."""
+        counts = [0] * 16
+        packed = self._packed
+        for lo in range(0, len(packed), _WINDOW >> 1):
+            part = packed[lo : lo + (_WINDOW >> 1)]
+            low, high = part.translate(_LOW_NIBBLE), part.translate(_HIGH_NIBBLE)
+            for v in range(16):
+                counts[v] += low.count(v) + high.count(v)
+        return counts
 
     def set_rows(self, rows: np.ndarray, values: np.ndarray) -> None:
         """``self[rows[i]] = values[i]``; rows distinct and all with room."""

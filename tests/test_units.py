@@ -422,3 +422,5 @@ class TestStatusArray:
             assert arr.find(v, start) == expected
             assert arr.histogram()[v] == model.count(v) + (n - 72 if v == 0 else 0)
         assert arr.rows_with(1, 5) == [i for i, v in enumerate(model) if v in (1, 5)]
+        marks = bytes(v in (2, 3) for v in range(256))
+        assert arr.first(marks, start) == next((i for i in range(start, 72) if model[i] in (2, 3)), -1)
