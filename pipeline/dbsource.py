@@ -17,7 +17,7 @@ Reading
     A page never ends inside a run of equal keys, so ``key > :last`` skips
     nothing. SQLite calls run in a worker thread, off the event loop.
 
-Row numbers (the ledger's row: one status byte per row)
+Row numbers (the ledger's row: half a status byte per row)
     ``row_number = "rank"`` (default): the 1-based position in key order among
     the rows the source selects (after ``key_from``/``key_to``/``shard``). Any
     key type works, but a row inserted or deleted before others shifts their
@@ -100,7 +100,7 @@ log = structlog.get_logger("sluice.source")
 
 CHECKPOINTS = "source-checkpoints.jsonl"
 PAGE_ROWS = CHUNK_ROWS
-KEY_ROW_MAX = 200_000_000  # row_number = "key": one status byte per key value up to here
+KEY_ROW_MAX = 200_000_000  # row_number = "key": half a status byte per key value up to here
 DATA_FIELDS = ("rows", "key_min", "key_max")
 
 Values = Sequence[Any]

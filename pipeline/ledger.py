@@ -40,7 +40,7 @@ __all__ = (
 
 
 class Status(enum.IntEnum):
-    """A row's state, one byte per row in :class:`LedgerState`."""
+    """A row's state, half a byte per row in :class:`LedgerState` (values fit 4 bits)."""
 
     PENDING = 0
     INFLIGHT = 1

@@ -3,7 +3,9 @@
 A source yields chunks of ``(row, record)`` pairs where ``row`` is a stable
 1-based position (the CSV record number, the JSONL line number) and ``record``
 maps column names to values, or is a string naming why the row is unreadable
-(the engine writes it to the ledger as a ``rejected`` line).
+(the engine writes it to the ledger as a ``rejected`` line). For the engine, a CSV
+chunk whose records all have the header's width comes as :class:`Columns` instead:
+the same rows, without a dict per row.
 """
 
 from __future__ import annotations
@@ -122,7 +124,7 @@ class CsvSource:
 
     path: Path
     delimiter: str = ","
-    # (status bytes per row, skip table, columns to keep): rows whose status the table
+    # (statuses by row, skip table, columns to keep): rows whose status the table
     # skips are yielded with only those columns, sparing a dict of every column.
     settled: tuple[StatusArray, bytes, tuple[str, ...]] | None = None
     # True: a chunk whose records all have the header's width comes as Columns (the engine's

@@ -1,6 +1,7 @@
 """Reading a run back: status with error codes and timing, and the per-recipient export.
 
-Both stream the ledger; memory is one byte per row plus one entry per batch.
+Both stream the ledger; memory is half a byte per row (status) or a byte per row (export),
+plus one entry per batch.
 """
 
 from __future__ import annotations
