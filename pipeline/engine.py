@@ -257,7 +257,7 @@ class _Run:
                     if column is None:
                         return None
                     assert self.keys is not None
-                    self.keys.add([v or str(r) for r, v in zip(rows, column, strict=True)])
+                    self.keys.note([v or str(r) for r, v in zip(rows, column, strict=True)])
                 return []
         if key_col is None:
             keys = list(map(str, rows))

@@ -173,6 +173,29 @@ class TestKeySet:
         assert ks.add(["k3-5", "new", "c"]) == [True, False, True]
         assert ks.size == 3 + 50 * 37 + 1
 
+    @settings(max_examples=150, deadline=None)
+    @given(
+        st.lists(st.tuples(st.booleans(), st.lists(st.integers(0, 60).map(str), max_size=12)), max_size=30),
+        st.sampled_from([1, 5, 1 << 20]),
+    )
+    def test_noted_keys_count_as_seen(self, ops: list[tuple[bool, list[str]]], batch: int) -> None:
+        from unittest.mock import patch
+
+        ks, model = KeySet(), set()
+        with patch("pipeline.keys._NOTE_BATCH", batch):
+            for noted, keys in ops:
+                if noted:  # a resume's settled rows: taken on trust
+                    ks.note(keys)
+                    model.update(keys)
+                    continue
+                expected = []
+                for k in keys:
+                    expected.append(k in model)
+                    model.add(k)
+                assert ks.add(keys) == expected
+            assert ks.contains([*sorted(model), "absent"]) == [True] * len(model) + [False]
+        assert ks.size == len(model)
+
 
 def _batch(rows: list[int], bid: int = 1) -> Batch:
     return Batch(bid, [Message(r, str(r), "8613800000000", {}, "A") for r in rows], 1, f"x-{bid}-1")
