@@ -464,7 +464,8 @@ async def run_campaign(
     writer.counts = dict.fromkeys(writer.counts, 0)  # count this session's outcomes only
     if interrupted or state.torn_tail:
         log.warning("resume_repaired", interrupted=interrupted, torn_bytes=state.torn_tail)
-    base_counts = {k: state.count(Status[k.upper()]) for k in writer.counts}
+    replayed = state.counts()
+    base_counts = {k: replayed[k] for k in writer.counts}
     run = _Run(campaign, state, writer, provider, run_id, resend_unknown=resend_unknown)
     # Outcomes already in the ledger are not counted again; a row re-sent on
     # resume (deferred, or unknown with --resend-unknown) moves between counts.

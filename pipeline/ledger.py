@@ -168,10 +168,6 @@ class StatusArray:
     def count(self, value: int, start: int = 0, stop: int | None = None) -> int:
         return sum(int(np.count_nonzero(rows == value)) for _, rows in self._windows(start, stop))
 
-    def find(self, value: int, start: int = 0) -> int:
-        """The first row from ``start`` with ``value``, or -1."""
-        return self.first(bytes(v == value for v in range(256)), start)
-
     def rows_with(self, *values: int) -> list[int]:
         out: list[int] = []
         for lo, rows in self._windows(0, None):
@@ -242,9 +238,6 @@ class LedgerState:
     def get(self, row: int) -> Status:
         return Status(self.status[row]) if row < len(self.status) else Status.PENDING
 
-    def count(self, status: Status) -> int:
-        return self.status.histogram()[status] if status else 0
-
     def counts(self) -> dict[str, int]:
         histogram = self.status.histogram()
         out = {s.name.lower(): histogram[s] for s in Status if s}
@@ -269,8 +262,8 @@ def replay(path: Path, *, repair: bool = False) -> LedgerState:
 
     The file is read a block at a time. The recipient lines (nearly all of them) are
     parsed with numpy, column-wise; the others (intents, attempts, the end of the
-    source) one by one. Every line is an event on rows at its offset, and a row's
-    status is its last event's: the same as reading line by line, ~20x faster.
+    source) one by one. Every line is an event on its rows, ordered by line, and a
+    row's status is its last event's: the same as reading line by line, and faster.
     """
     state = LedgerState()
     if not path.exists():

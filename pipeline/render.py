@@ -223,34 +223,25 @@ class Renderer:
         """
         messages: list[Message] = []
         rejects: list[tuple[int, str, str]] = []
-        columns = self._columns_only
-        if columns is None:
-            for row, key, record in items:
-                m = self.render(row, key, record)
-                if isinstance(m, Rejection):
-                    rejects.append((m.row, m.key, m.reason))
-                else:
-                    messages.append(m)
-            return messages, rejects
         if not isinstance(items, list):
             items = list(items)
-        phone_column = self._phone
-        fast = self._render_common(
-            [row for row, _, _ in items],
-            [key for _, key, _ in items],
-            [record.get(phone_column) for _, _, record in items],
-            [[record.get(column) for _, _, record in items] for _, column in columns],
-        )
-        if fast is not None:
-            return fast, rejects
-        render = self.render
-        append = messages.append
+        columns = self._columns_only
+        if columns is not None:
+            phone_column = self._phone
+            fast = self._render_common(
+                [row for row, _, _ in items],
+                [key for _, key, _ in items],
+                [record.get(phone_column) for _, _, record in items],
+                [[record.get(column) for _, _, record in items] for _, column in columns],
+            )
+            if fast is not None:
+                return fast, rejects
         for row, key, record in items:
-            m = render(row, key, record)
+            m = self.render(row, key, record)
             if isinstance(m, Rejection):
                 rejects.append((m.row, m.key, m.reason))
             else:
-                append(m)
+                messages.append(m)
         return messages, rejects
 
     def render_columns(

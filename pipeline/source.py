@@ -172,60 +172,31 @@ class CsvSource:
                 f = io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape", newline="")
                 reader = csv.reader(f, delimiter=self.delimiter)
                 row = self.rows_before = self.skip_records
-            chunk: Rows = []
             status, skip, keep = self.settled or (StatusArray(), bytes(256), ())
-            n_status = len(status)
             keep_at = [(c, header.index(c)) for c in keep if c in header]
             width = len(header)
             while True:
-                if self.columnar:
-                    block: list[list[str]] = []
-                    try:
-                        for values in reader:
-                            if values:  # a blank line is not a record
-                                block.append(values)
-                                if len(block) >= CHUNK_ROWS:
-                                    break
-                    except csv.Error as exc:
-                        chunk = self._as_rows(block, header, row, keep_at, status, skip)
-                        row += len(block) + 1
-                        chunk.append((row, f"unreadable CSV record: {exc}"))
-                        yield chunk
-                        chunk = []
-                        await anyio.lowlevel.checkpoint()
-                        continue
-                    if not block:
-                        break
-                    if set(map(len, block)) == {width}:
-                        yield Columns(row + 1, header, list(zip(*block, strict=True)))
-                    else:
-                        yield self._as_rows(block, header, row, keep_at, status, skip)
-                    row += len(block)
-                    await anyio.lowlevel.checkpoint()
-                    continue
+                block: list[list[str]] = []
+                error = None
                 try:
                     for values in reader:
                         if values:  # a blank line is not a record
-                            row += 1
-                            if row < n_status and skip[status[row]]:
-                                kept = {c: values[i] for c, i in keep_at if i < len(values)}
-                                chunk.append((row, kept))
-                            else:
-                                # zip stops at the shorter side: extra cells dropped, missing absent
-                                chunk.append((row, dict(zip(header, values))))  # noqa: B905
-                            if len(chunk) >= CHUNK_ROWS:
+                            block.append(values)
+                            if len(block) >= CHUNK_ROWS:
                                 break
-                    else:
-                        break  # end of file
                 except csv.Error as exc:
-                    row += 1
-                    chunk.append((row, f"unreadable CSV record: {exc}"))
-                    continue
-                yield chunk
-                chunk = []
+                    error = f"unreadable CSV record: {exc}"
+                if error is None and not block:
+                    break  # end of file
+                if self.columnar and error is None and set(map(len, block)) == {width}:
+                    yield Columns(row + 1, header, list(zip(*block, strict=True)))
+                else:
+                    chunk = self._as_rows(block, header, row, keep_at, status, skip)
+                    if error is not None:
+                        chunk.append((row + len(block) + 1, error))
+                    yield chunk
+                row += len(block) + (error is not None)
                 await anyio.lowlevel.checkpoint()
-            if chunk:
-                yield chunk
         finally:
             f.close()  # type: ignore[attr-defined]
 

@@ -2,9 +2,9 @@
 
 httpx stays the client API (tests inject ``httpx.MockTransport``; anything speaking
 ``httpx.AsyncBaseTransport`` can be given to the engine), but the work per request is
-what decides how fast a bulk sender drains a list. Measured per request of 100
-recipients on a 2-core VM (see benchmarks/README.md): httpcore's pool ~2.7 ms of CPU,
-aiohttp under httpx ~250 µs, this module ~40 µs. It does one thing: a request, its
+what decides how fast a bulk sender drains a list: with aiohttp under httpx a whole
+sluice run took 17.4 µs of CPU per recipient, with this module 9.8 µs (200 000 recipients,
+batches of 100, on a 2-core VM; benchmarks/README.md). It does one thing: a request, its
 whole response, on a kept-alive connection; no redirects, cookies, proxies or
 decompression (sluice sends no ``Accept-Encoding``).
 

@@ -442,7 +442,7 @@ class TestStatusArray:
             assert arr.count(v, start, stop) == full[start:stop].count(v)
             past = max(start, 80) if v == 0 else -1  # rows from 80 on are all 0
             expected = next((i for i in range(start, 80) if full[i] == v), past)
-            assert arr.find(v, start) == expected
+            assert arr.first(bytes(s == v for s in range(256)), start) == expected
             assert arr.histogram()[v] == model.count(v) + (n - 72 if v == 0 else 0)
         assert arr.rows_with(1, 5) == [i for i, v in enumerate(model) if v in (1, 5)]
         marks = bytes(v in (2, 3) for v in range(256))
