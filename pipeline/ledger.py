@@ -62,6 +62,7 @@ _BY_INITIAL = bytes(next((st for name, st in _BY_NAME.items() if name[0] == i), 
 _OUTCOME_STATUS = {
     Outcome.SENT: "sent",
     Outcome.FAILED: "failed",
+    Outcome.SPLIT: "failed",  # a recipient alone whose call was refused for it
     Outcome.UNKNOWN: "unknown",
     Outcome.DEFER: "deferred",
     Outcome.THROTTLED: "deferred",

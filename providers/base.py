@@ -16,6 +16,10 @@ Outcome classes, from PROTOCOLS.md::
                 timestamp rejected): retry with backoff
     DEFER       not processed now and pointless to retry at once
                 (per-number frequency limit): leave for a later resume
+    SPLIT       the provider refused the whole call because of some of its
+                recipients (a bad number, blacklisted, over-long text), so
+                nothing of it was sent: the engine splits the batch until the
+                recipients at fault stand alone; only they are FAILED
     UNKNOWN     may or may not have reached the provider (read timeout,
                 connection lost after sending, 5xx): never re-sent silently
 """
@@ -58,6 +62,7 @@ class Outcome(enum.Enum):
     THROTTLED = "throttled"
     RETRY = "retry"
     DEFER = "deferred"
+    SPLIT = "split"
     UNKNOWN = "unknown"
 
 

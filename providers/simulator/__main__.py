@@ -62,6 +62,12 @@ def build_parser(prog: str = "python -m providers.simulator") -> argparse.Argume
     p.add_argument(
         "--business-error-code", default="isv.MOBILE_NUMBER_ILLEGAL", help="Code of a 'business_error' fault"
     )
+    p.add_argument(
+        "--bad-number-rate",
+        type=float,
+        default=0.0,
+        help="share of numbers the gateway treats as bad; a call holding one is refused whole",
+    )
     p.add_argument("--receipts", type=Path, help="append every accepted recipient here (JSONL)")
     p.add_argument("--seed", type=int, help="seed of the fault and jitter draws")
     p.add_argument("--no-verify", action="store_true", help="skip access key, signature and version checks")
@@ -125,6 +131,7 @@ def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
         submail_log_interval_s=args.submail_log_interval,
         submail_qps=args.submail_qps,
         nxcloud_tps=args.nxcloud_tps,
+        bad_number_rate=args.bad_number_rate,
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import ipaddress
 import os
 import random
@@ -139,6 +140,9 @@ class SimulatorConfig:
     nxcloud_credentials: tuple[NxcloudAccount, ...] = ()  # empty: default_nxcloud_accounts()
     nxcloud_tps: int | None = None  # per accessKey, code 13008 beyond it; None: same as qps
     nxcloud_business_error_code: int = 6
+    # Every provider: the share of numbers the gateway treats as bad (malformed, blacklisted),
+    # chosen by is_bad_number so a test can tell which; a call holding one is refused whole.
+    bad_number_rate: float = 0.0
 
     def __post_init__(self) -> None:
         if (
@@ -158,6 +162,8 @@ class SimulatorConfig:
             raise ValueError("delays, windows, rate limits and port must not be negative")
         if not 0 <= self.fault_rate <= 1:
             raise ValueError("fault_rate must be between 0 and 1")
+        if not 0 <= self.bad_number_rate <= 1:
+            raise ValueError("bad_number_rate must be between 0 and 1")
         FaultPlan(self.fault_rate, self.fault_mix, self.fault_rates, random.Random(0))  # validates
         if not self.allow_remote and not _is_loopback(self.host):
             raise ValueError(f"refusing non-loopback host {self.host!r} without allow_remote=True")
@@ -167,6 +173,15 @@ class SimulatorConfig:
         """Benchmark mode: no signature, time or nonce checks and no index (limits, receipts optional)."""
         base = cls(verify=False, check_time=False, check_nonce=False, index_receipts=False)
         return dataclasses.replace(base, **overrides)
+
+    def is_bad_number(self, phone: str) -> bool:
+        """Whether the gateway refuses ``phone`` (digits, any prefix form): a fixed function of the
+        number's last 11 digits, so clients and tests can predict it at a given rate."""
+        if self.bad_number_rate <= 0:
+            return False
+        tail = "".join(c for c in phone if c.isdigit())[-11:]
+        draw = int.from_bytes(hashlib.sha256(tail.encode()).digest()[:8], "big") / 2**64
+        return draw < self.bad_number_rate
 
     def rng(self, *tags: str) -> random.Random:
         """A generator for one purpose (``"faults"``, ``"submail", "ids"``…), reproducible with ``seed``."""
