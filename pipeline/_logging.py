@@ -5,9 +5,10 @@ Events are per batch and per state change, never per recipient.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from typing import Any, BinaryIO
 
 import orjson
@@ -52,16 +53,35 @@ class Redactor:
         return event
 
 
+_fault_listeners: list[Callable[[OSError, str], None]] = []
+
+
+@contextlib.contextmanager
+def on_log_fault(listener: Callable[[OSError, str], None]) -> Iterator[None]:
+    """Call ``listener(error, file name)`` while inside, when a log line cannot be written."""
+    _fault_listeners.append(listener)
+    try:
+        yield
+    finally:
+        _fault_listeners.remove(listener)
+
+
 class _Tee:
-    """A structlog logger writing each rendered line to several binary files."""
+    """A structlog logger writing each rendered line to several binary files. A file that
+    cannot be written (disk full) loses the line, and the listeners hear of it: logging
+    never raises into the code that logs."""
 
     def __init__(self, targets: list[BinaryIO]) -> None:
         self._targets = targets
 
     def msg(self, message: bytes) -> None:
         for t in self._targets:
-            t.write(message + b"\n")
-            t.flush()
+            try:
+                t.write(message + b"\n")
+                t.flush()
+            except OSError as exc:
+                for listener in _fault_listeners:
+                    listener(exc, str(getattr(t, "name", "log")))
 
     info = debug = warning = error = critical = exception = msg
 

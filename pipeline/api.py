@@ -29,6 +29,7 @@ from pipeline.engine import Progress, RunResult, open_source, run_campaign
 from pipeline.errors import CampaignError, RunDirError
 from pipeline.ledger import replay
 from pipeline.rundir import RunDir
+from pipeline.source import compare_file_fingerprints
 from providers.base import Provider
 
 log = structlog.get_logger("sluice.api")
@@ -79,8 +80,9 @@ async def _checked_source(campaign: Campaign, *, full: bool) -> dict[str, Any]:
 
 def _check_same_source(
     campaign: Campaign, pinned: dict[str, Any], current: dict[str, Any], *, force: bool, run_dir: Path
-) -> None:
-    """Refuse (unless ``force``) or warn about a source that changed since the run started."""
+) -> bool:
+    """Refuse (unless ``force``) or warn about a source that changed since the run started;
+    True when the run goes on with a changed source (run.json is then pinned to it anew)."""
     if campaign.source.kind in DB_KINDS:
         from pipeline.dbsource import compare_fingerprints
 
@@ -89,17 +91,34 @@ def _check_same_source(
             raise RunDirError(f"{refusal} (run directory {run_dir})")
         if refusal is not None or warning is not None:
             log.warning("source_changed", detail=refusal or warning, forced=refusal is not None)
-        return
-    if not force and current != pinned:
+        return False
+    verdict = compare_file_fingerprints(pinned, current)
+    path = campaign.source.path
+    if verdict == "changed":
+        # The ledger knows recipients by row number: rows edited, inserted, removed or moved
+        # would be taken for others. No option makes that safe.
         raise RunDirError(
-            f"the source {campaign.source.path} changed since {run_dir} was started "
-            "(size or content); --force to accept"
+            f"the source {path} changed since {run_dir} was started: rows it had when the run began "
+            "were edited, inserted, removed or reordered, so the ledger's row numbers no longer name "
+            "the same recipients. Put the original file back to resume, or start a new run "
+            "directory for the new file"
         )
+    if verdict == "appended":
+        added = int(current["size"]) - int(pinned["size"])
+        if not force:
+            raise RunDirError(
+                f"the source {path} grew by {added:,} bytes since {run_dir} was started (the rows it "
+                "had are unchanged); --force sends the appended rows too"
+            )
+        log.warning("source_appended", bytes=added)
+        return True
+    return False
 
 
-def pinned_campaign(run_dir: RunDir) -> tuple[Campaign, dict[str, Any]]:
-    """The campaign a run directory was created with."""
-    doc = run_dir.load()
+def pinned_campaign(run_dir: RunDir, *, strict: bool = True) -> tuple[Campaign, dict[str, Any]]:
+    """The campaign a run directory was created with; ``strict``: refuse a run.json whose
+    campaign no longer matches the hash recorded when the run started."""
+    doc = run_dir.load(strict=strict)
     data = {
         section: {k: v for k, v in values.items() if v is not None}
         for section, values in doc["campaign"].items()
@@ -108,6 +127,12 @@ def pinned_campaign(run_dir: RunDir) -> tuple[Campaign, dict[str, Any]]:
         campaign = parse_campaign(data, run_dir.path)
     except CampaignError as exc:
         raise RunDirError(f"{run_dir.run_json} holds an invalid campaign: {exc}") from None
+    if strict and campaign.digest() != doc.get("campaign_hash"):
+        raise RunDirError(
+            f"the campaign in {run_dir.run_json} was edited after the run started (it no longer "
+            "matches its recorded hash): a run goes on with the campaign it was started with; "
+            "put the file back, or start a new run directory"
+        )
     return campaign, doc
 
 
@@ -128,30 +153,34 @@ async def start_run(
     A run directory holding a different campaign or source is refused unless
     ``force``.
     """
-    fingerprint = await _checked_source(campaign, full=True)
-    if campaign.source.kind in DB_KINDS:
-        total_hint = _rows(fingerprint, total_hint)
     rd = RunDir(run_dir)
-    if rd.exists():
-        doc = rd.load()
-        if not force and doc["campaign_hash"] != campaign.digest():
-            raise RunDirError(
-                f"{run_dir} holds a run of a different campaign; use another --run-dir "
-                "(or --force to continue it with this one)"
-            )
-        _check_same_source(campaign, doc["source"], fingerprint, force=force, run_dir=run_dir)
-    else:
-        doc = rd.create(campaign.to_dict(), campaign.digest(), fingerprint)
-    return await run_campaign(
-        campaign,
-        rd,
-        provider=provider or make_provider(campaign, run_id=doc["run_id"], endpoint=endpoint),
-        run_id=doc["run_id"],
-        transport=transport,
-        on_progress=on_progress,
-        stop=stop,
-        total_hint=total_hint,
-    )
+    with rd.lock("sluice run"):
+        fingerprint = await _checked_source(campaign, full=True)
+        if campaign.source.kind in DB_KINDS:
+            total_hint = _rows(fingerprint, total_hint)
+        if rd.exists():
+            doc = rd.load()
+            if not force and doc["campaign_hash"] != campaign.digest():
+                raise RunDirError(
+                    f"{run_dir} holds a run of a different campaign; use another --run-dir "
+                    "(or --force to continue it with this one)"
+                )
+            if _check_same_source(campaign, doc["source"], fingerprint, force=force, run_dir=run_dir):
+                doc["source"] = fingerprint
+                rd.save(doc)
+        else:
+            doc = rd.create(campaign.to_dict(), campaign.digest(), fingerprint)
+        return await run_campaign(
+            campaign,
+            rd,
+            provider=provider or make_provider(campaign, run_id=doc["run_id"], endpoint=endpoint),
+            run_id=doc["run_id"],
+            transport=transport,
+            on_progress=on_progress,
+            stop=stop,
+            total_hint=total_hint,
+            force=force,
+        )
 
 
 async def resume_run(
@@ -172,22 +201,27 @@ async def resume_run(
     ones only with ``resend_unknown``. Refuses a changed source unless ``force``.
     """
     rd = RunDir(run_dir)
-    campaign, doc = pinned_campaign(rd)
-    fingerprint = await _checked_source(campaign, full=False)
-    if campaign.source.kind in DB_KINDS:
-        total_hint = _rows(fingerprint, total_hint)
-    _check_same_source(campaign, doc["source"], fingerprint, force=force, run_dir=run_dir)
-    return await run_campaign(
-        campaign,
-        rd,
-        provider=provider or make_provider(campaign, run_id=doc["run_id"], endpoint=endpoint),
-        run_id=doc["run_id"],
-        transport=transport,
-        resend_unknown=resend_unknown,
-        on_progress=on_progress,
-        stop=stop,
-        total_hint=total_hint,
-    )
+    rd.load()  # a missing or foreign directory: refused before a lock file is put in it
+    with rd.lock("sluice resume"):
+        campaign, doc = pinned_campaign(rd)
+        fingerprint = await _checked_source(campaign, full=False)
+        if campaign.source.kind in DB_KINDS:
+            total_hint = _rows(fingerprint, total_hint)
+        if _check_same_source(campaign, doc["source"], fingerprint, force=force, run_dir=run_dir):
+            doc["source"] = fingerprint
+            rd.save(doc)
+        return await run_campaign(
+            campaign,
+            rd,
+            provider=provider or make_provider(campaign, run_id=doc["run_id"], endpoint=endpoint),
+            run_id=doc["run_id"],
+            transport=transport,
+            resend_unknown=resend_unknown,
+            on_progress=on_progress,
+            stop=stop,
+            total_hint=total_hint,
+            force=force,
+        )
 
 
 def _rows(fingerprint: dict[str, Any], default: int | None) -> int | None:
@@ -200,5 +234,5 @@ def run_status(run_dir: Path) -> dict[str, Any]:
     from pipeline.summary import status_counts
 
     rd = RunDir(run_dir)
-    rd.load()
+    rd.load(strict=False)
     return status_counts(replay(rd.ledger))

@@ -34,7 +34,7 @@ from rich.table import Table
 from pipeline._logging import configure_logging
 from pipeline.api import resume_run, start_run
 from pipeline.campaign import Campaign, load_campaign
-from pipeline.engine import RunResult
+from pipeline.engine import DISK_FAULT, RunResult
 from pipeline.errors import CampaignError, RunDirError, SluiceError, SourceError
 from pipeline.progress import ProgressReporter
 from pipeline.rundir import RunDir
@@ -42,7 +42,7 @@ from pipeline.summary import export_rows, summarize
 
 __all__ = ("main",)
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNSETTLED, EXIT_STOPPED = 0, 1, 2, 3, 4
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNSETTLED, EXIT_STOPPED, EXIT_DISK = 0, 1, 2, 3, 4, 5
 SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
 SECRET_VARS = ("ALIYUN_ACCESS_KEY_SECRET", "ALIYUN_ACCESS_KEY_ID")
 
@@ -91,6 +91,8 @@ def _count_rows(campaign: Campaign) -> int | None:
 def _exit_code(result: RunResult, signalled: int | None) -> int:
     if signalled is not None:
         return SIGNAL_EXIT.get(signal.Signals(signalled), 130)
+    if result.stop_code == DISK_FAULT:
+        return EXIT_DISK
     if result.stopped is not None:
         return EXIT_STOPPED
     c = result.counts
@@ -158,8 +160,11 @@ def _backend_options() -> dict[str, Any]:
 
 
 def _open_log(run_dir: Path, echo: bool) -> None:
-    log_file = open(run_dir / "log.jsonl", "ab", buffering=0)
-    os.chmod(run_dir / "log.jsonl", 0o600)
+    try:
+        log_file = open(run_dir / "log.jsonl", "ab", buffering=0)
+        os.chmod(run_dir / "log.jsonl", 0o600)
+    except OSError as exc:
+        raise RunDirError(f"cannot write {run_dir / 'log.jsonl'}: {exc.strerror}") from None
     secrets = [os.environ.get(v, "") for v in SECRET_VARS]
     configure_logging(log_file, secrets=secrets, echo=echo)
 
@@ -174,13 +179,13 @@ def _execute(
     else:
         fn = start_run
         kwargs.update(campaign=campaign, run_dir=run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    _open_log(run_dir, echo=not console.is_terminal)
-    if campaign.provider.kind == "simulator" and campaign.provider.endpoint is None:
-        with embedded_simulator() as url:
-            result, signalled = _run_async(fn, {**kwargs, "endpoint": url}, console)
-    else:
-        result, signalled = _run_async(fn, kwargs, console)
+    with RunDir(run_dir).lock(f"sluice {'resume' if resume else 'run'}"):
+        _open_log(run_dir, echo=not console.is_terminal)
+        if campaign.provider.kind == "simulator" and campaign.provider.endpoint is None:
+            with embedded_simulator() as url:
+                result, signalled = _run_async(fn, {**kwargs, "endpoint": url}, console)
+        else:
+            result, signalled = _run_async(fn, kwargs, console)
     _summary(console, result, run_dir)
     return _exit_code(result, signalled)
 
@@ -262,6 +267,13 @@ def cmd_status(args: argparse.Namespace, console: Console) -> int:
     if status["avg_rate"] is not None:
         table.add_row("avg recipients/s", f"{status['avg_rate']:,.0f}")
     out.print(table)
+    running = status["running"]
+    if running is not None:
+        out.print(f"[bold]running[/] ({running['describe']}): these counts are still moving")
+    if status["ledger_damaged_lines"]:
+        out.print(f"[bold red]the ledger has {status['ledger_damaged_lines']:,} damaged lines[/]")
+    if status["ledger_problem"]:
+        out.print(f"[bold red]{status['ledger_problem']}[/]")
     if status["codes"]:
         codes = Table(title="recipients by status and provider code")
         codes.add_column("status:code")
@@ -282,13 +294,14 @@ def cmd_status(args: argparse.Namespace, console: Console) -> int:
 def cmd_reconcile(args: argparse.Namespace, console: Console) -> int:
     from pipeline.reconcile import reconcile_run
 
-    _open_log(Path(args.run_dir), echo=not console.is_terminal)
-    result = anyio.run(
-        lambda: reconcile_run(
-            Path(args.run_dir), queries_per_second=args.qps, settle_after=args.settle_after
-        ),
-        backend_options=_backend_options(),
-    )
+    rd = RunDir(Path(args.run_dir))
+    rd.load()
+    with rd.lock("sluice reconcile"):
+        _open_log(rd.path, echo=not console.is_terminal)
+        result = anyio.run(
+            lambda: reconcile_run(rd.path, queries_per_second=args.qps, settle_after=args.settle_after),
+            backend_options=_backend_options(),
+        )
     table = Table(title=f"reconciled {args.run_dir}", show_header=False)
     for k, v in vars(result).items():
         table.add_row(k, str(v))

@@ -19,7 +19,7 @@ import anyio
 import httpx
 import structlog
 
-from pipeline.ledger import LedgerWriter
+from pipeline.ledger import LedgerFault, LedgerWriter
 from pipeline.limit import RateGovernor
 from pipeline.schedule import SendGate
 from pipeline.transport import HttpTransport
@@ -162,6 +162,8 @@ class Dispatcher:
                 # Stopped past the deadline with the request in flight.
                 self._ledger.unknown_rows((m.row for m in batch.messages), "Stopped")
                 raise
+            except LedgerFault:
+                return  # the intent could not be written, so nothing was sent; the run is stopping
             kind = result.outcome
             if kind is Outcome.THROTTLED:
                 throttles += 1

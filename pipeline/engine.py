@@ -33,13 +33,14 @@ import orjson
 import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from pipeline._logging import on_log_fault
 from pipeline.account import sync_server_clock
 from pipeline.batch import Batcher
 from pipeline.campaign import DB_KINDS, Campaign
 from pipeline.dispatch import CircuitBreaker, Dispatcher, RetryPolicy
 from pipeline.errors import RunDirError, SluiceError, SourceError
 from pipeline.keys import KeySet
-from pipeline.ledger import Durability, LedgerState, LedgerWriter, Status, replay
+from pipeline.ledger import Durability, LedgerFault, LedgerState, LedgerWriter, Status, replay
 from pipeline.limit import RateGovernor
 from pipeline.render import Renderer, Template, normalize_phone
 from pipeline.rundir import RunDir
@@ -51,6 +52,9 @@ from providers.base import Batch, BatchOutcome, Message, Provider
 __all__ = ("Progress", "RunResult", "open_source", "run_campaign")
 
 log = structlog.get_logger("sluice.engine")
+
+DISK_FAULT = "DiskFault"  # the stop code when the run directory cannot be written
+LEDGER_RESERVE = 4 << 20  # bytes set aside for the in-flight results should the disk fill
 
 
 @dataclass
@@ -198,7 +202,8 @@ class _Run:
         skipped_phones: list[str] = []
         for i, (row, rec) in enumerate(chunk):
             if row < n_status and skip[status[row]]:
-                if self.phones is not None and not isinstance(rec, str):
+                # A settled row holds its number unless it was rejected (then it never took it).
+                if self.phones is not None and not isinstance(rec, str) and status[row] != Status.REJECTED:
                     raw = str(rec.get(self.campaign.source.phone, ""))
                     phone = normalize_phone(raw, self.campaign.source.default_country)
                     if phone is not None:
@@ -442,24 +447,41 @@ async def run_campaign(
     stop: anyio.Event | None = None,
     total_hint: int | None = None,
     rng: random.Random | None = None,
+    force: bool = False,
 ) -> RunResult:
     """Run (or resume) ``campaign`` into ``run_dir``; returns when every row is settled,
     the source is exhausted, or the run was stopped.
 
-    The run directory must have been created (``pipeline.api.start_run`` does it).
+    The run directory must have been created (``pipeline.api.start_run`` does it). A ledger
+    shorter than recorded, or damaged before its last line, is refused unless ``force``.
     """
     if not run_dir.exists():
         raise RunDirError(f"{run_dir.path} has no run.json")
     started = time.monotonic()
-    state = replay(run_dir.ledger, repair=True)
+    run_dir.check_ledger(run_dir.load(), force=force)
+    try:
+        state = replay(run_dir.ledger, repair=True)
+    except OSError as exc:
+        raise RunDirError(f"cannot repair {run_dir.ledger}: {exc.strerror}") from None
+    if state.bad_lines and not force:
+        raise RunDirError(
+            f"{run_dir.ledger} has {state.bad_lines:,} damaged lines before its last one: the "
+            "recipients they recorded cannot be told apart from those never sent. Restore the ledger; "
+            "--force would go on, re-sending every recipient whose line was damaged"
+        )
     durability = Durability(campaign.run.durability)
-    writer = LedgerWriter(
-        run_dir.ledger,
-        durability=durability,
-        fsync_interval=campaign.run.fsync_interval_ms / 1000,
-        state=state,
-        keyed=campaign.source.key is not None,
-    )
+    try:
+        writer = LedgerWriter(
+            run_dir.ledger,
+            durability=durability,
+            fsync_interval=campaign.run.fsync_interval_ms / 1000,
+            state=state,
+            keyed=campaign.source.key is not None,
+            checkpoint=run_dir.record_ledger_bytes,
+            reserve_bytes=LEDGER_RESERVE,
+        )
+    except LedgerFault as exc:
+        raise RunDirError(str(exc)) from None  # nothing sent yet: a bad run directory
     interrupted = _settle_interrupted(state, writer)
     writer.counts = dict.fromkeys(writer.counts, 0)  # count this session's outcomes only
     if interrupted or state.torn_tail:
@@ -467,6 +489,12 @@ async def run_campaign(
     replayed = state.counts()
     base_counts = {k: replayed[k] for k in writer.counts}
     run = _Run(campaign, state, writer, provider, run_id, resend_unknown=resend_unknown)
+
+    def disk_fault(fault: LedgerFault | OSError, path: str = "") -> None:
+        text = str(fault) if isinstance(fault, LedgerFault) else f"cannot write {path}: {fault.strerror}"
+        run.stop(text, DISK_FAULT)
+
+    writer.on_fault = disk_fault
     # Outcomes already in the ledger are not counted again; a row re-sent on
     # resume (deferred, or unknown with --resend-unknown) moves between counts.
     resent = {Status.DEFERRED} | ({Status.UNKNOWN} if resend_unknown else set())
@@ -522,7 +550,7 @@ async def run_campaign(
         batch_size=limits.batch_size,
     )
     try:
-        with _run_gc():
+        with _run_gc(), on_log_fault(disk_fault):
             async with transport:
                 try:
                     offset = await sync_server_clock(provider, transport)

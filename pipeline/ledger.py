@@ -18,19 +18,22 @@ The last recipient line for a row wins (a resumed ``deferred`` row becomes
 from __future__ import annotations
 
 import enum
+import errno
 import os
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import orjson
 
+from pipeline.errors import SluiceError
 from providers.base import Batch, BatchOutcome, Outcome, RecipientOutcome
 
 __all__ = (
     "Durability",
+    "LedgerFault",
     "LedgerState",
     "LedgerWriter",
     "Status",
@@ -78,6 +81,15 @@ def _json_text(text: str) -> bytes:
     except TypeError:
         clean = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
         return orjson.dumps(clean)
+
+
+class LedgerFault(SluiceError):
+    """The ledger could not be written (disk full, read-only, permissions, I/O error)."""
+
+    def __init__(self, path: Path, error: OSError) -> None:
+        self.path = path
+        self.error = error
+        super().__init__(f"cannot write {path}: {error.strerror or error}")
 
 
 class Durability(enum.Enum):
@@ -417,16 +429,42 @@ class LedgerWriter:
         buffer_bytes: int = 1 << 18,
         state: LedgerState | None = None,
         keyed: bool = True,
+        checkpoint: Callable[[int], None] | None = None,
+        on_fault: Callable[[LedgerFault], None] | None = None,
+        reserve_bytes: int = 0,
     ) -> None:
         self.path = path
         self._keyed = keyed  # False: keys are row numbers, never written
         self.state = state or LedgerState()  # kept in step with every recipient line
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            self._size = os.fstat(self._fd).st_size
+        except OSError as exc:
+            raise LedgerFault(path, exc) from None
         self._buf = bytearray()
         self._limit = buffer_bytes
         self._durability = durability
         self._fsync_interval = fsync_interval
         self._last_fsync = time.monotonic()
+        self._checkpoint = checkpoint
+        self._checkpointed = -1
+        self._last_checkpoint = 0.0
+        self.on_fault = on_fault
+        self.fault: LedgerFault | None = None
+        # Space set aside on the same disk, given back when the disk fills, so that the
+        # results of the requests still in flight can be written (see _fail).
+        self._reserve: Path | None = None
+        if reserve_bytes > 0:
+            self._reserve = path.with_name(path.name + ".reserve")
+            try:
+                fd = os.open(self._reserve, os.O_WRONLY | os.O_CREAT, 0o600)
+                try:
+                    os.posix_fallocate(fd, 0, reserve_bytes)
+                finally:
+                    os.close(fd)
+            except OSError:
+                self._reserve.unlink(missing_ok=True)
+                self._reserve = None
         self.counts: dict[str, int] = dict.fromkeys(("sent", "failed", "rejected", "unknown", "deferred"), 0)
 
     # -- writing ---------------------------------------------------------
@@ -456,7 +494,12 @@ class LedgerWriter:
             }
         )
         self._buf += b"\n"
-        self.flush(sync=self._durability is Durability.BATCH)
+        if self.fault is None:
+            self.flush(sync=self._durability is Durability.BATCH)
+        if self.fault is not None:
+            # Not sent: should the intent reach the disk later, this line puts its rows back.
+            self._buf += b'{"b":%d,"a":%d,"s":"retry","c":"LedgerWriteFailed"}\n' % (batch.id, batch.attempt)
+            raise self.fault
 
     def attempt(self, batch: Batch, result: BatchOutcome, status: str, latency_ms: float) -> None:
         """The batch-level line: what one attempt came to."""
@@ -536,22 +579,67 @@ class LedgerWriter:
             self.flush()
 
     def flush(self, *, sync: bool = False) -> None:
-        if self._buf:
-            view = memoryview(self._buf)
-            while view:
-                written = os.write(self._fd, view)
-                view = view[written:]
-            view.release()
-            self._buf.clear()
-        if sync or (
-            self._durability is Durability.INTERVAL
-            and time.monotonic() - self._last_fsync >= self._fsync_interval
-        ):
-            os.fsync(self._fd)
-            self._last_fsync = time.monotonic()
+        """Write the buffer to the OS (and the disk when asked). A failure of the disk does not
+        raise: it is recorded in :attr:`fault` and reported once to ``on_fault``; the lines stay
+        buffered and the next flush tries again; :meth:`intent` refuses from then on."""
+        try:
+            if self._buf:
+                written = 0
+                view = memoryview(self._buf)
+                try:
+                    while written < len(view):
+                        written += os.write(self._fd, view[written:])
+                finally:
+                    view.release()
+                    del self._buf[:written]
+                    self._size += written
+            if sync or (
+                self._durability is Durability.INTERVAL
+                and time.monotonic() - self._last_fsync >= self._fsync_interval
+            ):
+                os.fsync(self._fd)
+                self._last_fsync = time.monotonic()
+        except OSError as exc:
+            self._fail(exc)
+            return
+        self._maybe_checkpoint(force=False)
+
+    def _fail(self, exc: OSError) -> None:
+        if self._reserve is not None and exc.errno == errno.ENOSPC:
+            self._reserve.unlink(missing_ok=True)  # room for what is in flight
+            self._reserve = None
+        if self.fault is None:
+            self.fault = LedgerFault(self.path, exc)
+            if self.on_fault is not None:
+                self.on_fault(self.fault)
+
+    def _maybe_checkpoint(self, *, force: bool) -> None:
+        """Record the ledger's length (at most once a second): a resume refuses a shorter one."""
+        if self._checkpoint is None or self._buf or self._size == self._checkpointed:
+            return
+        now = time.monotonic()
+        if not force and now - self._last_checkpoint < 1.0:
+            return
+        if self._durability is not Durability.PROCESS:
+            try:
+                os.fsync(self._fd)  # the checkpoint never counts bytes a machine crash could lose
+            except OSError as exc:
+                self._fail(exc)
+                return
+        try:
+            self._checkpoint(self._size)
+        except OSError as exc:
+            self._fail(exc)
+            return
+        self._checkpointed = self._size
+        self._last_checkpoint = now
 
     def close(self) -> None:
         if self._fd >= 0:
             self.flush(sync=self._durability is not Durability.PROCESS)
+            self._maybe_checkpoint(force=True)
             os.close(self._fd)
             self._fd = -1
+        if self._reserve is not None:
+            self._reserve.unlink(missing_ok=True)
+            self._reserve = None

@@ -102,7 +102,22 @@ async def reconcile_run(
     ``queries_per_second`` defaults to 50, and to one a minute for SUBMAIL's ``sms/log``.
     """
     rd = RunDir(run_dir)
+    rd.load()
+    with rd.lock("sluice reconcile"):
+        return await _reconcile(rd, endpoint, queries_per_second, concurrency, settle_after, transport, clock)
+
+
+async def _reconcile(
+    rd: RunDir,
+    endpoint: str | None,
+    queries_per_second: float | None,
+    concurrency: int,
+    settle_after: float,
+    transport: httpx.AsyncBaseTransport | None,
+    clock: Callable[[], float],
+) -> ReconcileResult:
     campaign, doc = pinned_campaign(rd)
+    rd.check_ledger(doc, force=False)
     provider = make_provider(campaign, run_id=doc["run_id"], endpoint=endpoint)
     protocol = protocol_of(campaign)
     if isinstance(provider, NxcloudSms):
@@ -184,7 +199,7 @@ async def reconcile_run(
                 async with send:
                     for item in todo:
                         await send.send(item)
-    writer = LedgerWriter(rd.ledger, keyed=key_col is not None)
+    writer = LedgerWriter(rd.ledger, keyed=key_col is not None, checkpoint=rd.record_ledger_bytes)
     try:
         writer.settle(settled)
     finally:

@@ -1,14 +1,27 @@
-"""Run directory: ``run.json`` (the pinned campaign), ``ledger.jsonl``, ``log.jsonl``.
+"""Run directory: ``run.json`` (the pinned campaign), ``ledger.jsonl``, ``log.jsonl``,
+``checkpoint.json`` (how long the ledger was last seen) and ``run.lock`` (who runs it).
 
 The directory and its files are created readable by the owner only: the ledger
 and the log hold personal data (keys, row numbers, provider ids).
+
+One process writes a run directory at a time: :meth:`RunDir.lock` takes an
+exclusive ``flock`` on ``run.lock`` that the kernel drops when the process dies
+(a SIGKILL leaves no stale lock). ``run.json`` carries a seal, a hash of the rest
+of it, so an edit by hand is caught; ``checkpoint.json`` lets a resume tell a
+ledger that was deleted or cut short from one that was never written.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import hashlib
 import os
 import secrets
+import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,9 +30,46 @@ import orjson
 
 from pipeline.errors import RunDirError
 
-__all__ = ("RunDir",)
+__all__ = ("LockHolder", "RunDir", "write_json_atomic")
 
-FORMAT = 1
+FORMAT = 2
+_FORMATS = (1, 2)  # format 1: no seal and no checkpoint (runs started before both existed)
+_HELD: set[Path] = set()  # run directories this process holds
+
+
+def write_json_atomic(path: Path, doc: dict[str, Any], *, sync: bool = False) -> None:
+    """Replace ``path`` with ``doc`` as a whole: a reader sees the old file or the new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        data = orjson.dumps(doc, option=orjson.OPT_INDENT_2)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def _seal(doc: dict[str, Any]) -> str:
+    body = {k: v for k, v in doc.items() if k != "seal"}
+    return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+@dataclass(frozen=True)
+class LockHolder:
+    """Who holds a run directory's lock, as it wrote itself into ``run.lock``."""
+
+    pid: int | None
+    host: str
+    since: float | None
+    command: str
+
+    def describe(self) -> str:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.since)) if self.since else "?"
+        return f"pid {self.pid} on {self.host} since {when} ({self.command})"
 
 
 @dataclass
@@ -38,9 +88,110 @@ class RunDir:
     def log(self) -> Path:
         return self.path / "log.jsonl"
 
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / "checkpoint.json"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.path / "run.lock"
+
     def exists(self) -> bool:
         return self.run_json.exists()
 
+    def check_is_dir(self) -> None:
+        if self.path.exists() and not self.path.is_dir():
+            raise RunDirError(f"{self.path} is a file, not a run directory")
+
+    # -- the lock -----------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self, command: str) -> Iterator[None]:
+        """Hold the run directory for this process, or raise RunDirError naming the holder.
+
+        The lock is an ``flock`` on ``run.lock``: released by the kernel when the
+        process ends however it ends. It excludes processes on one machine; on a
+        network filesystem (NFS, SMB) whether two machines exclude each other depends
+        on the filesystem and its mount options (README: "Run directories").
+        """
+        self.check_is_dir()
+        held = self.path.resolve()
+        if held in _HELD:  # this process holds it already (the CLI, then the API it calls)
+            yield
+            return
+        old_umask = os.umask(0o077)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise RunDirError(f"cannot use {self.path} as a run directory: {exc.strerror}") from None
+        finally:
+            os.umask(old_umask)
+        try:
+            # A reader probing the lock holds it for microseconds: a few tries ride over that.
+            for attempt in range(5):
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if attempt == 4:
+                        holder = self.holder()
+                        who = holder.describe() if holder else "another process"
+                        raise RunDirError(
+                            f"{self.path} is in use by {who}: wait for it to finish or stop it "
+                            "(a second process on one run directory would send twice)"
+                        ) from None
+                    time.sleep(0.02)
+            info = {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "since": round(time.time(), 3),
+                "command": command,
+            }
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, orjson.dumps(info) + b"\n", 0)
+            except OSError as exc:
+                raise RunDirError(f"cannot write {self.lock_file}: {exc.strerror}") from None
+            _HELD.add(held)
+            try:
+                yield
+            finally:
+                _HELD.discard(held)
+        finally:
+            os.close(fd)  # releases the lock
+
+    def holder(self) -> LockHolder | None:
+        """The process holding the lock now, or None when nobody does (read without taking it)."""
+        try:
+            fd = os.open(self.lock_file, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pass  # held: read who holds it
+            except OSError:
+                return None
+            else:
+                return None  # nobody holds it (closing the fd releases the probe)
+            raw = os.pread(fd, 4096, 0)
+        finally:
+            os.close(fd)
+        try:
+            info = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            info = {}
+        if not isinstance(info, dict):
+            info = {}
+        return LockHolder(
+            pid=info.get("pid"),
+            host=str(info.get("host", "?")),
+            since=info.get("since"),
+            command=str(info.get("command", "?")),
+        )
+
+    # -- run.json -----------------------------------------------------------
     def create(self, campaign: dict[str, Any], digest: str, source: dict[str, Any]) -> dict[str, Any]:
         """Pin a new run; returns the run.json document."""
         old_umask = os.umask(0o077)
@@ -54,20 +205,98 @@ class RunDir:
                 "campaign": campaign,
                 "source": source,
             }
-            tmp = self.run_json.with_suffix(".tmp")
-            tmp.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
-            os.replace(tmp, self.run_json)
+            self.save(doc)
+            write_json_atomic(self.checkpoint, {"ledger_bytes": 0})
+        except OSError as exc:
+            raise RunDirError(f"cannot create {self.path}: {exc.strerror}") from None
         finally:
             os.umask(old_umask)
         return doc
 
-    def load(self) -> dict[str, Any]:
+    def save(self, doc: dict[str, Any]) -> None:
+        """Write run.json, sealed."""
+        doc = {k: v for k, v in doc.items() if k != "seal"}
+        doc["seal"] = _seal(doc)
+        write_json_atomic(self.run_json, doc, sync=True)
+
+    def load(self, *, strict: bool = True) -> dict[str, Any]:
+        """run.json; ``strict``: refuse one whose seal does not match (edited by hand)."""
+        self.check_is_dir()
         try:
             doc: dict[str, Any] = orjson.loads(self.run_json.read_bytes())
         except FileNotFoundError:
             raise RunDirError(f"{self.path} is not a sluice run directory (no run.json)") from None
+        except OSError as exc:
+            raise RunDirError(f"cannot read {self.run_json}: {exc.strerror}") from None
         except orjson.JSONDecodeError as exc:
             raise RunDirError(f"{self.run_json} is corrupt: {exc}") from None
-        if doc.get("format") != FORMAT:
-            raise RunDirError(f"{self.run_json}: unsupported format {doc.get('format')!r}")
+        if not isinstance(doc, dict) or doc.get("format") not in _FORMATS:
+            fmt = doc.get("format") if isinstance(doc, dict) else None
+            raise RunDirError(f"{self.run_json}: unsupported format {fmt!r}")
+        if strict and doc["format"] >= 2 and doc.get("seal") != _seal(doc):
+            raise RunDirError(
+                f"{self.run_json} was changed after the run started (its seal does not match): "
+                "the run must go on with the campaign and source it was started with; put the file "
+                "back, or start a new run directory for a changed campaign"
+            )
         return doc
+
+    # -- the ledger's recorded length ----------------------------------------
+    def recorded_ledger_bytes(self, doc: dict[str, Any]) -> int | None:
+        """The ledger's length when it was last flushed (None: a format-1 run, not recorded)."""
+        if doc.get("format", 1) < 2:
+            return None
+        try:
+            raw = self.checkpoint.read_bytes()
+        except FileNotFoundError:
+            raise RunDirError(
+                f"{self.checkpoint} is missing, so sluice cannot tell whether the ledger is whole; "
+                "--force would take the ledger as it is"
+            ) from None
+        except OSError as exc:
+            raise RunDirError(f"cannot read {self.checkpoint}: {exc.strerror}") from None
+        try:
+            value = orjson.loads(raw).get("ledger_bytes")
+        except (orjson.JSONDecodeError, AttributeError):
+            value = None
+        if not isinstance(value, int) or value < 0:
+            raise RunDirError(f"{self.checkpoint} is corrupt; --force would take the ledger as it is")
+        return value
+
+    def check_ledger(self, doc: dict[str, Any], *, force: bool) -> None:
+        """Refuse a ledger that was deleted or cut short since it was last flushed.
+
+        A SIGKILL never makes the ledger shorter than its checkpoint (the checkpoint is
+        written after the bytes it counts); a torn last line is longer, and repaired.
+        """
+        try:
+            recorded = self.recorded_ledger_bytes(doc)
+        except RunDirError:
+            if force:
+                return
+            raise
+        if recorded is None or recorded == 0:
+            return
+        try:
+            size = self.ledger.stat().st_size
+        except FileNotFoundError:
+            size = -1
+        except OSError as exc:
+            raise RunDirError(f"cannot read {self.ledger}: {exc.strerror}") from None
+        if size >= recorded or force:
+            return
+        what = "is missing" if size < 0 else f"holds {size:,} bytes"
+        raise RunDirError(
+            f"{self.ledger} {what}, but the run had written {recorded:,} bytes to it: the record of "
+            "recipients already sent is gone. A resume now would send them again. Restore the ledger "
+            "(from a backup); --force would go on with the ledger as it is and re-send every "
+            "recipient it no longer records"
+        )
+
+    def record_ledger_bytes(self, size: int) -> None:
+        write_json_atomic(self.checkpoint, {"ledger_bytes": size})
+
+
+def is_disk_fault(exc: OSError) -> bool:
+    """An error of the disk under the run directory rather than a bug: stop, do not crash."""
+    return exc.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EDQUOT)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import os
 import sys
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ __all__ = (
     "Record",
     "Rows",
     "Source",
+    "compare_file_fingerprints",
     "file_fingerprint",
     "record_offset",
 )
@@ -104,18 +104,44 @@ class Source(Protocol):
 
 
 def file_fingerprint(path: Path) -> dict[str, object]:
-    """Size, mtime and a hash of the first and last MiB: cheap at any size."""
+    """Size and a SHA-256 of the whole file, so that any change to it is caught (the hash
+    runs at ~1 GB/s: 0.05 s for a million recipients; README, "Run directories")."""
+    size, digest, last = _hash_prefix(path, None)
+    return {"path": str(path), "size": size, "sha256": digest, "ends_newline": last == b"\n"}
+
+
+def _hash_prefix(path: Path, limit: int | None) -> tuple[int, str, bytes]:
+    """(bytes hashed, hex SHA-256 of the first ``limit`` bytes or all, the last byte hashed)."""
+    digest = hashlib.sha256()
+    size = 0
+    last = b""
     try:
-        st = path.stat()
-        digest = hashlib.sha256()
         with path.open("rb") as f:
-            digest.update(f.read(1 << 20))
-            if st.st_size > 2 << 20:
-                f.seek(-(1 << 20), os.SEEK_END)
-                digest.update(f.read(1 << 20))
+            while limit is None or size < limit:
+                block = f.read(1 << 20 if limit is None else min(1 << 20, limit - size))
+                if not block:
+                    break
+                digest.update(block)
+                size += len(block)
+                last = block[-1:]
     except OSError as exc:
         raise SourceError(f"cannot read source {path}: {exc.strerror}") from None
-    return {"path": str(path), "size": st.st_size, "sha256_ends": digest.hexdigest()}
+    return size, digest.hexdigest(), last
+
+
+def compare_file_fingerprints(pinned: dict[str, object], current: dict[str, object]) -> str:
+    """``same``; ``appended``: the pinned bytes are all still there, whole lines added after
+    them; ``changed``: anything else (an edit of any length, rows inserted, removed, reordered)."""
+    if pinned == current:
+        return "same"
+    size = pinned.get("size")
+    if "sha256" not in pinned or not isinstance(size, int):  # a fingerprint of an older sluice
+        return "changed"
+    current_size = current.get("size")
+    if not isinstance(current_size, int) or current_size <= size or not pinned.get("ends_newline"):
+        return "changed"
+    _, digest, _ = _hash_prefix(Path(str(current["path"])), size)
+    return "appended" if digest == pinned["sha256"] else "changed"
 
 
 @dataclass

@@ -14,6 +14,7 @@ from typing import IO, Any
 
 import orjson
 
+from pipeline.errors import RunDirError
 from pipeline.ledger import LedgerState, replay
 from pipeline.rundir import RunDir
 
@@ -43,7 +44,13 @@ def status_counts(state: LedgerState) -> dict[str, Any]:
 def summarize(run_dir: Path) -> dict[str, Any]:
     """Counts by status and by error code, first and last send, average rate."""
     rd = RunDir(run_dir)
-    rd.load()
+    doc = rd.load(strict=False)
+    holder = rd.holder()
+    try:
+        rd.check_ledger(doc, force=False)
+        problem = None
+    except RunDirError as exc:
+        problem = str(exc)
     state = replay(rd.ledger)
     codes: Counter[str] = Counter()
     attempts: Counter[str] = Counter()
@@ -63,6 +70,9 @@ def summarize(run_dir: Path) -> dict[str, Any]:
                         first = t if first is None else min(first, t)
                         last = t if last is None else max(last, t)
     out = status_counts(state)
+    out["running"] = None if holder is None else {**vars(holder), "describe": holder.describe()}
+    out["ledger_damaged_lines"] = state.bad_lines
+    out["ledger_problem"] = problem
     out["codes"] = dict(codes.most_common())
     out["attempts"] = dict(attempts.most_common())
     out["first_send"] = first

@@ -127,3 +127,13 @@ def final_statuses(ledger: Path) -> dict[int, str]:
                 obj = orjson.loads(line)
                 out[obj["r"]] = obj["s"]
     return out
+
+
+def cut_ledger(run_dir: Path, data: bytes) -> None:
+    """Leave ``run_dir``'s ledger as a process killed at that point would: ``data``, with the
+    checkpoint no further than its last whole line (a kill never records more than it wrote)."""
+    (run_dir / "ledger.jsonl").write_bytes(data)
+    checkpoint = run_dir / "checkpoint.json"
+    whole = data.rfind(b"\n") + 1
+    recorded = orjson.loads(checkpoint.read_bytes())["ledger_bytes"] if checkpoint.exists() else 0
+    checkpoint.write_bytes(orjson.dumps({"ledger_bytes": min(recorded, whole)}))

@@ -8,7 +8,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from tests.helpers import final_statuses, simulator, sluice, write_campaign, write_recipients
+from tests.helpers import cut_ledger, final_statuses, simulator, sluice, write_campaign, write_recipients
 
 
 def run_to_end(*args: str, timeout: float = 120) -> tuple[int, str]:
@@ -138,7 +138,7 @@ class TestLedgerCut:
                 cut_dir = tmp_path / f"cut-{off}"
                 shutil.copytree(tmp_path / "run", cut_dir)
                 prefix = full[:off]
-                (cut_dir / "ledger.jsonl").write_bytes(prefix)
+                cut_ledger(cut_dir, prefix)
                 complete_lines = prefix[: prefix.rfind(b"\n") + 1].splitlines()
                 before: dict[int, str] = {}
                 intended: set[int] = set()

@@ -20,6 +20,7 @@ from pipeline.engine import run_campaign
 from pipeline.ledger import Status, replay
 from pipeline.rundir import RunDir
 from providers.base import Batch, BatchOutcome, Message, Outcome, WireRequest
+from tests.helpers import cut_ledger
 
 
 class FakeProvider:
@@ -181,7 +182,7 @@ class TestEngine:
         # Simulate a crash: keep everything up to the second intent line.
         lines = ledger.read_bytes().splitlines(keepends=True)
         intents = [i for i, x in enumerate(lines) if x.startswith(b'{"i":')]
-        ledger.write_bytes(b"".join(lines[: intents[1] + 1]))
+        cut_ledger(tmp_path / "run", b"".join(lines[: intents[1] + 1]))
         sent_before = sum(1 for x in lines[: intents[1]] if b'"s":"sent"' in x and x.startswith(b'{"r"'))
         seen: list[str] = []
 
@@ -289,13 +290,14 @@ class TestDurability:
 
         import pipeline.campaign as pc
 
-        calls: list[int] = []
-        real = os.fsync
-        monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real(fd))[1])
         c = make_campaign(tmp_path, rows(100))
         c = pc.Campaign(
             c.source, c.provider, c.message, c.limits, pc.RunSpec(durability=mode, fsync_interval_ms=1)
         )
+        RunDir(tmp_path / "run").create(c.to_dict(), c.digest(), {})  # run.json is always synced
+        calls: list[int] = []
+        real = os.fsync
+        monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real(fd))[1])
         await run(c, tmp_path, ok)
         if mode == "process":
             assert calls == []
