@@ -589,9 +589,15 @@ class LedgerWriter:
                 try:
                     while written < len(view):
                         written += os.write(self._fd, view[written:])
-                finally:
+                except OSError:
+                    # What was not written goes to a new buffer: the old one may still be
+                    # exported to the frames of the traceback, and cannot be resized.
+                    self._buf = bytearray(view[written:])
+                    raise
+                else:
                     view.release()
-                    del self._buf[:written]
+                    self._buf.clear()
+                finally:
                     self._size += written
             if sync or (
                 self._durability is Durability.INTERVAL

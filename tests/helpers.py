@@ -114,7 +114,7 @@ def sluice(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[by
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, "COLUMNS": "400", **(env or {})},  # messages unfolded
     )
 
 
