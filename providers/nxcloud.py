@@ -266,6 +266,18 @@ def _loads(content: bytes) -> Any:
         return None
 
 
+def _all_sent(items: list[object], ids: list[str]) -> bool:
+    """Every item ``Success`` and every id among theirs (then no recipient can be in doubt)."""
+    answered: set[str] = set()
+    for item in items:
+        if not isinstance(item, dict) or item.get("status") != "Success":
+            return False
+        item_id = item.get("messageid")
+        if isinstance(item_id, str):
+            answered.add(item_id)
+    return answered.issuperset(ids)
+
+
 # -- legacy record query ----------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class RecordResult:
@@ -422,6 +434,8 @@ class NxcloudSms:
     def _per_item(self, batch: Batch, items: list[object], code: str, message: str | None) -> BatchOutcome:
         """Each recipient's item, matched by ``messageid``, else by a number unique in the batch."""
         ids = [self.message_id(m) for m in batch.messages]
+        if _all_sent(items, ids):  # the common answer, without an outcome object per recipient
+            return BatchOutcome(Outcome.SENT, code=code, message=message)
         by_id: dict[str, int] = {}
         by_phone: dict[str, int | None] = {}
         for i, (mid, m) in enumerate(zip(ids, batch.messages, strict=True)):
