@@ -26,7 +26,9 @@ A ``business_error`` fault answers every item ``Failure`` (or, with
 ``nxcloud_business_error_code`` set, that code for the whole call).
 
 Order of checks: headers present, accessKey, TPS window, injected
-pre-processing faults, bizType/action, ts, signature, body.
+pre-processing faults, bizType/action, ts, signature, body, appKey, items
+(9000, then 13009/13001/13006 per item), bad numbers (13005 when refused
+whole), the hourly limit, a ``business_error`` fault.
 
 Record query (documented; form ``appkey``, ``secretkey``, ``messageid``,
 ``date`` = yyyyMMdd in China time, last 31 days)::
@@ -281,7 +283,7 @@ class NxcloudGateway:
         for (phone, content, sys_id, sender), refused in zip(planned, bad, strict=True):
             message_id = sys_id or self._ids.hex_id()
             if refused:
-                self._stats.reject("nxcloud.item")
+                self._stats.reject("nxcloud.item_failure")
                 results.append(_item(phone, message_id, BAD_NUMBER))
                 continue
             records.append((_Record(message_id, phone, content, sender, t), sys_id))
