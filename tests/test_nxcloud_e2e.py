@@ -126,3 +126,24 @@ def test_a_number_over_its_hourly_limit_defers_its_batch_and_the_run_goes_on(tmp
         assert accepted["86" + phones[row]] == 1, row
     ledger = (tmp_path / "run" / "ledger.jsonl").read_bytes()
     assert b'"s":"fatal"' not in ledger
+
+
+def test_refused_calls_fail_only_a_recipient_that_stands_alone(tmp_path: Path) -> None:
+    """With --nxcloud-refuse-bad-numbers a call holding a bad number gets 13005 and data null
+    (Outcome.SPLIT); a batch of one is the recipient at fault, so only bad numbers fail."""
+    phones = write_recipients(tmp_path / "recipients.csv", 200)
+    predict = SimulatorConfig(bad_number_rate=0.05)
+    bad = {row for row, phone in phones.items() if predict.is_bad_number(phone)}
+    assert 3 <= len(bad) <= 25
+    with simulator(tmp_path, "--bad-number-rate", "0.05", "--nxcloud-refuse-bad-numbers") as sim:
+        c = campaign(tmp_path / "c.toml", sim.url, batch_size=1, concurrency=4)
+        p = sluice("run", str(c))
+        _, err = p.communicate(timeout=120)
+        sim.stop()
+        accepted = sim.accepted()
+    assert p.returncode == 0, err.decode()
+    lines = recipient_lines(tmp_path / "run" / "ledger.jsonl")
+    assert {row for row, line in lines.items() if line["s"] == "failed"} == bad
+    assert {lines[row]["c"] for row in bad} == {"13005"}
+    assert all(lines[row]["s"] == "sent" for row in set(phones) - bad)
+    assert accepted == Counter("86" + phones[row] for row in set(phones) - bad)
