@@ -6,6 +6,7 @@ Line shapes (short keys: these lines are most of a run's I/O)::
     {"b":7,"a":1,"s":"sent","c":"OK","id":"9006^0","ms":41.2,"t":...}      what the attempt came to
     {"r":11,"s":"sent","b":7,"k":"cust-11"}                                one line per recipient
     {"r":3,"s":"rejected","k":"cust-3","e":"invalid phone number ..."}
+    {"r":12,"s":"failed","b":7,"c":"Failure","e":"Incorrect phone number format"}   the provider's reason
     {"eof":1000000}                                                         the source ended with N rows
 
 An intent is written (to the OS, and fsynced if the durability mode asks) before
@@ -545,6 +546,8 @@ class LedgerWriter:
                     tail += b',"c":' + orjson.dumps(r.code)
                 if r.provider_id is not None:
                     tail += b',"id":' + orjson.dumps(r.provider_id)
+                if r.message is not None and r.outcome is not Outcome.SENT:
+                    tail += b',"e":' + _json_text(r.message)
                 self._recipient(m.row, m.key, st, tail)
                 self.counts[st] += 1
         self._maybe_flush()

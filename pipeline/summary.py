@@ -114,10 +114,11 @@ def _final_lines(ledger: Path) -> Iterator[dict[str, Any]]:
                 "provider_id": obj.get("id") or batch_id,
                 "batch": obj.get("b"),
                 "time": batch_time,
+                "message": obj.get("e"),
             }
 
 
-EXPORT_FIELDS = ("row", "key", "status", "code", "provider_id", "batch", "time")
+EXPORT_FIELDS = ("row", "key", "status", "code", "provider_id", "batch", "time", "message")
 
 
 def export_rows(run_dir: Path, fmt: str, out: IO[bytes]) -> int:

@@ -99,12 +99,16 @@ class Batch:
 
 @dataclass(slots=True)
 class RecipientOutcome:
-    """A per-recipient result, for providers that report one (SUBMAIL)."""
+    """A per-recipient result, for providers that report one (SUBMAIL, NXCloud).
+
+    ``message`` is the provider's reason for this recipient (NXCloud's item ``message``).
+    """
 
     outcome: Outcome
     code: str | None = None
     provider_id: str | None = None
     fee: int | None = None
+    message: str | None = None
 
 
 @dataclass(slots=True)

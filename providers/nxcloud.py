@@ -13,25 +13,28 @@ sha256(key)): deterministic per recipient, the same on every attempt and resume,
 handle for DRs and record queries. It is recomputable from the ledger's key, so a batch
 that succeeds as a whole is recorded without per-recipient ids.
 
-Verified vs inferred
---------------------
-Verified (docs read in full): the URL, headers, signing rule (official vectors D1-D3),
-body and item fields, the 200-item cap, ``sysMessageId`` syntax, the common auth codes
-1001-1005, the mtsend_v2 codes (0-104) and the legacy record query (``/api/sms/get``:
-``{"code":"0","row":{…}}``, codes 1-3).
+Responses (the seed, ``seeds/003_*.txt``, is the oracle)
+---------------------------------------------------------
+``{"code": <int>, "message": "...", "data": [...] | null}``; each ``data[]`` item has
+``phone``, ``messageid`` (our ``sysMessageId``), ``status`` ``Success``/``Failure`` and, on a
+failure, ``message``. ``code`` 0 means the request was processed, not that every item was
+sent (the seed's "partial failure" example), so with ``code`` 0 (and -1) each recipient
+gets its item's outcome:
 
-Inferred (the batch API's response section could not be read):
+* ``Success`` → SENT; ``Failure`` → FAILED, code ``Failure``, the item's ``message`` as the
+  reason; except a ``message`` that is the seed's text for 13007/13008 (a rate limit,
+  INFERENCE: the seed gives no per-item codes) → DEFER;
+* items are matched to recipients by ``messageid`` = the ``sysMessageId`` sent (the seed:
+  "the response's messageid uses it"); an item without a matching id goes to the recipient
+  with its ``phone`` only when that number occurs once in the batch; never by position (the
+  seed promises no order, and its own example answers a number other than the one sent);
+* a recipient left without an item, or given two that disagree, is UNKNOWN: it may or may
+  not have been queued, and only a record query or DR can tell (never SENT, never re-sent
+  blindly); items matching no recipient are dropped;
+* ``code`` 0 without a ``data`` array is UNKNOWN for the same reason.
 
-* a top-level ``code`` (int or str, ``0`` = accepted) with ``message``/``msg``/``result``;
-* per-item results, when present, as a list at one of :data:`ITEM_PATHS` (``data``,
-  ``data.items``, ``data.list``), matched to our items by one of :data:`ID_FIELDS`
-  (equal to our ``sysMessageId``, possibly with a ``-<suffix>`` as legacy DR ids have),
-  else by position when there are exactly as many entries as items; a per-item ``code``
-  (else the top-level one applies); a bare string entry is taken as a message id;
-* that the batch API reuses the mtsend_v2 codes and 13008 (TPS) from the brief.
-
-Both lists are constructor arguments. Without per-item results the top-level code
-applies to every recipient.
+Any other ``code`` applies to the whole request (the seed's error examples carry
+``data: null``): see :data:`CODE_CLASSES` and :func:`classify`.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ import os
 import re
 import time
 import urllib.parse
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -60,25 +63,22 @@ from providers.base import (
     RecipientOutcome,
     Response,
     WireRequest,
-    match_entries,
     result_code,
     retry_after_seconds,
     summarize,
-    whole_request,
 )
 
 __all__ = (
     "CODE_CLASSES",
     "DEFAULT_ENDPOINT",
     "DEFAULT_RECORD_URL",
-    "ID_FIELDS",
-    "ITEM_PATHS",
     "MAX_BATCH",
     "CredentialsError",
     "NxcloudCredentials",
     "NxcloudSms",
     "RecordResult",
     "classify",
+    "item_outcome",
     "message_id",
     "nx_sign",
     "nx_string_to_sign",
@@ -93,11 +93,6 @@ DEFAULT_RECORD_URL = "https://api2.nxcloud.com/api/sms/get"
 MAX_BATCH = 200
 BIZ_TYPE = "3"  # SMS
 ACTION = "mtsend"
-
-ITEM_PATHS: tuple[tuple[str, ...], ...] = (("data",), ("data", "items"), ("data", "list"))
-"""Where per-item results may sit in a response (INFERRED)."""
-ID_FIELDS: tuple[str, ...] = ("sysMessageId", "messageId", "messageid", "msgId", "msgid")
-"""Fields of a per-item result that may hold its message id (INFERRED)."""
 
 
 # -- credentials --------------------------------------------------------------------------
@@ -188,36 +183,44 @@ def message_id(run_tag: str, key: str) -> str:
     return f"{tag}-{digest}" if tag else digest
 
 
-# -- outcome classes (PROTOCOLS.md §3.5) ------------------------------------------------------
+# -- outcome classes (the seed's code table; PROTOCOLS.md §3.5) --------------------------------
 _CLASSES: dict[Outcome, tuple[str, ...]] = {
-    Outcome.SENT: ("0",),
-    # Reported per item: this number or this text.
-    Outcome.FAILED: ("6", "4"),
+    Outcome.SENT: ("0",),  # processed: each item carries its own status
+    # "Failure" with nothing saying whether anything was queued (unless items say so)
+    Outcome.UNKNOWN: ("-1",),
     Outcome.FATAL: (
-        # auth: missing headers, bad signature, bad accessKey, bad appKey, IP, account disabled
-        "1001", "1003", "1005", "1", "9", "102",
-        # balance, parameters, content length, sender, too many numbers for the channel
-        "3", "1002", "2", "9000", "5", "8", "104",
+        # 1000-10XX, the common auth codes: missing headers, parameter, signature, accessKey
+        "1001", "1002", "1003", "1005",
+        # customer unavailable, balance, parameter error, app/key, IP whitelist, source address
+        "1100", "1102", "9000", "13002", "13003", "13006",
     ),
     # Stale ts: refused before processing; a request signed now is safe to send.
     Outcome.RETRY: ("1004",),
-    Outcome.THROTTLED: ("13008", "28"),
-    # The number's hourly limit: not worth retrying at once.
-    Outcome.DEFER: ("27",),
-    # System error / request failed: whether anything was queued is undocumented.
-    Outcome.UNKNOWN: ("99", "88"),
+    Outcome.THROTTLED: ("13008",),
+    # 5 messages per number per hour: not worth retrying now, never a reason to stop the run.
+    Outcome.DEFER: ("13007",),
+    # Refused because of some items (over-long or empty/illegal text, a bad number, too many
+    # numbers for a verification channel): nothing was sent, the engine splits the batch.
+    Outcome.SPLIT: ("13001", "13005", "13009", "13010"),
 }  # fmt: skip
 CODE_CLASSES: Mapping[str, Outcome] = {code: kind for kind, codes in _CLASSES.items() for code in codes}
 
+ITEM_FAILURE = "Failure"  # an item's status, also the code a failed item is recorded with
+# Top-level codes whose data[] items are read: 0 (processed) and -1 (unless items say otherwise).
+_PER_ITEM = frozenset({"0", "-1"})
+# Item failure reasons that are a rate limit rather than a fault of the recipient: the seed's
+# texts of 13007 and 13008 (INFERENCE: an item reports no code, only this text).
+_DEFERRING_REASONS = ("rate limit exceeded", "tps limit exceeded")
+
 
 def classify(code: str | None, http_status: int) -> Outcome:
-    """The class of an NXCloud ``code`` (``None``: no usable code).
+    """The class of an NXCloud top-level ``code`` (``None``: no usable code).
 
     Unknown codes: on a 5xx the request may have been processed (UNKNOWN); a 429 is a
-    throttle; anything else is FATAL. The response schema is unverified, so an unknown code
-    most likely means a refusal we have not seen documented (credentials, parameters,
-    account); FATAL stops the run with the code shown and leaves the recipients pending
-    for a resume, where FAILED would drop them for good and SENT would be a guess.
+    throttle; anything else is FATAL: most likely a refusal the seed does not list
+    (1000-10XX are auth errors); FATAL stops the run with the code shown and leaves the
+    recipients pending for a resume, where FAILED would drop them for good and SENT would
+    be a guess.
     """
     known = CODE_CLASSES.get(code) if code is not None else None
     if known is not None:
@@ -227,6 +230,25 @@ def classify(code: str | None, http_status: int) -> Outcome:
     if http_status == 429:
         return Outcome.THROTTLED
     return Outcome.FATAL
+
+
+def item_outcome(item: Mapping[str, object]) -> RecipientOutcome:
+    """One ``data[]`` item's outcome: ``status`` Success/Failure, ``message`` the reason."""
+    status = item.get("status")
+    status = status.lower() if isinstance(status, str) else None
+    message_id = item.get("messageid")
+    provider_id = message_id if isinstance(message_id, str) and message_id else None
+    if status == "success":
+        return RecipientOutcome(Outcome.SENT, provider_id=provider_id)
+    reason = item.get("message")
+    reason = reason[:500] if isinstance(reason, str) and reason else None
+    if status == "failure":
+        deferred = reason is not None and reason.lower().startswith(_DEFERRING_REASONS)
+        kind = Outcome.DEFER if deferred else Outcome.FAILED
+        return RecipientOutcome(kind, code=ITEM_FAILURE, provider_id=provider_id, message=reason)
+    # No status, or one the seed does not list: whether it was queued is unknown.
+    code = result_code(item.get("status")) or "NoStatus"
+    return RecipientOutcome(Outcome.UNKNOWN, code=code, provider_id=provider_id, message=reason)
 
 
 def _text(data: Mapping[str, object]) -> str | None:
@@ -242,6 +264,18 @@ def _loads(content: bytes) -> Any:
         return orjson.loads(content)
     except orjson.JSONDecodeError:
         return None
+
+
+def _all_sent(items: list[object], ids: list[str]) -> bool:
+    """Every item ``Success`` and every id among theirs (then no recipient can be in doubt)."""
+    answered: set[str] = set()
+    for item in items:
+        if not isinstance(item, dict) or item.get("status") != "Success":
+            return False
+        item_id = item.get("messageid")
+        if isinstance(item_id, str):
+            answered.add(item_id)
+    return answered.issuperset(ids)
 
 
 # -- legacy record query ----------------------------------------------------------------------
@@ -287,8 +321,6 @@ class NxcloudSms:
         endpoint: str = DEFAULT_ENDPOINT,
         record_url: str = DEFAULT_RECORD_URL,
         clock: Clock = time.time,
-        item_paths: Sequence[Sequence[str]] = ITEM_PATHS,
-        id_fields: Sequence[str] = ID_FIELDS,
         id_for: Callable[[str, str], str] | None = None,
     ) -> None:
         """``run_tag``: the prefix of every ``sysMessageId`` (the run id: it must stay the
@@ -312,8 +344,6 @@ class NxcloudSms:
         self._url = endpoint
         self._record_url = record_url
         self._clock = clock
-        self._item_paths = tuple(tuple(p) for p in item_paths)
-        self._id_fields = tuple(id_fields)
         self._id_for = id_for or message_id
 
     def message_id(self, message: Message) -> str:
@@ -373,27 +403,6 @@ class NxcloudSms:
         return httpx.Request("POST", self._record_url, headers=headers, content=body)
 
     # -- responses --------------------------------------------------------------------------------
-    def _items(self, data: Mapping[str, object]) -> list[object] | None:
-        for path in self._item_paths:
-            node: object = data
-            for name in path:
-                node = node.get(name) if isinstance(node, dict) else None
-            if isinstance(node, list) and node and all(isinstance(e, dict | str) for e in node):
-                return node
-        return None
-
-    def _entry_ids(self, entry: object) -> list[str]:
-        if isinstance(entry, str):
-            return [entry, entry.rpartition("-")[0]]
-        if not isinstance(entry, dict):
-            return []
-        ids: list[str] = []
-        for name in self._id_fields:
-            value = entry.get(name)
-            if isinstance(value, str) and value:
-                ids += [value, value.rpartition("-")[0]]  # also without a "-<suffix>"
-        return ids
-
     def parse_response(self, batch: Batch, response: Response) -> BatchOutcome:
         status = response.status_code
         data = _loads(response.content)
@@ -413,37 +422,51 @@ class NxcloudSms:
         message = _text(data)
         if code == "0" and not 200 <= status < 300:  # contradicts itself: may have been accepted
             return BatchOutcome(Outcome.UNKNOWN, code=f"HTTP{status}", message=message or code)
-        retry_after = retry_after_seconds(response.headers)
-        items = self._items(data)
-        if items is None:
-            kind = whole_request(classify(code, status), len(batch.messages))
-            inner = data.get("data")
-            single = inner.get("messageId") if isinstance(inner, dict) else None
-            return BatchOutcome(
-                kind,
-                code=code,
-                message=message,
-                provider_id=single if isinstance(single, str) and single else None,
-                retry_after=retry_after if kind is Outcome.THROTTLED else None,
-            )
+        kind = classify(code, status)
+        items = data.get("data")
+        if code in _PER_ITEM and isinstance(items, list) and items:
+            return self._per_item(batch, items, code, message)
+        if code == "0":  # processed, but which items were sent is not said
+            return BatchOutcome(Outcome.UNKNOWN, code="NoResult", message=message or "code 0 without data")
+        retry_after = retry_after_seconds(response.headers) if kind is Outcome.THROTTLED else None
+        return BatchOutcome(kind, code=code, message=message, retry_after=retry_after)
+
+    def _per_item(self, batch: Batch, items: list[object], code: str, message: str | None) -> BatchOutcome:
+        """Each recipient's item, matched by ``messageid``, else by a number unique in the batch."""
         ids = [self.message_id(m) for m in batch.messages]
-        matched = match_entries(items, ids, self._entry_ids)
-        recipients = [self._entry_outcome(e, code, status) for e in matched]
-        result = summarize(recipients, retry_after=retry_after)
-        if result.outcome is Outcome.SENT and all(
+        if _all_sent(items, ids):  # the common answer, without an outcome object per recipient
+            return BatchOutcome(Outcome.SENT, code=code, message=message)
+        by_id: dict[str, int] = {}
+        by_phone: dict[str, int | None] = {}
+        for i, (mid, m) in enumerate(zip(ids, batch.messages, strict=True)):
+            by_id.setdefault(mid, i)
+            by_phone[m.phone] = None if m.phone in by_phone else i  # None: not unique
+        found: list[RecipientOutcome | None] = [None] * len(ids)
+        conflicting: set[int] = set()
+        for item in items:
+            if not isinstance(item, dict):
+                continue
+            item_id, phone = item.get("messageid"), item.get("phone")
+            target = by_id.get(item_id) if isinstance(item_id, str) else None
+            if target is None and isinstance(phone, str):
+                target = by_phone.get(phone)
+            if target is None:
+                continue  # matches no recipient: nothing can be recorded from it
+            outcome = item_outcome(item)
+            before = found[target]
+            if before is not None and (before.outcome, before.message) != (outcome.outcome, outcome.message):
+                conflicting.add(target)
+            found[target] = outcome
+        recipients = [
+            RecipientOutcome(Outcome.UNKNOWN, code="ConflictingResults")
+            if i in conflicting
+            else r or RecipientOutcome(Outcome.UNKNOWN, code="NoResult")
+            for i, r in enumerate(found)
+        ]
+        if all(
             r.outcome is Outcome.SENT and r.provider_id in (None, i)
             for r, i in zip(recipients, ids, strict=True)
         ):
             # Nothing beyond "all accepted": the ids are ours, recomputable from the keys.
             return BatchOutcome(Outcome.SENT, code=code, message=message)
-        return result
-
-    def _entry_outcome(self, entry: object, top_code: str, http_status: int) -> RecipientOutcome:
-        if entry is None:
-            return RecipientOutcome(Outcome.UNKNOWN, code="NoResult")
-        ids = self._entry_ids(entry)
-        provider_id = ids[0] if ids else None
-        code = result_code(entry.get("code")) if isinstance(entry, dict) else None
-        code = code or top_code  # an item without its own code takes the request's
-        kind = classify(code, http_status)
-        return RecipientOutcome(kind, code=None if kind is Outcome.SENT else code, provider_id=provider_id)
+        return summarize(recipients)

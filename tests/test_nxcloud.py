@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import re
 import urllib.parse
+from pathlib import Path
 
 import httpx
 import orjson
@@ -12,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from providers.base import Batch, Message, Outcome
+from providers.base import Batch, BatchOutcome, Message, Outcome
 from providers.nxcloud import (
     CODE_CLASSES,
     CredentialsError,
@@ -180,7 +181,9 @@ class TestRequests:
 
         def handler(request: httpx.Request) -> httpx.Response:
             seen.append(verify(_headers(request), request.content, SECRET))
-            return httpx.Response(200, json={"code": 0, "message": "Success"})
+            items = orjson.loads(request.content)["items"]
+            data = [{"phone": i["phone"], "messageid": i["sysMessageId"], "status": "Success"} for i in items]
+            return httpx.Response(200, json={"code": 0, "message": "Success", "data": data})
 
         p = NxcloudSms(credentials=CREDS, run_tag="r", endpoint="http://sim.test/v1/sms/multi/mt")
         batch = Batch(1, _msgs(2))
@@ -191,15 +194,25 @@ class TestRequests:
         assert r.outcome is Outcome.SENT and r.recipients is None
 
 
+# The seed's code table (seeds/003) and the auth codes 1001-1005, as PROTOCOLS.md §3.5 classes them.
 DOCUMENTED = {
     Outcome.SENT: ["0"],
-    Outcome.FAILED: ["6", "4"],
-    Outcome.FATAL: ["1001", "1003", "1005", "1", "9", "102", "1002", "2", "9000", "3", "5", "8", "104"],
+    Outcome.UNKNOWN: ["-1"],
+    Outcome.FATAL: ["1001", "1002", "1003", "1005", "1100", "1102", "9000", "13002", "13003", "13006"],
     Outcome.RETRY: ["1004"],
-    Outcome.THROTTLED: ["13008", "28"],
-    Outcome.DEFER: ["27"],
-    Outcome.UNKNOWN: ["99", "88"],
+    Outcome.THROTTLED: ["13008"],
+    Outcome.DEFER: ["13007"],
+    Outcome.SPLIT: ["13001", "13005", "13009", "13010"],
 }
+SEED_TABLE = ["0", "-1", "1100", "1102", "9000", "13001", "13002", "13003", "13005", "13006", "13007",
+              "13008", "13009", "13010"]  # fmt: skip
+
+
+def _item(
+    mid: str | None, status: str | None, message: str | None = None, phone: str | None = None
+) -> dict[str, str]:
+    item = {"phone": phone, "messageid": mid, "status": status, "message": message}
+    return {k: v for k, v in item.items() if v is not None}
 
 
 class TestCodeClasses:
@@ -209,13 +222,14 @@ class TestCodeClasses:
             assert CODE_CLASSES[code] is outcome, code
             assert classify(code, 200) is outcome
 
-    def test_no_code_left_out(self) -> None:
+    def test_the_seed_table_is_covered_and_nothing_else(self) -> None:
+        assert set(SEED_TABLE) <= set(CODE_CLASSES)
         assert set(CODE_CLASSES) == {c for codes in DOCUMENTED.values() for c in codes}
 
     @pytest.mark.parametrize(
         ("code", "status", "outcome"),
-        [("-1", 200, Outcome.FATAL), ("77", 400, Outcome.FATAL), ("77", 502, Outcome.UNKNOWN),
-         ("77", 429, Outcome.THROTTLED), (None, 200, Outcome.FATAL)],
+        [("6", 200, Outcome.FATAL), ("1000", 200, Outcome.FATAL), ("77", 400, Outcome.FATAL),
+         ("77", 502, Outcome.UNKNOWN), ("77", 429, Outcome.THROTTLED), (None, 200, Outcome.FATAL)],
     )  # fmt: skip
     def test_unknown_codes(self, code: str | None, status: int, outcome: Outcome) -> None:
         assert classify(code, status) is outcome
@@ -226,97 +240,114 @@ class TestResponses:
     batch = Batch(1, _msgs(3))
     ids = IDS
 
+    def parse(self, body: object, status: int = 200, headers: dict[str, str] | None = None) -> BatchOutcome:
+        return self.p.parse_response(self.batch, _response(status, body, headers))
+
+    def outcomes(self, r: BatchOutcome) -> list[tuple[Outcome, str | None, str | None]]:
+        assert r.recipients is not None and len(r.recipients) == 3
+        return [(x.outcome, x.code, x.message) for x in r.recipients]
+
     @pytest.mark.parametrize("code", [0, "0"])
-    def test_whole_request_success(self, code: object) -> None:
-        r = self.p.parse_response(self.batch, _response(200, {"code": code, "message": "Success"}))
+    def test_all_success_collapses(self, code: object) -> None:
+        data = [_item(i, "Success") for i in reversed(self.ids)]
+        r = self.parse({"code": code, "message": "Success", "data": data})
         assert r.outcome is Outcome.SENT and r.recipients is None and r.code == "0"
 
+    @pytest.mark.parametrize("body", [{"code": 0, "message": "Success"}, {"code": 0, "data": None},
+                                      {"code": 0, "data": []}, {"code": 0, "data": [1, "x"]}])  # fmt: skip
+    def test_code_0_without_items_is_unknown(self, body: object) -> None:
+        r = self.parse(body)
+        assert r.outcome is Outcome.UNKNOWN and r.code == "NoResult"
+        assert all(x.outcome is Outcome.UNKNOWN and x.code == "NoResult" for x in r.recipients or ())
+
     @pytest.mark.parametrize(
-        ("status", "code", "outcome"),
-        [
-            (200, 1003, Outcome.FATAL),
-            (200, "1004", Outcome.RETRY),
-            (200, 13008, Outcome.THROTTLED),
-            (200, 28, Outcome.THROTTLED),
-            (200, 27, Outcome.DEFER),
-            (200, 3, Outcome.FATAL),
-            (200, 9000, Outcome.FATAL),
-            (200, 99, Outcome.UNKNOWN),
-            (200, 88, Outcome.UNKNOWN),
-            (200, -1, Outcome.FATAL),
-            (500, 12345, Outcome.UNKNOWN),
-            (200, 6, Outcome.DEFER),  # a recipient's code for several recipients: nobody failed
-        ],
+        "code", sorted({c for codes in DOCUMENTED.values() for c in codes} - {"0", "-1"})
     )
-    def test_whole_request_codes(self, status: int, code: object, outcome: Outcome) -> None:
-        r = self.p.parse_response(self.batch, _response(status, {"code": code, "msg": "m"}))
-        assert r.outcome is outcome and r.code == str(code) and r.message == "m" and r.recipients is None
+    def test_every_other_code_applies_to_the_whole_request(self, code: str) -> None:
+        r = self.parse({"code": int(code), "message": "m", "data": None}, headers={"retry-after": "2"})
+        assert (r.outcome, r.code, r.message, r.recipients) == (CODE_CLASSES[code], code, "m", None)
+        assert r.retry_after == (2.0 if code == "13008" else None)
 
-    def test_recipient_code_for_one_recipient_fails_it(self) -> None:
+    def test_13007_defers_and_13005_splits_even_with_one_recipient(self) -> None:
         one = Batch(2, _msgs(1))
-        assert self.p.parse_response(one, _response(200, {"code": 6})).outcome is Outcome.FAILED
+        assert (
+            self.p.parse_response(one, _response(200, {"code": 13007, "data": None})).outcome is Outcome.DEFER
+        )
+        assert (
+            self.p.parse_response(one, _response(200, {"code": 13005, "data": None})).outcome is Outcome.SPLIT
+        )
 
-    def test_throttle_retry_after(self) -> None:
-        r = self.p.parse_response(self.batch, _response(200, {"code": 13008}, {"retry-after": "2"}))
-        assert r.outcome is Outcome.THROTTLED and r.retry_after == 2.0
+    def test_items_of_a_refused_request_are_not_read(self) -> None:
+        r = self.parse({"code": 13005, "data": [_item(i, "Success") for i in self.ids]})
+        assert r.outcome is Outcome.SPLIT and r.recipients is None
 
-    @pytest.mark.parametrize("path", ["data", "data.items", "data.list"])
-    def test_items_matched_by_id_with_partial_failure(self, path: str) -> None:
-        items = [
-            {"messageId": self.ids[2], "code": 0},
-            {"sysMessageId": self.ids[0], "code": "6", "message": "invalid number"},
-            {"messageId": self.ids[1] + "-1234567890"},  # no code: the request's code applies
+    def test_partial_failure_matched_by_messageid_in_any_order(self) -> None:
+        data = [_item(self.ids[2], "Success"), _item(self.ids[0], "Failure", "Incorrect phone number format"),
+                _item(self.ids[1], "Success")]  # fmt: skip
+        r = self.parse({"code": 0, "message": "Success", "data": data})
+        assert r.outcome is Outcome.SENT
+        assert self.outcomes(r) == [(Outcome.FAILED, "Failure", "Incorrect phone number format"),
+                                    (Outcome.SENT, None, None), (Outcome.SENT, None, None)]  # fmt: skip
+        assert r.recipients is not None and [x.provider_id for x in r.recipients] == list(self.ids)
+
+    def test_all_failure(self) -> None:
+        r = self.parse({"code": 0, "data": [_item(i, "Failure", f"bad {i[-3:]}") for i in self.ids]})
+        assert r.outcome is Outcome.FAILED
+        assert self.outcomes(r) == [(Outcome.FAILED, "Failure", f"bad {i[-3:]}") for i in self.ids]
+
+    def test_a_rate_limit_item_is_deferred_not_failed(self) -> None:
+        data = [_item(self.ids[0], "Failure", "Rate limit exceeded (5 messages per hour)"),
+                _item(self.ids[1], "Failure", "TPS limit exceeded"),
+                _item(self.ids[2], "Success")]  # fmt: skip
+        r = self.parse({"code": 0, "data": data})
+        assert [o for o, _, _ in self.outcomes(r)] == [Outcome.DEFER, Outcome.DEFER, Outcome.SENT]
+
+    def test_fallback_by_a_number_unique_in_the_batch(self) -> None:
+        data = [
+            _item(None, "Success", phone="8615000000001"),
+            _item("their-own-id", "Failure", "x", "8615000000002"),
         ]
-        data: object = items
-        for name in reversed(path.split(".")[1:]):
-            data = {name: data}
-        r = self.p.parse_response(self.batch, _response(200, {"code": 0, "data": data}))
-        assert r.outcome is Outcome.SENT and r.recipients is not None
-        assert [(x.outcome, x.code, x.provider_id) for x in r.recipients] == [
-            (Outcome.FAILED, "6", self.ids[0]),
-            (Outcome.SENT, None, self.ids[1] + "-1234567890"),
-            (Outcome.SENT, None, self.ids[2]),
-        ]
+        r = self.parse({"code": 0, "data": data})
+        assert self.outcomes(r) == [(Outcome.SENT, None, None), (Outcome.FAILED, "Failure", "x"),
+                                    (Outcome.UNKNOWN, "NoResult", None)]  # fmt: skip
 
-    def test_items_matched_by_position(self) -> None:
-        items = [{"code": 0}, {"code": 27}, {"code": 4}]
-        r = self.p.parse_response(self.batch, _response(200, {"code": 0, "data": items}))
-        assert r.recipients is not None
-        assert [x.outcome for x in r.recipients] == [Outcome.SENT, Outcome.DEFER, Outcome.FAILED]
-
-    def test_string_items_are_ids_and_all_accepted_collapses(self) -> None:
-        r = self.p.parse_response(self.batch, _response(200, {"code": 0, "data": list(reversed(IDS))}))
-        assert r.outcome is Outcome.SENT and r.recipients is None  # nothing the keys do not give
-
-    def test_fewer_items_than_recipients(self) -> None:
-        r = self.p.parse_response(self.batch, _response(200, {"code": 0, "data": [{"code": 0}]}))
-        assert r.recipients is not None
+    def test_no_fallback_by_a_number_that_occurs_twice_nor_by_position(self) -> None:
+        msgs = _msgs(3)
+        msgs[1].phone = msgs[0].phone
+        batch = Batch(1, msgs)
+        data = [_item(None, "Success", phone=msgs[0].phone), _item("x1", "Success"), _item("x2", "Success")]
+        r = self.p.parse_response(batch, _response(200, {"code": 0, "data": data}))
+        assert r.outcome is Outcome.UNKNOWN and r.recipients is not None
         assert all(x.outcome is Outcome.UNKNOWN and x.code == "NoResult" for x in r.recipients)
-        assert r.outcome is Outcome.UNKNOWN
 
-    def test_all_items_throttled_is_a_batch_throttle(self) -> None:
-        items = [{"code": 13008}] * 3
-        r = self.p.parse_response(self.batch, _response(200, {"code": 0, "data": items}))
-        assert r.outcome is Outcome.THROTTLED and r.recipients is None
+    def test_missing_and_conflicting_items_are_unknown(self) -> None:
+        data = [_item(self.ids[0], "Success"), _item(self.ids[0], "Failure", "no"),
+                _item(self.ids[1], "Success"), _item(self.ids[1], "Success"),
+                _item("stranger-0001", "Success")]  # fmt: skip
+        r = self.parse({"code": 0, "data": data})
+        assert r.outcome is Outcome.SENT
+        assert self.outcomes(r) == [(Outcome.UNKNOWN, "ConflictingResults", None), (Outcome.SENT, None, None),
+                                    (Outcome.UNKNOWN, "NoResult", None)]  # fmt: skip
 
-    def test_configurable_paths_and_id_fields(self) -> None:
-        p = NxcloudSms(credentials=CREDS, run_tag="r1", item_paths=[("result", "rows")], id_fields=["mid"])
-        items = [{"mid": self.ids[1], "code": 6}, {"mid": self.ids[0], "code": 0}]
-        r = p.parse_response(self.batch, _response(200, {"code": 0, "result": {"rows": items}}))
-        assert r.recipients is not None
-        assert [x.outcome for x in r.recipients] == [Outcome.SENT, Outcome.FAILED, Outcome.UNKNOWN]
-        # the default paths are not looked at any more
-        r = p.parse_response(self.batch, _response(200, {"code": 0, "data": items}))
-        assert r.outcome is Outcome.SENT and r.recipients is None
+    @pytest.mark.parametrize(("status", "code"), [(None, "NoStatus"), ("Pending", "Pending"), (3, "3")])
+    def test_an_item_without_a_known_status_is_unknown(self, status: object, code: str) -> None:
+        data = [{"messageid": i, "status": status} for i in self.ids]
+        r = self.parse({"code": 0, "data": data})
+        assert r.outcome is Outcome.UNKNOWN and {c for _, c, _ in self.outcomes(r)} == {code}
 
-    def test_non_item_data_is_ignored(self) -> None:
-        r = self.p.parse_response(self.batch, _response(200, {"code": 0, "data": [1, 2, 3]}))
-        assert r.outcome is Outcome.SENT and r.recipients is None
-        r = self.p.parse_response(self.batch, _response(200, {"code": 0, "data": {"messageId": "m-1"}}))
-        assert r.outcome is Outcome.SENT and r.provider_id == "m-1"
+    def test_minus_1_is_unknown_unless_items_say_otherwise(self) -> None:
+        r = self.parse({"code": -1, "message": "Failure", "data": None})
+        assert (r.outcome, r.code, r.recipients) == (Outcome.UNKNOWN, "-1", None)
+        data = [_item(self.ids[0], "Failure", "Blacklisted"), _item(self.ids[1], "Success")]
+        r = self.parse({"code": -1, "message": "Failure", "data": data})
+        assert self.outcomes(r) == [(Outcome.FAILED, "Failure", "Blacklisted"), (Outcome.SENT, None, None),
+                                    (Outcome.UNKNOWN, "NoResult", None)]  # fmt: skip
 
     def test_success_code_with_an_error_status_is_unknown(self) -> None:
-        assert self.p.parse_response(self.batch, _response(502, {"code": 0})).outcome is Outcome.UNKNOWN
+        assert (
+            self.parse({"code": 0, "data": [_item(i, "Success") for i in self.ids]}, 502).outcome
+            is Outcome.UNKNOWN
+        )
 
     @pytest.mark.parametrize(
         ("status", "body", "outcome"),
@@ -332,20 +363,20 @@ class TestResponses:
         ],
     )
     def test_unreadable_bodies(self, status: int, body: bytes, outcome: Outcome) -> None:
-        r = self.p.parse_response(self.batch, _response(status, body))
+        r = self.parse(body, status)
         assert r.outcome is outcome and r.code == f"HTTP{status}"
 
     @given(st.binary(max_size=200), st.sampled_from([200, 400, 429, 500]))
     def test_garbage_bytes_never_raise(self, body: bytes, status: int) -> None:
-        assert isinstance(self.p.parse_response(self.batch, _response(status, body)).outcome, Outcome)
+        assert isinstance(self.parse(body, status).outcome, Outcome)
 
     @given(
         st.recursive(
             st.none() | st.booleans() | st.integers(-(10**6), 10**6) | st.floats(allow_nan=False)
-            | st.text(max_size=5) | st.sampled_from(["0", "6", "13008", *IDS]),
+            | st.text(max_size=5) | st.sampled_from(["0", "-1", "Success", "Failure", "13005", *IDS]),
             lambda inner: st.lists(inner, max_size=4)
             | st.dictionaries(
-                st.sampled_from(["code", "data", "items", "list", "messageId", "sysMessageId", "message"]),
+                st.sampled_from(["code", "data", "phone", "messageid", "status", "message"]),
                 inner,
                 max_size=5,
             ),
@@ -353,9 +384,13 @@ class TestResponses:
         ),
         st.sampled_from([200, 400, 500]),
     )  # fmt: skip
-    def test_garbage_json_never_raises(self, body: object, status: int) -> None:
-        r = self.p.parse_response(self.batch, _response(status, orjson.dumps(body)))
+    def test_garbage_json_never_raises_nor_sends_without_an_item(self, body: object, status: int) -> None:
+        r = self.parse(orjson.dumps(body), status)
         assert r.recipients is None or len(r.recipients) == 3
+        if r.outcome is Outcome.SENT and r.recipients is None:  # only when every recipient has a Success item
+            assert isinstance(body, dict) and isinstance(body.get("data"), list)
+            succeeded = [x for x in body["data"] if isinstance(x, dict) and x.get("status") == "Success"]
+            assert set(IDS) <= {x.get("messageid") for x in succeeded if isinstance(x.get("messageid"), str)}
 
 
 class TestRecordQuery:
@@ -406,3 +441,26 @@ class TestCredentials:
         full = {**env, "NXCLOUD_ACCESS_SECRET": "s"}
         assert NxcloudCredentials.from_env(full) == NxcloudCredentials("visible-ak", "s", "visible-app")
         assert NxcloudCredentials.from_env({**full, "NXCLOUD_APP_SECRET": "a"}).app_secret == "a"
+
+
+class TestLedger:
+    def test_a_failed_item_reason_reaches_the_ledger(self, tmp_path: Path) -> None:
+        from pipeline.ledger import LedgerWriter, Status, replay
+
+        p = NxcloudSms(credentials=CREDS, run_tag="r1")
+        batch = Batch(7, _msgs(3))
+        data = [_item(IDS[0], "Success"), _item(IDS[1], "Failure", 'Incorrect "phone" format'),
+                _item(IDS[2], "Failure", "Rate limit exceeded (5 messages per hour)")]  # fmt: skip
+        result = p.parse_response(batch, _response(200, {"code": 0, "message": "Success", "data": data}))
+        w = LedgerWriter(tmp_path / "ledger.jsonl")
+        w.outcome(batch, result, 12.0)
+        w.close()
+        lines = [orjson.loads(x) for x in (tmp_path / "ledger.jsonl").read_bytes().splitlines()]
+        assert lines[0]["s"] == "mixed" and lines[0]["b"] == 7
+        assert [(x["s"], x.get("c"), x.get("e")) for x in lines[1:]] == [
+            ("sent", None, None),
+            ("failed", "Failure", 'Incorrect "phone" format'),
+            ("deferred", "Failure", "Rate limit exceeded (5 messages per hour)"),
+        ]
+        state = replay(tmp_path / "ledger.jsonl")
+        assert [state.get(r) for r in (1, 2, 3)] == [Status.SENT, Status.FAILED, Status.DEFERRED]

@@ -38,6 +38,7 @@ AK, SECRET, APP_KEY, APP_SECRET = "fme2na3kdi3ki", "abciiiko2k3", "yourAppKey", 
 V2_EXCLUDED = {
     "batchsend": ("content",), "multisend": ("multi", "content"), "multixsend": ("multi", "content")}
 HEX32 = re.compile(r"[0-9a-f]{32}")
+FIXTURES = Path(__file__).parent / "fixtures" / "seeds"
 TRANSPORT_ERRORS = (httpx.RemoteProtocolError, httpx.ReadError)
 
 
@@ -441,9 +442,9 @@ class TestNxcloudSend:
         async with running(tmp_path, clock=lambda: 1_655_710_890.0) as (sim, client):
             r = await client.post(f"{sim.base_url}/v1/sms/multi/mt", headers=headers, content=D5_BODY)
             assert r.status_code == 200, r.text
-            assert r.json() == {"code": 0, "message": "Success", "data": [
-                {"phone": "8615088888888", "messageId": "order-000000001", "code": 0, "message": "Success"},
-                {"phone": "8615088888889", "messageId": "order-000000002", "code": 0, "message": "Success"},
+            assert r.json() == {"code": 0, "message": "Success", "data": [  # the seed's 成功示例 shape
+                {"phone": "8615088888888", "messageid": "order-000000001", "status": "Success"},
+                {"phone": "8615088888889", "messageid": "order-000000002", "status": "Success"},
             ]}
         assert receipts(tmp_path / "receipts.jsonl") == [
             {"phone": "8615088888888", "out_id": "order-000000001", "message_id": "order-000000001",
@@ -456,7 +457,7 @@ class TestNxcloudSend:
         body = orjson.dumps({"appKey": APP_KEY, "items": [{"phone": "6281234567890", "content": "hi"}]})
         async with running(tmp_path) as (sim, client):
             data = (await client.send(nx_request(sim, body, algorithm="sha256"))).json()
-            assert data["code"] == 0 and HEX32.fullmatch(data["data"][0]["messageId"])
+            assert data["code"] == 0 and HEX32.fullmatch(data["data"][0]["messageid"])
         assert receipts(tmp_path / "receipts.jsonl")[0]["out_id"] == ""
 
     async def test_auth_errors(self, tmp_path: Path) -> None:
@@ -476,13 +477,13 @@ class TestNxcloudSend:
                 (nx_request(sim, body, ts="soon"), 1002),
                 (nx_request(sim, body, biz="1"), 1002),
                 (nx_request(sim, body, action="send"), 1002),
-                (nx_request(sim, nx_body(2, app_key="otherApp")), 1),
+                (nx_request(sim, nx_body(2, app_key="otherApp")), 13002),
                 (nx_request(sim, b"[1, 2]"), 1002),
             ]
             for req, code in cases:
                 r = await client.send(req)
                 assert r.status_code == 200 and r.json()["code"] == code, (code, r.text)
-                assert set(r.json()) == {"code", "message"}
+                assert list(r.json()) == ["code", "message", "data"] and r.json()["data"] is None
             assert sim.accepted == 0
             assert sim.stats()["rejected"]["nxcloud.1003"] == 4
         async with running(tmp_path, check_time=False) as (sim, client):
@@ -498,25 +499,80 @@ class TestNxcloudSend:
                          b'{"appKey":"yourAppKey","items":["x"]}', nx_body(1, sysMessageId="short")):
                 assert (await client.send(nx_request(sim, body))).json()["code"] == 9000
 
-    async def test_per_item_errors(self, tmp_path: Path) -> None:
-        items = [
-            {"phone": "8615000000001", "content": "fine", "sysMessageId": "good-0000001"},
-            {"phone": "+8615000000002", "content": "plus sign"},
-            {"phone": "8615000000003", "content": ""},
-            {"phone": "8615000000004", "content": "x" * 1001},
-            {"phone": "8615000000005", "content": "bad sender", "sourceAddress": "has space"},
-            {"phone": "8615000000006", "content": "fine too", "sourceAddress": "Acme"},
-        ]
-        body = orjson.dumps({"appKey": APP_KEY, "items": items})
+    async def test_seed_error_examples_exactly(self, tmp_path: Path) -> None:
         async with running(tmp_path) as (sim, client):
+            for body, name in [(nx_body(2, app_key="otherApp"), "003_nxcloud_app_error.json"),
+                               (b'{"appKey":"yourAppKey","items":[]}', "003_nxcloud_parameter_error.json")]:
+                r = await client.send(nx_request(sim, body))
+                seed = orjson.loads((FIXTURES / name).read_bytes())
+                assert list(r.json().items()) == list(seed.items())  # same fields, values and order
+
+    async def test_bad_numbers_get_failure_items_and_are_never_recorded(self, tmp_path: Path) -> None:
+        cfg = SimulatorConfig(bad_number_rate=0.3)
+        good = [n for n in (f"86150{i:08d}" for i in range(40)) if not cfg.is_bad_number(n)][:3]
+        bad = [n for n in (f"86150{i:08d}" for i in range(40)) if cfg.is_bad_number(n)][:2]
+        phones = [good[0], bad[0], "+8615000000002", good[1], bad[1], good[2]]
+        items = [{"phone": p, "content": "hi", "sysMessageId": f"seed-msg-{i:03d}"}
+                 for i, p in enumerate(phones)]
+        body = orjson.dumps({"appKey": APP_KEY, "items": items})
+        async with running(tmp_path, bad_number_rate=0.3) as (sim, client):
             data = (await client.send(nx_request(sim, body))).json()
-            assert data["code"] == 0
-            assert [(d["phone"], d["code"]) for d in data["data"]] == [
-                ("8615000000001", 0), ("+8615000000002", 6), ("8615000000003", 4),
-                ("8615000000004", 5), ("8615000000005", 8), ("8615000000006", 0)]
-            assert [d["messageId"] for d in data["data"]][:5] == ["good-0000001", "", "", "", ""]
-        phones = [x["phone"] for x in receipts(tmp_path / "receipts.jsonl")]
-        assert phones == ["8615000000001", "8615000000006"]
+            assert (data["code"], data["message"]) == (0, "Success")
+            failure = {"status": "Failure", "message": "Incorrect phone number format"}
+            success = {"status": "Success"}
+            assert data["data"] == [  # the seed's 部分失败示例 shape
+                {"phone": p, "messageid": f"seed-msg-{i:03d}"} | (success if p in good else failure)
+                for i, p in enumerate(phones)
+            ]
+            assert sim.accepted == 3
+        assert [x["phone"] for x in receipts(tmp_path / "receipts.jsonl")] == good
+
+    async def test_refusing_bad_numbers_refuses_the_whole_call(self, tmp_path: Path) -> None:
+        cfg = SimulatorConfig(bad_number_rate=0.3)
+        numbers = [f"86150{i:08d}" for i in range(40)]
+        bad = next(n for n in numbers if cfg.is_bad_number(n))
+        good = [n for n in numbers if not cfg.is_bad_number(n)][:4]
+        def call(phones: list[str]) -> bytes:
+            return orjson.dumps({"appKey": APP_KEY, "items": [{"phone": p, "content": "hi"} for p in phones]})
+        async with running(tmp_path, bad_number_rate=0.3, nxcloud_refuse_bad_numbers=True) as (sim, client):
+            r = (await client.send(nx_request(sim, call([good[0], bad, good[1]])))).json()
+            assert r == {"code": 13005, "message": "Incorrect phone number format", "data": None}
+            assert (await nx_code(client, nx_request(sim, call(["12", good[2]])))) == 13005  # malformed too
+            assert (await nx_code(client, nx_request(sim, call(good[2:4])))) == 0
+            assert sim.accepted == 2
+        assert [x["phone"] for x in receipts(tmp_path / "receipts.jsonl")] == good[2:4]
+
+    @pytest.mark.parametrize(("item", "code"), [
+        ({"content": "x" * 1001}, 13001), ({"content": ""}, 13009), ({"content": None}, 13009),
+        ({"sourceAddress": "has space"}, 13006), ({"sourceAddress": "x" * 21}, 13006)])
+    async def test_request_refusals(self, tmp_path: Path, item: dict[str, Any], code: int) -> None:
+        items = [{"phone": "8615000000001", "content": "fine", "sourceAddress": "Acme"},
+                 {"phone": "8615000000002", "content": "fine", **item}]
+        async with running(tmp_path) as (sim, client):
+            r = (await client.send(nx_request(sim, orjson.dumps({"appKey": APP_KEY, "items": items})))).json()
+            assert (r["code"], r["data"]) == (code, None) and sim.accepted == 0
+            ok = orjson.dumps({"appKey": APP_KEY, "items": [
+                {"phone": "8615000000001", "content": "x" * 1000, "sourceAddress": "A" * 20}]})
+            assert (await nx_code(client, nx_request(sim, ok))) == 0
+
+    async def test_hourly_limit_per_number(self, tmp_path: Path) -> None:
+        clock = FakeClock(1_700_000_000.0)
+        def call(*phones: str) -> bytes:
+            return orjson.dumps({"appKey": APP_KEY, "items": [{"phone": p, "content": "hi"} for p in phones]})
+        a, b = "8615000000001", "8615000000002"
+        limited = {"nxcloud_number_hourly_limit": 2, "clock": clock, "check_time": False}
+        async with running(tmp_path, **limited) as (sim, client):
+            assert await nx_code(client, nx_request(sim, call(a, b))) == 0
+            assert await nx_code(client, nx_request(sim, call(a, a))) == 13007  # a: 3 in the hour
+            assert await nx_code(client, nx_request(sim, call(a, b))) == 0  # a: 2 in the hour
+            r = (await client.send(nx_request(sim, call(b, a)))).json()
+            assert r == {"code": 13007, "message": "Rate limit exceeded (5 messages per hour)", "data": None}
+            clock.t += 3600.5
+            assert await nx_code(client, nx_request(sim, call(a, a))) == 0
+            assert sim.accepted == 6
+        async with running(tmp_path) as (sim, client):  # off by default
+            codes = [await nx_code(client, nx_request(sim, call(a))) for _ in range(7)]
+            assert codes == [0] * 7
 
     async def test_tps_limit(self, tmp_path: Path) -> None:
         mono = FakeClock(500.5)
@@ -591,9 +647,15 @@ class TestFaults:
             entries = (await client.send(submail_post(sim, "multisend", m))).json()
             assert [(e["status"], e["code"]) for e in entries] == [("error", 252)] * 2
             data = (await client.send(nx_request(sim, nx_body(3)))).json()
-            assert data["code"] == 0 and [d["code"] for d in data["data"]] == [6, 6, 6]
+            assert data["code"] == 0
+            assert [(d["status"], d["message"]) for d in data["data"]] == [
+                ("Failure", "Incorrect phone number format")] * 3
             assert sim.accepted == 0 and sim.stats()["faults"] == {"business_error": 3}
         assert receipts(tmp_path / "receipts.jsonl") == []
+        refuse = {"fault_rates": {"business_error": 1.0}, "nxcloud_business_error_code": 1102}
+        async with running(tmp_path, **refuse) as (sim, client):
+            r = (await client.send(nx_request(sim, nx_body(3)))).json()
+            assert r == {"code": 1102, "message": "Insufficient balance", "data": None} and sim.accepted == 0
 
     @pytest.mark.parametrize("provider", ["submail", "nxcloud"])
     @pytest.mark.parametrize(("kind", "recorded"), [("drop_before", 0), ("drop_after", 3), ("reset", 3)])
@@ -674,10 +736,13 @@ class TestConfig:
         from providers.simulator.__main__ import build_parser, config_from_args
 
         argv = ["--submail-hot-numbers", "13800000001, 13800000002", "--submail-log-interval", "0",
-                "--submail-qps", "3", "--nxcloud-tps", "9"]
+                "--submail-qps", "3", "--nxcloud-tps", "9", "--nxcloud-refuse-bad-numbers",
+                "--nxcloud-number-hourly-limit", "5"]
         cfg = config_from_args(build_parser().parse_args(argv))
+        assert cfg.nxcloud_refuse_bad_numbers and cfg.nxcloud_number_hourly_limit == 5
         assert cfg.submail_hot_numbers == frozenset({"13800000001", "13800000002"})
         assert (cfg.submail_log_interval_s, cfg.submail_qps, cfg.nxcloud_tps) == (0.0, 3, 9)
         default = config_from_args(build_parser().parse_args([]))
         assert (default.submail_hot_numbers, default.submail_log_interval_s, default.nxcloud_tps) == (
             frozenset(), 60.0, None)
+        assert (default.nxcloud_refuse_bad_numbers, default.nxcloud_number_hourly_limit) == (False, 0)

@@ -98,6 +98,18 @@ def build_parser(prog: str = "python -m providers.simulator") -> argparse.Argume
         help="NXCloud requests per second per accessKey (code 13008; default: --qps)",
     )
     p.add_argument(
+        "--nxcloud-refuse-bad-numbers",
+        action="store_true",
+        help="NXCloud refuses a whole call holding a bad number (13005, data null) instead of "
+        "answering that item Failure",
+    )
+    p.add_argument(
+        "--nxcloud-number-hourly-limit",
+        type=int,
+        default=0,
+        help="NXCloud messages accepted per number per hour, code 13007 beyond (0: unlimited)",
+    )
+    p.add_argument(
         "--minimal",
         action="store_true",
         help="benchmark mode: --no-verify --no-time-check --no-nonce-check --no-index",
@@ -131,6 +143,8 @@ def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
         submail_log_interval_s=args.submail_log_interval,
         submail_qps=args.submail_qps,
         nxcloud_tps=args.nxcloud_tps,
+        nxcloud_refuse_bad_numbers=args.nxcloud_refuse_bad_numbers,
+        nxcloud_number_hourly_limit=args.nxcloud_number_hourly_limit,
         bad_number_rate=args.bad_number_rate,
     )
 

@@ -139,7 +139,12 @@ class SimulatorConfig:
     # NXCloud (PROTOCOLS.md §3)
     nxcloud_credentials: tuple[NxcloudAccount, ...] = ()  # empty: default_nxcloud_accounts()
     nxcloud_tps: int | None = None  # per accessKey, code 13008 beyond it; None: same as qps
-    nxcloud_business_error_code: int = 6
+    # a business_error fault: 0 every item "Failure"; otherwise that top-level code, data null
+    nxcloud_business_error_code: int = 0
+    # bad numbers: False each gets a "Failure" item (the seed's partial failure, code 0);
+    # True the whole call is refused with 13005 and data null (nothing sent)
+    nxcloud_refuse_bad_numbers: bool = False
+    nxcloud_number_hourly_limit: int = 0  # accepted messages per number per hour, 13007 beyond; 0: off
     # Every provider: the share of numbers the gateway treats as bad (malformed, blacklisted),
     # chosen by is_bad_number so a test can tell which; a call holding one is refused whole.
     bad_number_rate: float = 0.0
@@ -156,6 +161,7 @@ class SimulatorConfig:
                 self.submail_timestamp_window_s,
                 self.submail_log_interval_s,
                 self.nxcloud_tps or 0,
+                self.nxcloud_number_hourly_limit,
             )
             < 0
         ):

@@ -1,26 +1,34 @@
 """The simulated NXCloud SMS gateway: batch ``POST /v1/sms/multi/mt`` and the legacy ``POST /api/sms/get``.
 
-Facts from PROTOCOLS.md §3. The batch API's response section was never
-readable, so its schema here is a choice (UNVERIFIED against the real API)::
+Responses in the shapes of the seed (``seeds/003_*.txt``, its examples)::
 
     200 {"code":0,"message":"Success","data":[
-            {"phone":"8615088888888","messageId":"<sysMessageId or 32 hex>","code":0,"message":"Success"},
-            {"phone":"12","messageId":"","code":6,"message":"Invalid phone number"}]}
+            {"phone":"8618651883168","messageid":"msg001","status":"Success"},
+            {"phone":"8613812345279","messageid":"msg002","status":"Failure",
+             "message":"Incorrect phone number format"}]}
+    200 {"code":9000,"message":"Request parameter error","data":null}
 
-``data`` has one entry per item, in order. Per-item codes (mtsend_v2's
-table): 6 invalid number (5-20 digits, no ``+``), 4 empty content, 5 content
-over 1000 characters, 8 bad ``sourceAddress``. A refused item gets no
-``messageId`` and is not recorded. Whole-request errors are
-``200 {"code":<n>,"message":"..."}``: 1001 a required header missing, 1002
-bizType/action/algorithm/ts/body malformed, 1003 signature mismatch, 1004
-``ts`` more than 60 s away, 1005 unknown accessKey, 1 wrong appKey, 9000
-items missing, empty, over 200, not objects, or an invalid ``sysMessageId``;
+``data`` has one item per request item, in order; ``messageid`` is the item's
+``sysMessageId`` (or 32 generated hex). A bad number (not 5-20 digits, or
+``config.is_bad_number``) gets a ``Failure`` item and is not recorded; with
+``nxcloud_refuse_bad_numbers`` the whole call is refused instead (13005, data
+null; the seed's table has the code, the shape is INFERRED from its other
+error examples). Whole-request codes, each with ``data: null``: 1001 a required
+header missing, 1002 bizType/action/algorithm/ts/body malformed, 1003 signature
+mismatch, 1004 ``ts`` more than 60 s away, 1005 unknown accessKey, 13002 wrong
+appKey, 9000 items missing, empty, over 200, not objects, or an invalid
+``sysMessageId``; 13001 an item over 1000 characters, 13009 an empty one, 13006
+a bad ``sourceAddress``; 13007 a number over ``nxcloud_number_hourly_limit``
+accepted messages in the last hour (off by default; the whole call, INFERRED);
 13008 over the TPS limit (and the ``throttle`` fault), with ``Retry-After``.
-The http500/http503 faults answer ``{"code":500|503,"message":"..."}`` with
-that status.
+The http500/http503 faults answer ``{"code":500|503,...}`` with that status.
+A ``business_error`` fault answers every item ``Failure`` (or, with
+``nxcloud_business_error_code`` set, that code for the whole call).
 
 Order of checks: headers present, accessKey, TPS window, injected
-pre-processing faults, bizType/action, ts, signature, body.
+pre-processing faults, bizType/action, ts, signature, body, appKey, items
+(9000, then 13009/13001/13006 per item), bad numbers (13005 when refused
+whole), the hourly limit, a ``business_error`` fault.
 
 Record query (documented; form ``appkey``, ``secretkey``, ``messageid``,
 ``date`` = yyyyMMdd in China time, last 31 days)::
@@ -34,6 +42,7 @@ Record query (documented; form ``appkey``, ``secretkey``, ``messageid``,
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import hmac
 import re
@@ -70,28 +79,42 @@ _REQUIRED = ("accesskey", "ts", "biztype", "action", "sign")
 _MESSAGE_ID = re.compile(r"[0-9A-Za-z-]{10,50}")
 _SENDER = re.compile(r"[0-9A-Za-z]{1,20}")
 
-_MESSAGES = {
+_MESSAGES = {  # the seed's code table; 1001-1005 from the signing convention page
+    -1: "Failure",
     0: "Success",
-    1: "Application unavailable or wrong appKey",
-    4: "Empty content",
-    5: "Content too long",
-    6: "Invalid phone number",
-    8: "Invalid sourceAddress",
     1001: "Missing common header parameters",
     1002: "Parameter error",
     1003: "Invalid signature",
     1004: "Timestamp expired",
     1005: "Insufficient permissions",
-    9000: "Parameter error",
+    1100: "Customer does not exist / Status is unavailable",
+    1102: "Insufficient balance",
+    9000: "Request parameter error",
+    13001: "Exceeded content length limit (1000 characters)",
+    13002: "Unavailable app or incorrect key",
+    13003: "IP not in whitelist",
+    13005: "Incorrect phone number format",
+    13006: "Incorrect source address (Source address must consist of 1 to 20 alphanumeric characters "
+    "(letters or digits))",
+    13007: "Rate limit exceeded (5 messages per hour)",
     13008: "TPS limit exceeded",
+    13009: "Empty content or illegal Keywords",
+    13010: "Exceeding maximum numbers for verification channel",
 }
+BAD_NUMBER = _MESSAGES[13005]
+MAX_CONTENT = 1000
+HOUR = 3600.0
 
 
 class _Reject(Exception):
-    def __init__(self, code: int, message: str | None = None) -> None:
-        super().__init__(code)
+    """A whole-request refusal. Codes of the seed's table answer the seed's text (``detail``, what
+    was wrong, is only for the reader of this code); the auth codes answer the detail if any."""
+
+    def __init__(self, code: int, detail: str | None = None) -> None:
+        super().__init__(code, detail)
         self.code = code
-        self.message = message or _MESSAGES.get(code, str(code))
+        seed_text = _MESSAGES.get(code) if not 1000 <= code < 1100 else None
+        self.message = seed_text or detail or _MESSAGES.get(code, str(code))
 
 
 class _Record:
@@ -160,6 +183,7 @@ class NxcloudGateway:
         self._limiter = FixedWindowLimiter(tps, config.monotonic)
         self._accounts: dict[str, NxcloudAccount] = {a.access_key: a for a in config.resolved_nxcloud()}
         self._index: dict[str, list[_Record]] | None = {} if config.index_receipts else None
+        self._recent: dict[str, collections.deque[float]] = {}  # number → accepted times, last hour
 
     def routes(self) -> dict[str, App]:
         return {SEND_PATH: self, RECORD_PATH: self}
@@ -230,37 +254,59 @@ class NxcloudGateway:
         if not isinstance(data, dict):
             raise _Reject(1002, "the body must be a JSON object")
         if account is not None and data.get("appKey") != account.app_key:
-            raise _Reject(1)
+            raise _Reject(13002)
         items = data.get("items")
         if not isinstance(items, list) or not items:
             raise _Reject(9000, "items must be a non-empty array")
         if len(items) > MAX_ITEMS:
             raise _Reject(9000, f"at most {MAX_ITEMS} items per request")
         planned = [_check_item(item) for item in items]
+        bad = [not _is_number(phone) or cfg.is_bad_number(phone) for phone, *_ in planned]
+        if cfg.nxcloud_refuse_bad_numbers and any(bad):
+            raise _Reject(13005)
+        t = cfg.clock()
+        if cfg.nxcloud_number_hourly_limit:
+            self._check_hourly(planned, bad, t)
 
         if fault == "business_error":
             self._stats.fault("business_error")
             code = cfg.nxcloud_business_error_code
-            results = [_result(phone, "", code) for phone, *_ in planned]
-            body = orjson.dumps({"code": 0, "message": "Success", "data": results})
-            conn.respond(200, body, delay=self._pacer.delay())
+            if code:
+                raise _Reject(code)
+            failed = [_item(p, sys_id or self._ids.hex_id(), BAD_NUMBER) for p, _, sys_id, _ in planned]
+            conn.respond(200, _ok(failed), delay=self._pacer.delay())
             return
 
         # Accepted items: record first (one write), answer after.
-        t = cfg.clock()
         results = []
         records: list[tuple[_Record, str]] = []
-        for phone, content, sys_id, sender, refusal in planned:
-            if refusal:
-                results.append(_result(phone, "", refusal))
-                continue
+        for (phone, content, sys_id, sender), refused in zip(planned, bad, strict=True):
             message_id = sys_id or self._ids.hex_id()
+            if refused:
+                self._stats.reject("nxcloud.item_failure")
+                results.append(_item(phone, message_id, BAD_NUMBER))
+                continue
             records.append((_Record(message_id, phone, content, sender, t), sys_id))
-            results.append(_result(phone, message_id, 0))
+            results.append(_item(phone, message_id))
         if records:
             self._store(records, t)
-        body = orjson.dumps({"code": 0, "message": "Success", "data": results})
-        self._pacer.finish(conn, body, fault, self._stats)
+        self._pacer.finish(conn, _ok(results), fault, self._stats)
+
+    def _check_hourly(self, planned: list[tuple[str, str, str, str]], bad: list[bool], t: float) -> None:
+        """13007 for the whole call when a number would pass its hourly limit; else count the call's."""
+        limit = self._cfg.nxcloud_number_hourly_limit
+        wanted: dict[str, int] = {}
+        for (phone, *_), refused in zip(planned, bad, strict=True):
+            if not refused:
+                wanted[phone] = wanted.get(phone, 0) + 1
+        for phone, n in wanted.items():
+            recent = self._recent.get(phone)
+            while recent and recent[0] <= t - HOUR:
+                recent.popleft()
+            if (len(recent) if recent else 0) + n > limit:
+                raise _Reject(13007)
+        for phone, n in wanted.items():
+            self._recent.setdefault(phone, collections.deque()).extend([t] * n)
 
     def _authenticate(self, h: dict[str, str], body: bytes, secret: str) -> None:
         if h["biztype"] != BIZ_TYPE or h["action"] != ACTION:
@@ -323,7 +369,7 @@ class NxcloudGateway:
     def _answer(
         self, conn: Connection, status: int, code: int, message: str, headers: Iterable[tuple[str, str]] = ()
     ) -> None:
-        body = orjson.dumps({"code": code, "message": message})
+        body = orjson.dumps({"code": code, "message": message, "data": None})
         conn.respond(status, body, headers, delay=self._pacer.delay())
 
     def _throttle(self, conn: Connection, wait: float) -> None:
@@ -331,30 +377,35 @@ class NxcloudGateway:
         self._answer(conn, 200, 13008, _MESSAGES[13008], headers)
 
 
-def _check_item(item: object) -> tuple[str, str, str, str, int]:
-    """(phone, content, sysMessageId, sourceAddress, refusal code or 0) of one item."""
+def _check_item(item: object) -> tuple[str, str, str, str]:
+    """(phone, content, sysMessageId, sourceAddress) of one item; a fault of the request raises."""
     if not isinstance(item, dict):
         raise _Reject(9000, "every item must be an object")
     sys_id = item.get("sysMessageId")
     if sys_id is not None and not (isinstance(sys_id, str) and _MESSAGE_ID.fullmatch(sys_id)):
         raise _Reject(9000, "sysMessageId must be 10-50 characters of [0-9a-zA-Z-]")
     phone, content, sender = item.get("phone"), item.get("content"), item.get("sourceAddress")
-    phone_text = phone if isinstance(phone, str) else ""
-    refusal = 0
-    if not (phone_text.isascii() and phone_text.isdigit() and 5 <= len(phone_text) <= 20):
-        refusal = 6
-    elif not isinstance(content, str) or not content:
-        refusal = 4
-    elif len(content) > 1000:
-        refusal = 5
-    elif sender is not None and not (isinstance(sender, str) and _SENDER.fullmatch(sender)):
-        refusal = 8
-    text = content if isinstance(content, str) else ""
-    return phone_text, text, sys_id or "", sender if isinstance(sender, str) else "", refusal
+    if not isinstance(content, str) or not content:
+        raise _Reject(13009)
+    if len(content) > MAX_CONTENT:
+        raise _Reject(13001)
+    if sender is not None and not (isinstance(sender, str) and _SENDER.fullmatch(sender)):
+        raise _Reject(13006)
+    return phone if isinstance(phone, str) else "", content, sys_id or "", sender or ""
 
 
-def _result(phone: str, message_id: str, code: int) -> dict[str, Any]:
-    return {"phone": phone, "messageId": message_id, "code": code, "message": _MESSAGES.get(code, str(code))}
+def _is_number(phone: str) -> bool:
+    return phone.isascii() and phone.isdigit() and 5 <= len(phone) <= 20
+
+
+def _item(phone: str, message_id: str, failure: str | None = None) -> dict[str, str]:
+    if failure is None:
+        return {"phone": phone, "messageid": message_id, "status": "Success"}
+    return {"phone": phone, "messageid": message_id, "status": "Failure", "message": failure}
+
+
+def _ok(items: list[dict[str, str]]) -> bytes:
+    return orjson.dumps({"code": 0, "message": "Success", "data": items})
 
 
 def _record_error(code: str, msg: str) -> bytes:
