@@ -6,7 +6,8 @@ Exit codes:
   2    a bad campaign file, option or run directory; nothing was sent
   3    finished, but some recipients are unknown or deferred (see ``sluice status``)
   4    stopped early: the provider refused the whole request (credentials,
-       balance, template...); pending recipients are sent by a resume
+       balance, template...), its TLS certificate was not accepted, or it could
+       not be connected to; pending recipients are sent by a resume
   130  stopped by SIGINT, 143 by SIGTERM, after flushing the ledger
 """
 
@@ -29,6 +30,7 @@ import anyio
 import orjson
 import structlog
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from pipeline._logging import configure_logging
@@ -111,7 +113,7 @@ def _summary(console: Console, result: RunResult, run_dir: Path) -> None:
     table.add_row("throttled", f"{result.throttles:,}")
     console.print(table)
     if result.stopped:
-        console.print(f"[bold red]stopped:[/] {result.stopped}")
+        console.print(f"[bold red]stopped:[/] {escape(result.stopped)}", soft_wrap=True)
     if c["unknown"]:
         console.print(
             f"{c['unknown']:,} recipients are unknown (they may have reached the provider); "
@@ -262,6 +264,10 @@ def cmd_status(args: argparse.Namespace, console: Console) -> int:
     if status["avg_rate"] is not None:
         table.add_row("avg recipients/s", f"{status['avg_rate']:,.0f}")
     out.print(table)
+    if status["stopped"] is not None:
+        stop = status["stopped"]
+        text = f"{stop['code'] or ''}: {stop['message'] or ''}"
+        out.print(f"[bold red]stopped:[/] {escape(text)}", soft_wrap=True)
     if status["codes"]:
         codes = Table(title="recipients by status and provider code")
         codes.add_column("status:code")

@@ -36,7 +36,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from pipeline.account import sync_server_clock
 from pipeline.batch import Batcher
 from pipeline.campaign import DB_KINDS, Campaign
-from pipeline.dispatch import CircuitBreaker, Dispatcher, RetryPolicy
+from pipeline.dispatch import CircuitBreaker, Dispatcher, EndpointGuard, RetryPolicy
 from pipeline.errors import RunDirError, SluiceError, SourceError
 from pipeline.keys import KeySet
 from pipeline.ledger import Durability, LedgerState, LedgerWriter, Status, replay
@@ -46,7 +46,7 @@ from pipeline.rundir import RunDir
 from pipeline.schedule import SendGate
 from pipeline.source import Chunk, Columns, CsvSource, JsonlSource, Source
 from pipeline.transport import HttpTransport
-from providers.base import Batch, BatchOutcome, Message, Provider
+from providers.base import CERTIFICATE_CODE, Batch, BatchOutcome, Message, Provider
 
 __all__ = ("Progress", "RunResult", "open_source", "run_campaign")
 
@@ -508,6 +508,9 @@ async def run_campaign(
         if result.code == "CircuitBreaker":
             run.stop(result.message or "circuit breaker", result.code)
             return
+        if result.code in ("ConnectError", "ConnectTimeout", CERTIFICATE_CODE):  # the endpoint, not a refusal
+            run.stop(f"{result.code}: {result.message or ''}".strip(), result.code)
+            return
         run.stop(
             f"the provider refused the whole request with {result.code}: {result.message or ''}".strip(),
             result.code,
@@ -542,6 +545,7 @@ async def run_campaign(
                     rng=rng,
                     breaker=CircuitBreaker(limits.breaker_window, limits.breaker_threshold),
                     gate=_send_gate(campaign, run_dir.ledger),
+                    endpoint=EndpointGuard(limits.connect_failures),
                 )
                 gate = dispatcher.gate
                 if gate is not None and gate.daily_cap and total_hint:
