@@ -139,8 +139,8 @@ class TestEngine:
     async def test_retry_budget_spent_defers_then_resume_sends(self, tmp_path: Path) -> None:
         c = make_campaign(tmp_path, rows(10), max_attempts=2)
 
-        def refuse(request: httpx.Request) -> httpx.Response:
-            raise httpx.ConnectError("refused", request=request)
+        def refuse(request: httpx.Request) -> httpx.Response:  # provably not processed, retryable
+            return httpx.Response(200, json={"outcome": "retry", "code": "SignatureDoesNotMatch"})
 
         first = await run(c, tmp_path, refuse)
         assert first.counts["deferred"] == 10 and not first.complete
@@ -235,7 +235,7 @@ class TestStatusAndExport:
         c = make_campaign(tmp_path, rows(10), max_attempts=1)
 
         def refuse(request: httpx.Request) -> httpx.Response:
-            raise httpx.ConnectError("refused", request=request)
+            return httpx.Response(200, json={"outcome": "retry", "code": "SignatureDoesNotMatch"})
 
         await run(c, tmp_path, refuse)  # all deferred
         await run(c, tmp_path, ok)  # then sent
