@@ -248,9 +248,9 @@ def classify_transport_error(exc: httpx.TransportError) -> BatchOutcome:
     name = type(exc).__name__
     cert = certificate_error(exc)
     if cert is not None:
-        message = str(exc) or str(cert)
-        if cert.reason and str(cert.reason) not in message:
-            message += f": {cert}"
+        message = str(exc)
+        if str(cert) not in message:
+            message = f"{message}: {cert}" if message else str(cert)
         return BatchOutcome(Outcome.FATAL, code=CERTIFICATE_CODE, message=message)
     if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout):
         return BatchOutcome(Outcome.RETRY, code=name, message=str(exc) or None)

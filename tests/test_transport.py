@@ -834,8 +834,9 @@ class TestTls:
                     await send(transport, base + "/")
             outcome = classify_transport_error(info.value)
             assert outcome.outcome is Outcome.FATAL and outcome.code == CERTIFICATE_CODE
-            assert reason in (outcome.message or "") and "CERTIFICATE_VERIFY_FAILED" in (outcome.message or "")
-            assert base.removeprefix("https://") in (outcome.message or "")  # names the endpoint
+            message = outcome.message or ""
+            assert reason in message and "CERTIFICATE_VERIFY_FAILED" in message
+            assert base.removeprefix("https://") in message  # names the endpoint
             assert srv.requests == []  # nothing was sent
         finally:
             await srv.stop()
