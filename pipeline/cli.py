@@ -37,7 +37,7 @@ from pipeline._logging import configure_logging
 from pipeline.api import resume_run, start_run
 from pipeline.campaign import Campaign, load_campaign
 from pipeline.engine import RunResult
-from pipeline.errors import CampaignError, RunDirError, SluiceError, SourceError
+from pipeline.errors import CampaignError, RunDirError, RunStopped, SluiceError, SourceError
 from pipeline.progress import ProgressReporter
 from pipeline.rundir import RunDir
 from pipeline.summary import export_rows, summarize
@@ -509,6 +509,9 @@ def main(argv: list[str] | None = None) -> int:
     except (RunDirError, SourceError) as exc:
         console.print(f"[bold red]error:[/] {exc}")
         return EXIT_USAGE
+    except RunStopped as exc:  # before the first send (SUBMAIL's server time): nothing was sent
+        console.print(f"[bold red]stopped:[/] {escape(exc.reason)}", soft_wrap=True)
+        return EXIT_STOPPED
     except SluiceError as exc:
         console.print(f"[bold red]error:[/] {exc}")
         return EXIT_ERROR

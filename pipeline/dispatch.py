@@ -19,11 +19,14 @@ import anyio
 import httpx
 import structlog
 
+from pipeline.account import sync_server_clock
+from pipeline.errors import RunStopped, SluiceError
 from pipeline.ledger import LedgerWriter
 from pipeline.limit import RateGovernor
 from pipeline.schedule import SendGate
 from pipeline.transport import HttpTransport
 from providers.base import (
+    CONNECT_CODES,
     Batch,
     BatchOutcome,
     Outcome,
@@ -33,7 +36,7 @@ from providers.base import (
     classify_transport_error,
 )
 
-__all__ = ("CircuitBreaker", "Dispatcher", "EndpointGuard", "RetryPolicy")
+__all__ = ("CircuitBreaker", "Dispatcher", "EndpointGuard", "RetryPolicy", "server_clock")
 
 log = structlog.get_logger("sluice.dispatch")
 
@@ -64,10 +67,6 @@ class CircuitBreaker:
         return (
             f"circuit breaker: {self._bad} of the last {len(self._outcomes)} batches were unknown or deferred"
         )
-
-
-_CONNECT_FAILURES = frozenset({"ConnectError", "ConnectTimeout"})
-"""Codes of attempts that never reached the endpoint (refused, unreachable, DNS, connect timeout)."""
 
 
 class EndpointGuard:
@@ -235,7 +234,7 @@ class Dispatcher:
                 self._ledger.unknown_rows((m.row for m in batch.messages), "Stopped")
                 raise
             kind = result.outcome
-            if kind is Outcome.RETRY and result.code in _CONNECT_FAILURES:
+            if kind is Outcome.RETRY and result.code in CONNECT_CODES:
                 connects += 1
                 if await self._connect_failed(batch, result, ms):
                     continue
@@ -301,3 +300,34 @@ class Dispatcher:
             self._on_fatal(
                 BatchOutcome(Outcome.FATAL, code="CircuitBreaker", message=self._breaker.describe())
             )
+
+
+async def server_clock(
+    provider: Provider,
+    transport: httpx.AsyncBaseTransport,
+    writer: LedgerWriter,
+    tries: int,
+    policy: RetryPolicy,
+) -> float | None:
+    """:func:`sync_server_clock` under the endpoint's stop rules (:class:`EndpointGuard`):
+    a certificate not accepted stops at once, failed connects after ``tries`` in a row with backoff.
+    The stop is a fatal line in the ledger (batch 0, never a real one) for ``sluice status``."""
+    rng = random.Random()
+    for attempt in range(1, tries + 1):
+        try:
+            return await sync_server_clock(provider, transport)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            stop = classify_transport_error(exc)
+            if stop.outcome is Outcome.FATAL:
+                break
+            if attempt == tries:
+                stop.message = f"{tries} failed connects in a row: {stop.message}"
+                break
+            await anyio.sleep(policy.backoff(attempt, rng))
+        except (httpx.TransportError, ValueError) as exc:
+            raise SluiceError(f"cannot read {provider.name}'s server time: {exc!r}") from None
+    stop.outcome = Outcome.FATAL
+    writer.attempt(Batch(0, []), stop, "fatal", 0.0)
+    reason = f"{stop.code}: {stop.message}"
+    log.warning("run_stopping", reason=reason, code=stop.code)
+    raise RunStopped(reason, stop.code)

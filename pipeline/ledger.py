@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from providers.base import CERTIFICATE_CODE, Batch, BatchOutcome, Outcome, RecipientOutcome
+from providers.base import ENDPOINT_STOP_CODES, Batch, BatchOutcome, Outcome, RecipientOutcome
 
 __all__ = (
     "Durability",
@@ -405,10 +405,6 @@ def _replay_line(line: bytes, state: LedgerState) -> tuple[list[int], int] | Non
     return None
 
 
-_ENDPOINT_STOPS = frozenset({"ConnectError", "ConnectTimeout", CERTIFICATE_CODE})
-"""Codes of a run stopped by its endpoint (pipeline/dispatch.py): their message is kept."""
-
-
 class LedgerWriter:
     """Buffered appends; an intent flushes everything before it to the OS."""
 
@@ -471,7 +467,7 @@ class LedgerWriter:
             line["id"] = result.provider_id
         if result.retry_after is not None:
             line["ra"] = result.retry_after
-        if status == "fatal" and result.message and result.code in _ENDPOINT_STOPS:
+        if status == "fatal" and result.message and result.code in ENDPOINT_STOP_CODES:
             line["m"] = result.message[:500]  # our transport's words (no provider text): for `status`
         line["ms"] = round(latency_ms, 1)
         line["t"] = round(time.time(), 3)

@@ -37,6 +37,8 @@ import httpx
 
 __all__ = (
     "CERTIFICATE_CODE",
+    "CONNECT_CODES",
+    "ENDPOINT_STOP_CODES",
     "Batch",
     "BatchOutcome",
     "Clock",
@@ -223,6 +225,10 @@ class Provider(Protocol):
 
 CERTIFICATE_CODE = "CertificateVerifyFailed"
 """The code of a request that failed because the server's TLS certificate was not accepted."""
+CONNECT_CODES = frozenset({"ConnectError", "ConnectTimeout"})
+"""Codes of attempts that never reached the endpoint (refused, unreachable, DNS, connect timeout)."""
+ENDPOINT_STOP_CODES = CONNECT_CODES | {CERTIFICATE_CODE}
+"""Codes with which the endpoint, not the provider, stops a run (pipeline/dispatch.py)."""
 
 
 def certificate_error(exc: BaseException) -> ssl.SSLCertVerificationError | None:

@@ -158,3 +158,33 @@ class TestSimulatorRestart:
         assert code == 0, err
         accepted = accepted_by_number(tmp_path / "receipts.jsonl")
         assert Counter(accepted[p] for p in phones.values()) == Counter({1: 1000})  # 0 accepted twice
+
+
+class TestServerTimeRequest:
+    """SUBMAIL signing with md5 asks the server's time before the first send: the same stop rules."""
+
+    def test_untrusted_certificate_stops_before_sending(self, tmp_path: Path, ca: trustme.CA) -> None:
+        provider, message, batch = PROVIDERS["submail-batchsend"]
+        write_recipients(tmp_path / "recipients.csv", 200)
+        with simulator(tmp_path, *tls_files(tmp_path, ca, "127.0.0.1")) as sim:
+            c = campaign(tmp_path / "c.toml", sim.url, provider, message, batch)
+            code, err = run_cli("run", str(c))
+            sim.stop()
+        assert code == 4, err
+        assert "unable to get local issuer certificate" in err
+        assert sum(sim.accepted().values()) == 0 and intents(tmp_path / "run") == 0
+        st, _ = status(tmp_path / "run")
+        stopped = st["stopped"]
+        assert isinstance(stopped, dict) and stopped["code"] == "CertificateVerifyFailed"
+
+    def test_refused_stops_after_the_bounded_tries(self, tmp_path: Path) -> None:
+        provider, message, batch = PROVIDERS["submail-batchsend"]
+        write_recipients(tmp_path / "recipients.csv", 200)
+        port = free_port()
+        c = campaign(tmp_path / "c.toml", f"http://127.0.0.1:{port}", provider, message, batch)
+        code, err = run_cli("run", str(c))
+        assert code == 4, err
+        assert "5 failed connects in a row" in err and f"127.0.0.1:{port}" in err
+        st, _ = status(tmp_path / "run")
+        assert st["sent"] == st["deferred"] == 0
+        assert isinstance(st["stopped"], dict) and st["stopped"]["code"] == "ConnectError"
