@@ -147,9 +147,21 @@ def _restore(
     receipts: ReceiptLog, aliyun: AliyunGateway, submail: SubmailGateway, nxcloud: NxcloudGateway
 ) -> None:
     """Give each gateway the receipts an earlier run left in the file (by their ``provider``;
-    Aliyun's lines have none). One pass over the file per gateway: no list of every line."""
-    for name, gateway in (("aliyun", aliyun), ("submail", submail), ("nxcloud", nxcloud)):
-        gateway.restore(r for r in receipts.previous() if r.get("provider", "aliyun") == name)
+    Aliyun's lines have none), in one pass, a bounded chunk at a time."""
+    gateways: dict[str, AliyunGateway | SubmailGateway | NxcloudGateway]
+    gateways = {"aliyun": aliyun, "submail": submail, "nxcloud": nxcloud}
+    chunks: dict[str, list[dict[str, Any]]] = {name: [] for name in gateways}
+    for record in receipts.previous():
+        name = str(record.get("provider", "aliyun"))
+        chunk = chunks.get(name)
+        if chunk is None:
+            continue
+        chunk.append(record)
+        if len(chunk) >= 10_000:
+            gateways[name].restore(chunk)
+            chunk.clear()
+    for name, chunk in chunks.items():
+        gateways[name].restore(chunk)
 
 
 def run_forever(
