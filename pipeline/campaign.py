@@ -112,6 +112,7 @@ class LimitsSpec:
     backoff_max_ms: int = 30_000
     breaker_window: int = 50  # batches; the circuit breaker looks at the last N outcomes
     breaker_threshold: float = 0.5  # stop when this share of them is unknown or deferred; 0 = off
+    connect_failures: int = 5  # failed connects in a row (with backoff) that stop the run
 
 
 @dataclass(frozen=True)
@@ -297,6 +298,8 @@ def parse_campaign(data: Mapping[str, Any], base_dir: Path) -> Campaign:
         raise CampaignError("limits.breaker_threshold", "must be between 0 (off) and 1")
     if limits.breaker_window < 1:
         raise CampaignError("limits.breaker_window", "must be at least 1")
+    if not 1 <= limits.connect_failures <= 100:
+        raise CampaignError("limits.connect_failures", "must be between 1 and 100")
     if limits.backoff_base_ms < 0 or limits.backoff_max_ms < limits.backoff_base_ms:
         raise CampaignError("limits.backoff_max_ms", "must be at least limits.backoff_base_ms")
 

@@ -6,7 +6,8 @@ Exit codes:
   2    a bad campaign file, option or run directory; nothing was sent
   3    finished, but some recipients are unknown or deferred (see ``sluice status``)
   4    stopped early: the provider refused the whole request (credentials,
-       balance, template...); pending recipients are sent by a resume
+       balance, template...), its TLS certificate was not accepted, or it could
+       not be connected to; pending recipients are sent by a resume
   130  stopped by SIGINT, 143 by SIGTERM, after flushing the ledger
 """
 
@@ -29,13 +30,14 @@ import anyio
 import orjson
 import structlog
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from pipeline._logging import configure_logging
 from pipeline.api import resume_run, start_run
 from pipeline.campaign import Campaign, load_campaign
 from pipeline.engine import DISK_FAULT, RunResult
-from pipeline.errors import CampaignError, RunDirError, SluiceError, SourceError
+from pipeline.errors import CampaignError, RunDirError, RunStopped, SluiceError, SourceError
 from pipeline.progress import ProgressReporter
 from pipeline.rundir import RunDir
 from pipeline.summary import export_rows, summarize
@@ -113,7 +115,7 @@ def _summary(console: Console, result: RunResult, run_dir: Path) -> None:
     table.add_row("throttled", f"{result.throttles:,}")
     console.print(table)
     if result.stopped:
-        console.print(f"[bold red]stopped:[/] {result.stopped}")
+        console.print(f"[bold red]stopped:[/] {escape(result.stopped)}", soft_wrap=True)
     if c["unknown"]:
         console.print(
             f"{c['unknown']:,} recipients are unknown (they may have reached the provider); "
@@ -274,6 +276,10 @@ def cmd_status(args: argparse.Namespace, console: Console) -> int:
         out.print(f"[bold red]the ledger has {status['ledger_damaged_lines']:,} damaged lines[/]")
     if status["ledger_problem"]:
         out.print(f"[bold red]{status['ledger_problem']}[/]")
+    if status["stopped"] is not None:
+        stop = status["stopped"]
+        text = f"{stop['code'] or ''}: {stop['message'] or ''}"
+        out.print(f"[bold red]stopped:[/] {escape(text)}", soft_wrap=True)
     if status["codes"]:
         codes = Table(title="recipients by status and provider code")
         codes.add_column("status:code")
@@ -516,6 +522,9 @@ def main(argv: list[str] | None = None) -> int:
     except (RunDirError, SourceError) as exc:
         console.print(f"[bold red]error:[/] {exc}")
         return EXIT_USAGE
+    except RunStopped as exc:  # before the first send (SUBMAIL's server time): nothing was sent
+        console.print(f"[bold red]stopped:[/] {escape(exc.reason)}", soft_wrap=True)
+        return EXIT_STOPPED
     except SluiceError as exc:
         console.print(f"[bold red]error:[/] {exc}")
         return EXIT_ERROR

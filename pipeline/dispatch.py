@@ -19,11 +19,14 @@ import anyio
 import httpx
 import structlog
 
+from pipeline.account import sync_server_clock
+from pipeline.errors import RunStopped, SluiceError
 from pipeline.ledger import LedgerFault, LedgerWriter
 from pipeline.limit import RateGovernor
 from pipeline.schedule import SendGate
 from pipeline.transport import HttpTransport
 from providers.base import (
+    CONNECT_CODES,
     Batch,
     BatchOutcome,
     Outcome,
@@ -33,7 +36,7 @@ from providers.base import (
     classify_transport_error,
 )
 
-__all__ = ("CircuitBreaker", "Dispatcher", "RetryPolicy")
+__all__ = ("CircuitBreaker", "Dispatcher", "EndpointGuard", "RetryPolicy", "server_clock")
 
 log = structlog.get_logger("sluice.dispatch")
 
@@ -66,6 +69,60 @@ class CircuitBreaker:
         )
 
 
+class EndpointGuard:
+    """Stops the run when the endpoint cannot be connected to.
+
+    After a failed connect one batch, the *prober*, retries with the usual backoff
+    while the other workers' batches wait unsent (neither retried nor deferred). Any
+    response, or any error after connecting, ends the wait. ``limit`` failed probes in
+    a row (the first failure included) stop the run, naming the endpoint and the OS
+    error; the recipients stay pending. At most ``concurrency`` + ``limit`` - 1 connects
+    are attempted: the requests already on their way when the first one failed, and the
+    probes.
+    """
+
+    def __init__(self, limit: int = 5) -> None:
+        self.limit = limit
+        self.failures = 0  # failed probes in a row; 0 while the endpoint answers
+        self._prober: Batch | None = None
+        self._up = anyio.Event()
+        self._up.set()
+
+    async def wait_turn(self, batch: Batch) -> None:
+        """Return when ``batch`` may be sent: the endpoint answers, or it is the prober."""
+        while not self._up.is_set():
+            if self._prober is None:
+                self._prober = batch  # the prober's batch settled elsewhere: take over
+            if self._prober is batch:
+                return
+            await self._up.wait()
+
+    def reached(self) -> None:
+        """A connection was made: the endpoint is up."""
+        if not self._up.is_set():
+            self._prober = None
+            self.failures = 0
+            self._up.set()
+
+    def failed(self, batch: Batch) -> bool | None:
+        """One failed connect: True to back off and probe again (``batch`` is the prober),
+        False to wait for the prober, None when the limit is reached (stop the run)."""
+        if self._up.is_set():
+            self._up = anyio.Event()
+            self._prober = batch
+        elif self._prober is None:
+            self._prober = batch
+        if self._prober is not batch:
+            return False  # on its way before the first failure was seen: not a probe
+        self.failures += 1
+        return None if self.failures >= self.limit else True
+
+    def release(self, batch: Batch) -> None:
+        """``batch`` is settled (or abandoned) without reaching the endpoint: another may probe."""
+        if self._prober is batch:
+            self._prober = None
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     max_attempts: int = 5
@@ -95,6 +152,7 @@ class Dispatcher:
         rng: random.Random | None = None,
         breaker: CircuitBreaker | None = None,
         gate: SendGate | None = None,
+        endpoint: EndpointGuard | None = None,
     ) -> None:
         self._provider = provider
         self._transport = transport
@@ -106,10 +164,21 @@ class Dispatcher:
         self._on_fatal = on_fatal
         self._rng = rng or random.Random()
         self._breaker = breaker or CircuitBreaker(threshold=0)
+        self._endpoint = endpoint or EndpointGuard()
         self.gate = gate
-        self.stopping = False
+        self._stopping = False
         self.requests = 0
         self.retries = 0
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    @stopping.setter
+    def stopping(self, value: bool) -> None:
+        self._stopping = value
+        if value:
+            self._endpoint.reached()  # batches waiting for a prober go on, and see the stop
 
     async def _attempt(self, batch: Batch) -> tuple[BatchOutcome, float]:
         request = self._provider.build_wire(batch)
@@ -146,15 +215,17 @@ class Dispatcher:
     async def send(self, batch: Batch) -> None:
         """Send ``batch`` until it has an outcome (or the run is stopping)."""
         policy = self._policy
-        failures = throttles = 0
+        failures = throttles = connects = 0
         result: BatchOutcome | None = None
         if self.gate is not None:
             await self.gate.wait(len(batch.messages))  # send window and daily cap
         while True:
+            await self._endpoint.wait_turn(batch)
             await self._governor.acquire(len(batch.messages))
             if self.stopping:
+                self._endpoint.release(batch)
                 return  # never sent: the rows stay pending
-            batch.attempt = failures + throttles + 1
+            batch.attempt = failures + throttles + connects + 1
             batch.out_id = f"{self._run_id}-{batch.id}-{batch.attempt}"
             try:
                 result, ms = await self._attempt(batch)
@@ -165,6 +236,12 @@ class Dispatcher:
             except LedgerFault:
                 return  # the intent could not be written, so nothing was sent; the run is stopping
             kind = result.outcome
+            if kind is Outcome.RETRY and result.code in CONNECT_CODES:
+                connects += 1
+                if await self._connect_failed(batch, result, ms):
+                    continue
+                return
+            self._endpoint.reached()
             if kind is Outcome.THROTTLED:
                 throttles += 1
                 self._governor.throttled(result.retry_after)
@@ -200,8 +277,59 @@ class Dispatcher:
             self._settled(True)
             return
 
+    async def _connect_failed(self, batch: Batch, result: BatchOutcome, ms: float) -> bool:
+        """A connect that failed: True to send ``batch`` again, False when the run stops."""
+        probe = self._endpoint.failed(batch)
+        if probe is None:
+            self._endpoint.release(batch)
+            n = self._endpoint.failures
+            reason = f"{n} failed connects in a row: {result.message or result.code}"
+            stop = BatchOutcome(Outcome.FATAL, code=result.code, message=reason)
+            self._ledger.attempt(batch, stop, "fatal", ms)
+            log.error("endpoint_unreachable", batch=batch.id, failures=n, error=result.message)
+            self._on_fatal(stop)
+            return False
+        self._ledger.attempt(batch, result, "retry", ms)
+        if probe:
+            delay = self._policy.backoff(self._endpoint.failures, self._rng)
+            log.info("connect_failed", batch=batch.id, error=result.message, delay=round(delay, 3))
+            self.retries += 1
+            await anyio.sleep(delay)
+        return True
+
     def _settled(self, bad: bool) -> None:
         if self._breaker.record(bad) and not self.stopping:
             self._on_fatal(
                 BatchOutcome(Outcome.FATAL, code="CircuitBreaker", message=self._breaker.describe())
             )
+
+
+async def server_clock(
+    provider: Provider,
+    transport: httpx.AsyncBaseTransport,
+    writer: LedgerWriter,
+    tries: int,
+    policy: RetryPolicy,
+) -> float | None:
+    """:func:`sync_server_clock` under the endpoint's stop rules (:class:`EndpointGuard`):
+    a certificate not accepted stops at once, failed connects after ``tries`` in a row with backoff.
+    The stop is a fatal line in the ledger (batch 0, never a real one) for ``sluice status``."""
+    rng = random.Random()
+    for attempt in range(1, tries + 1):
+        try:
+            return await sync_server_clock(provider, transport)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            stop = classify_transport_error(exc)
+            if stop.outcome is Outcome.FATAL:
+                break
+            if attempt == tries:
+                stop.message = f"{tries} failed connects in a row: {stop.message}"
+                break
+            await anyio.sleep(policy.backoff(attempt, rng))
+        except (httpx.TransportError, ValueError) as exc:
+            raise SluiceError(f"cannot read {provider.name}'s server time: {exc!r}") from None
+    stop.outcome = Outcome.FATAL
+    writer.attempt(Batch(0, []), stop, "fatal", 0.0)
+    reason = f"{stop.code}: {stop.message}"
+    log.warning("run_stopping", reason=reason, code=stop.code)
+    raise RunStopped(reason, stop.code)

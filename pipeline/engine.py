@@ -34,11 +34,10 @@ import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from pipeline._logging import on_log_fault
-from pipeline.account import sync_server_clock
 from pipeline.batch import Batcher
 from pipeline.campaign import DB_KINDS, Campaign
-from pipeline.dispatch import CircuitBreaker, Dispatcher, RetryPolicy
-from pipeline.errors import RunDirError, SluiceError, SourceError
+from pipeline.dispatch import CircuitBreaker, Dispatcher, EndpointGuard, RetryPolicy, server_clock
+from pipeline.errors import RunDirError, SourceError
 from pipeline.keys import KeySet
 from pipeline.ledger import Durability, LedgerFault, LedgerState, LedgerWriter, Status, replay
 from pipeline.limit import RateGovernor
@@ -47,7 +46,7 @@ from pipeline.rundir import RunDir
 from pipeline.schedule import SendGate
 from pipeline.source import Chunk, Columns, CsvSource, JsonlSource, Source
 from pipeline.transport import HttpTransport
-from providers.base import Batch, BatchOutcome, Message, Provider
+from providers.base import ENDPOINT_STOP_CODES, Batch, BatchOutcome, Message, Provider
 
 __all__ = ("Progress", "RunResult", "open_source", "run_campaign")
 
@@ -536,6 +535,9 @@ async def run_campaign(
         if result.code == "CircuitBreaker":
             run.stop(result.message or "circuit breaker", result.code)
             return
+        if result.code in ENDPOINT_STOP_CODES:  # the endpoint, not the provider's refusal
+            run.stop(f"{result.code}: {result.message or ''}".strip(), result.code)
+            return
         run.stop(
             f"the provider refused the whole request with {result.code}: {result.message or ''}".strip(),
             result.code,
@@ -552,10 +554,7 @@ async def run_campaign(
     try:
         with _run_gc(), on_log_fault(disk_fault):
             async with transport:
-                try:
-                    offset = await sync_server_clock(provider, transport)
-                except (httpx.TransportError, ValueError) as exc:
-                    raise SluiceError(f"cannot read {provider.name}'s server time: {exc!r}") from None
+                offset = await server_clock(provider, transport, writer, limits.connect_failures, policy)
                 if offset is not None:
                     log.info("server_clock", provider=provider.name, offset_s=round(offset, 3))
                 dispatcher = Dispatcher(
@@ -570,6 +569,7 @@ async def run_campaign(
                     rng=rng,
                     breaker=CircuitBreaker(limits.breaker_window, limits.breaker_threshold),
                     gate=_send_gate(campaign, run_dir.ledger),
+                    endpoint=EndpointGuard(limits.connect_failures),
                 )
                 gate = dispatcher.gate
                 if gate is not None and gate.daily_cap and total_hint:

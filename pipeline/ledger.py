@@ -30,7 +30,7 @@ import numpy as np
 import orjson
 
 from pipeline.errors import SluiceError
-from providers.base import Batch, BatchOutcome, Outcome, RecipientOutcome
+from providers.base import ENDPOINT_STOP_CODES, Batch, BatchOutcome, Outcome, RecipientOutcome
 
 __all__ = (
     "Durability",
@@ -511,6 +511,8 @@ class LedgerWriter:
             line["id"] = result.provider_id
         if result.retry_after is not None:
             line["ra"] = result.retry_after
+        if status == "fatal" and result.message and result.code in ENDPOINT_STOP_CODES:
+            line["m"] = result.message[:500]  # our transport's words (no provider text): for `status`
         line["ms"] = round(latency_ms, 1)
         line["t"] = round(time.time(), 3)
         self._buf += orjson.dumps(line)

@@ -55,6 +55,7 @@ def summarize(run_dir: Path) -> dict[str, Any]:
     codes: Counter[str] = Counter()
     attempts: Counter[str] = Counter()
     first = last = None
+    stopped: dict[str, Any] | None = None  # the last attempt that stopped the run, unless sending went on
     if rd.ledger.exists():
         with rd.ledger.open("rb") as f:
             for line in f:
@@ -65,6 +66,10 @@ def summarize(run_dir: Path) -> dict[str, Any]:
                 elif line.startswith(b'{"b":'):
                     obj = orjson.loads(line)
                     attempts[f"{obj['s']}:{obj.get('c', '')}"] += 1
+                    if obj["s"] == "fatal":
+                        stopped = {"code": obj.get("c"), "message": obj.get("m"), "time": obj.get("t")}
+                    elif obj["s"] != "retry":
+                        stopped = None
                     t = obj.get("t")
                     if t is not None:
                         first = t if first is None else min(first, t)
@@ -75,6 +80,7 @@ def summarize(run_dir: Path) -> dict[str, Any]:
     out["ledger_problem"] = problem
     out["codes"] = dict(codes.most_common())
     out["attempts"] = dict(attempts.most_common())
+    out["stopped"] = stopped
     out["first_send"] = first
     out["last_send"] = last
     span = (last - first) if first is not None and last is not None else 0.0

@@ -17,6 +17,11 @@ Every error says *when* it happened, which is what decides a retry:
   → ``httpx.ReadTimeout`` / ``httpx.RemoteProtocolError`` / ``httpx.ReadError``:
   the provider may have processed it.
 
+A body cut short is never returned as complete: a Content-Length not reached or a
+chunked body without its last chunk is an error, and so is a body framed by the close
+of a TLS connection that ended without the server's close_notify (a truncation an
+attacker or a middlebox can make, RFC 9112 §9.8).
+
 A kept-alive connection the server has closed is noticed (and dropped) before a
 request is written to it; one idle longer than ``keepalive_seconds`` is not reused.
 """
@@ -61,10 +66,13 @@ class _Connection(asyncio.Protocol):
         self._need = 0
         self._no_body = False  # a response to HEAD
         self.keep_alive = True
+        self._tls = False
+        self._close_notify = False  # a TLS peer ended the session properly
 
     # -- asyncio.Protocol -------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self._tls = transport.get_extra_info("ssl_object") is not None
 
     def data_received(self, data: bytes) -> None:
         waiter = self._waiter
@@ -79,6 +87,15 @@ class _Connection(asyncio.Protocol):
             self.close()
 
     def eof_received(self) -> bool:
+        if self._tls:
+            # All decrypted data has been delivered by now. After a close_notify the TLS
+            # object reads as ended (b""); after a bare TCP FIN it wants more data (asyncio),
+            # and uvloop does not call this at all then.
+            tls_object = self.transport.get_extra_info("ssl_object") if self.transport else None
+            try:
+                self._close_notify = tls_object is not None and tls_object.read(1) == b""
+            except ssl.SSLError:
+                self._close_notify = False
         return False  # close the transport; connection_lost follows
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -86,10 +103,12 @@ class _Connection(asyncio.Protocol):
         waiter = self._waiter
         if waiter is None or waiter.done():
             return
-        if exc is None and self._head is not None and self._need == _UNTIL_CLOSE:
-            self._finish(waiter, bytes(self._buf[self._body_at :]))
-            return
         what = "the server closed the connection before a complete response"
+        if exc is None and self._head is not None and self._need == _UNTIL_CLOSE:
+            if not self._tls or self._close_notify:
+                self._finish(waiter, bytes(self._buf[self._body_at :]))
+                return
+            what = "the TLS connection ended without close_notify: the body it framed may be cut short"
         if exc is not None:
             waiter.set_exception(httpx.ReadError(f"{what}: {exc!r}"))
         else:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import enum
 import math
+import ssl
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -35,6 +36,9 @@ from typing import Protocol
 import httpx
 
 __all__ = (
+    "CERTIFICATE_CODE",
+    "CONNECT_CODES",
+    "ENDPOINT_STOP_CODES",
     "Batch",
     "BatchOutcome",
     "Clock",
@@ -46,6 +50,7 @@ __all__ = (
     "Response",
     "WireRequest",
     "WireResponse",
+    "certificate_error",
     "classify_transport_error",
     "match_entries",
     "result_code",
@@ -222,13 +227,41 @@ class Provider(Protocol):
         ...
 
 
+CERTIFICATE_CODE = "CertificateVerifyFailed"
+"""The code of a request that failed because the server's TLS certificate was not accepted."""
+CONNECT_CODES = frozenset({"ConnectError", "ConnectTimeout"})
+"""Codes of attempts that never reached the endpoint (refused, unreachable, DNS, connect timeout)."""
+ENDPOINT_STOP_CODES = CONNECT_CODES | {CERTIFICATE_CODE}
+"""Codes with which the endpoint, not the provider, stops a run (pipeline/dispatch.py)."""
+
+
+def certificate_error(exc: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The certificate verification failure behind ``exc`` (its cause chain), if any."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, ssl.SSLCertVerificationError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
 def classify_transport_error(exc: httpx.TransportError) -> BatchOutcome:
     """Classify an exception raised while sending a request.
 
     Only errors raised before any byte of the request can have been
-    processed are retryable; everything else is ambiguous.
+    processed are retryable; everything else is ambiguous. A certificate the TLS
+    library does not accept (untrusted, expired, for another host) is FATAL: no retry
+    can change it, and every request would fail the same way.
     """
     name = type(exc).__name__
+    cert = certificate_error(exc)
+    if cert is not None:
+        message = str(exc)
+        if str(cert) not in message:
+            message = f"{message}: {cert}" if message else str(cert)
+        return BatchOutcome(Outcome.FATAL, code=CERTIFICATE_CODE, message=message)
     if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout):
         return BatchOutcome(Outcome.RETRY, code=name, message=str(exc) or None)
     if isinstance(exc, httpx.UnsupportedProtocol | httpx.ProxyError):

@@ -49,7 +49,7 @@ def simulator(tmp: Path, *args: str) -> Iterator[SimulatorProcess]:
     )
     assert proc.stdout is not None
     url = proc.stdout.readline().decode().strip()
-    assert url.startswith("http://127.0.0.1:"), url
+    assert url.startswith(("http://127.0.0.1:", "https://127.0.0.1:")), url
     sim = SimulatorProcess(url, receipts, proc)
     try:
         yield sim

@@ -5,6 +5,7 @@ End-to-end behaviour over real sockets against the simulator is in test_e2e.py.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Hashable
 from pathlib import Path
 from unittest.mock import patch
@@ -19,6 +20,7 @@ from pipeline.campaign import Campaign, parse_campaign
 from pipeline.engine import run_campaign
 from pipeline.ledger import Status, replay
 from pipeline.rundir import RunDir
+from pipeline.summary import summarize
 from providers.base import Batch, BatchOutcome, Message, Outcome, WireRequest
 from tests.helpers import cut_ledger
 
@@ -140,8 +142,8 @@ class TestEngine:
     async def test_retry_budget_spent_defers_then_resume_sends(self, tmp_path: Path) -> None:
         c = make_campaign(tmp_path, rows(10), max_attempts=2)
 
-        def refuse(request: httpx.Request) -> httpx.Response:
-            raise httpx.ConnectError("refused", request=request)
+        def refuse(request: httpx.Request) -> httpx.Response:  # provably not processed, retryable
+            return httpx.Response(200, json={"outcome": "retry", "code": "SignatureDoesNotMatch"})
 
         first = await run(c, tmp_path, refuse)
         assert first.counts["deferred"] == 10 and not first.complete
@@ -236,7 +238,7 @@ class TestStatusAndExport:
         c = make_campaign(tmp_path, rows(10), max_attempts=1)
 
         def refuse(request: httpx.Request) -> httpx.Response:
-            raise httpx.ConnectError("refused", request=request)
+            return httpx.Response(200, json={"outcome": "retry", "code": "SignatureDoesNotMatch"})
 
         await run(c, tmp_path, refuse)  # all deferred
         await run(c, tmp_path, ok)  # then sent
@@ -500,3 +502,79 @@ class TestResumePassesOverTheSettledPrefix:
         assert second.complete and second.counts["sent"] == 5000
         assert sorted(seen) == sorted("86" + r["phone"] for r in data)  # everyone once
         assert replay(tmp_path / "run" / "ledger.jsonl").eof_rows == 5000
+
+
+def refused(request: httpx.Request) -> httpx.Response:
+    message = "cannot connect to fake.invalid:80: [Errno 111] Connection refused"
+    raise httpx.ConnectError(message, request=request)
+
+
+def untrusted(request: httpx.Request) -> httpx.Response:
+    # As HttpTransport and httpx's own transports raise it: the ssl error is the cause.
+    cause = ssl.SSLCertVerificationError(1, "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed")
+    raise httpx.ConnectError("cannot connect to fake.invalid:443: TLS", request=request) from cause
+
+
+@pytest.mark.anyio
+class TestEndpointStops:
+    async def test_refused_connects_stop_the_run_after_the_limit_rows_pending(self, tmp_path: Path) -> None:
+        c = make_campaign(tmp_path, rows(200), concurrency=4, connect_failures=3)
+        calls = {"n": 0}
+
+        def count_refused(request: httpx.Request) -> httpx.Response:
+            calls["n"] += 1
+            return refused(request)
+
+        result = await run(c, tmp_path, count_refused)
+        assert result.stop_code == "ConnectError" and not result.complete
+        assert "3 failed connects in a row" in (result.stopped or "")
+        assert "fake.invalid:80" in (result.stopped or "") and "Connection refused" in (result.stopped or "")
+        # The requests already on their way when the first failed, then the probes.
+        assert 3 <= calls["n"] <= 4 + 3 - 1
+        status = summarize(tmp_path / "run")
+        assert status["deferred"] == status["sent"] == status["unknown"] == 0
+        state = replay(tmp_path / "run" / "ledger.jsonl")
+        assert {state.get(r) for r in range(1, 201)} == {Status.PENDING}
+        assert status["stopped"]["code"] == "ConnectError"
+        assert "Connection refused" in status["stopped"]["message"]
+        seen: list[str] = []
+
+        def accept(request: httpx.Request) -> httpx.Response:
+            seen.extend(orjson.loads(request.content)["phones"])
+            return ok(request)
+
+        again = await run(c, tmp_path, accept)  # the endpoint is back: a resume sends each once
+        assert again.complete and again.counts["sent"] == 200
+        assert sorted(p[-11:] for p in seen) == sorted(r["phone"] for r in rows(200))
+        assert summarize(tmp_path / "run")["stopped"] is None
+
+    async def test_a_short_outage_waits_for_the_prober_and_defers_nothing(self, tmp_path: Path) -> None:
+        c = make_campaign(tmp_path, rows(200), concurrency=4, connect_failures=5)
+        calls = {"n": 0}
+
+        def down_then_up(request: httpx.Request) -> httpx.Response:
+            calls["n"] += 1
+            return refused(request) if calls["n"] <= 4 else ok(request)  # one fewer than the limit
+
+        result = await run(c, tmp_path, down_then_up)
+        assert result.complete and result.stopped is None
+        assert result.counts["sent"] == 200 and result.counts["deferred"] == 0
+        assert result.requests == 20 + 4  # 20 batches, 4 failed connects: the others waited
+
+    async def test_certificate_not_accepted_stops_at_once(self, tmp_path: Path) -> None:
+        c = make_campaign(tmp_path, rows(200), concurrency=4)
+        calls = {"n": 0}
+
+        def count_untrusted(request: httpx.Request) -> httpx.Response:
+            calls["n"] += 1
+            return untrusted(request)
+
+        result = await run(c, tmp_path, count_untrusted)
+        assert result.stop_code == "CertificateVerifyFailed"
+        assert "CERTIFICATE_VERIFY_FAILED" in (result.stopped or "")
+        assert calls["n"] <= 4  # no retry: at most the requests already on their way
+        status = summarize(tmp_path / "run")
+        assert status["deferred"] == status["sent"] == status["unknown"] == 0 and not status["complete"]
+        state = replay(tmp_path / "run" / "ledger.jsonl")
+        assert {state.get(r) for r in range(1, 201)} == {Status.PENDING}  # tried rows went back too
+        assert "certificate verify failed" in status["stopped"]["message"]

@@ -201,7 +201,8 @@ class TestSubmailSend:
         assert [x["phone"] for x in lines] == ["13800000001", "13800000002"]
         for x, entry in zip(lines, data["responses"], strict=True):
             assert x == {"phone": entry["to"], "out_id": "batch-42", "provider": "submail",
-                         "t": 1_700_000_003.0, "send_id": entry["send_id"]}
+                         "t": 1_700_000_003.0, "send_id": entry["send_id"], "appid": APPID,
+                         "batchlist": data["batchlist"], "project": "", "fee": 1, "content": C1["content"]}
 
     async def test_vector_c4_multixsend_is_accepted(self, tmp_path: Path) -> None:
         params = {"appid": APPID, "project": "ThJBE4", "multi": C4_MULTI, "timestamp": "1700000000",
@@ -448,9 +449,9 @@ class TestNxcloudSend:
             ]}
         assert receipts(tmp_path / "receipts.jsonl") == [
             {"phone": "8615088888888", "out_id": "order-000000001", "message_id": "order-000000001",
-             "provider": "nxcloud", "t": 1_655_710_890.0},
+             "content": "Your code is 1234", "sender": "", "provider": "nxcloud", "t": 1_655_710_890.0},
             {"phone": "8615088888889", "out_id": "order-000000002", "message_id": "order-000000002",
-             "provider": "nxcloud", "t": 1_655_710_890.0},
+             "content": "Your code is 5678", "sender": "", "provider": "nxcloud", "t": 1_655_710_890.0},
         ]
 
     async def test_sha256_and_generated_ids(self, tmp_path: Path) -> None:

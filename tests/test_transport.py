@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -20,9 +21,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 
 import httpx
 import pytest
+import trustme
 
 from pipeline.transport import HttpTransport
-from providers.base import Outcome, WireRequest, classify_transport_error
+from providers.base import CERTIFICATE_CODE, Outcome, WireRequest, classify_transport_error
 from tests.conftest import REPO
 
 TIMEOUT = httpx.Timeout(5)
@@ -130,10 +132,11 @@ class Server:
         self._tasks: list[asyncio.Task[None]] = []
         self._srv: asyncio.Server | None = None
 
-    async def start(self, host: str = "127.0.0.1") -> None:
-        self._srv = await asyncio.start_server(self._accept, host, 0)
+    async def start(self, host: str = "127.0.0.1", tls: ssl.SSLContext | None = None) -> None:
+        self._srv = await asyncio.start_server(self._accept, host, 0, ssl=tls)
         port = self._srv.sockets[0].getsockname()[1]
-        self.url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        scheme = "https" if tls is not None else "http"
+        self.url = f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
     def serve(self, handler: Handler) -> str:
         """Serve connections with ``handler`` from now on; the base URL."""
@@ -735,3 +738,119 @@ class TestHttpTransport:
             assert v6.requests[0].header(b"host") == [v6.url.removeprefix("http://").encode()]
         finally:
             await v6.stop()
+
+
+# -- TLS: a real handshake with a test CA (trustme) ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+def client_context(ca: trustme.CA) -> ssl.SSLContext:
+    """What the engine uses (verification on), trusting the test CA."""
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    return ctx
+
+
+async def tls_server(ca: trustme.CA, *hosts: str) -> Server:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(*hosts).configure_cert(ctx)
+    srv = Server()
+    await srv.start(tls=ctx)
+    return srv
+
+
+def abort_after(*parts: bytes) -> Handler:
+    """Answer the first request with ``parts``, then close the TCP connection without a TLS close_notify."""
+
+    async def handler(conn: Conn) -> None:
+        if await conn.request() is not None:
+            await conn.send(*parts)
+            conn.writer.transport.abort()
+
+    return handler
+
+
+CLOSE_FRAMED = OK + b"Connection: close\r\nContent-Type: application/json\r\n\r\n"
+
+
+@pytest.mark.anyio
+class TestTls:
+    @pytest.fixture(params=["asyncio", "uvloop"])
+    def anyio_backend(self, request: pytest.FixtureRequest) -> tuple[str, dict[str, bool]]:
+        # The CLI runs on uvloop when it is installed; the two loops end TLS sessions differently.
+        return ("asyncio", {"use_uvloop": request.param == "uvloop"})
+
+    async def test_body_framed_by_a_close_with_close_notify_is_complete(self, ca: trustme.CA) -> None:
+        srv = await tls_server(ca, "127.0.0.1")
+        try:
+            base = srv.serve(answer_with(CLOSE_FRAMED, b'{"Code":', b'"OK"}', close=True))
+            async with HttpTransport(verify=client_context(ca)) as transport:
+                r = await send(transport, base + "/")
+            assert r.status_code == 200 and r.content == b'{"Code":"OK"}'
+        finally:
+            await srv.stop()
+
+    @pytest.mark.parametrize(
+        "reply",
+        [
+            pytest.param(CLOSE_FRAMED + b'{"Code":"O', id="close-framed-without-close-notify"),
+            pytest.param(OK + b'Content-Length: 13\r\n\r\n{"Code":"O', id="content-length-short"),
+            pytest.param(OK + b'Transfer-Encoding: chunked\r\n\r\n5\r\n{"Cod\r\n', id="no-last-chunk"),
+        ],
+    )
+    async def test_body_cut_short_is_never_complete(self, ca: trustme.CA, reply: bytes) -> None:
+        srv = await tls_server(ca, "127.0.0.1")
+        try:
+            base = srv.serve(abort_after(reply))
+            async with HttpTransport(verify=client_context(ca)) as transport:
+                with pytest.raises(httpx.RemoteProtocolError) as info:
+                    await send(transport, base + "/")
+            assert_unknown(info.value)  # the request was processed, maybe: the batch is unknown
+            if b"close" in reply:
+                assert "close_notify" in str(info.value)
+        finally:
+            await srv.stop()
+
+    @pytest.mark.parametrize(
+        ("cert_hosts", "trusted", "reason"),
+        [
+            pytest.param(("127.0.0.1",), False, "unable to get local issuer certificate", id="untrusted-ca"),
+            pytest.param(("sluice.invalid",), True, "IP address mismatch", id="wrong-host"),
+        ],
+    )
+    async def test_certificate_not_accepted_is_fatal_with_the_reason(
+        self, ca: trustme.CA, cert_hosts: tuple[str, ...], trusted: bool, reason: str
+    ) -> None:
+        srv = await tls_server(ca, *cert_hosts)
+        try:
+            base = srv.serve(answer_ok)
+            verify: bool | ssl.SSLContext = client_context(ca) if trusted else True
+            async with HttpTransport(verify=verify) as transport:
+                with pytest.raises(httpx.ConnectError) as info:
+                    await send(transport, base + "/")
+            outcome = classify_transport_error(info.value)
+            assert outcome.outcome is Outcome.FATAL and outcome.code == CERTIFICATE_CODE
+            message = outcome.message or ""
+            assert reason in message and "CERTIFICATE_VERIFY_FAILED" in message
+            assert base.removeprefix("https://") in message  # names the endpoint
+            assert srv.requests == []  # nothing was sent
+        finally:
+            await srv.stop()
+
+    async def test_certificate_error_of_httpx_own_transport_is_fatal_too(self, ca: trustme.CA) -> None:
+        # Any httpx transport can be handed to the engine: the SSL error is found in the cause chain.
+        srv = await tls_server(ca, "sluice.invalid")
+        try:
+            base = srv.serve(answer_ok)
+            transport = httpx.AsyncHTTPTransport(verify=client_context(ca))
+            async with httpx.AsyncClient(transport=transport) as client:
+                with pytest.raises(httpx.ConnectError) as info:
+                    await client.post(base + "/", content=b"x=1")
+            outcome = classify_transport_error(info.value)
+            assert outcome.outcome is Outcome.FATAL and "IP address mismatch" in (outcome.message or "")
+        finally:
+            await srv.stop()

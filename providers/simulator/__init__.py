@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -64,7 +65,8 @@ class Simulator:
         self.config = config
         self.host = host
         self.port = port
-        self.base_url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        scheme = "https" if config.tls_cert is not None else "http"
+        self.base_url = f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
         self._stats = stats
         self._receipts = receipts
         self._live = live
@@ -110,14 +112,23 @@ async def serve(config: SimulatorConfig | None = None) -> AsyncIterator[Simulato
     receipts = ReceiptLog(config.receipts, index=config.index_receipts)
     try:
         holder: list[Simulator] = []
+        aliyun = AliyunGateway(config, stats, receipts)
+        submail = SubmailGateway(config, stats, receipts)
+        nxcloud = NxcloudGateway(config, stats, receipts)
+        if config.index_receipts:
+            _restore(receipts, aliyun, submail, nxcloud)
         routes: dict[str, App] = {
-            "/": AliyunGateway(config, stats, receipts),
+            "/": aliyun,
             "/__stats": JsonEndpoint(lambda: orjson.dumps(holder[0].stats())),
-            **SubmailGateway(config, stats, receipts).routes(),
-            **NxcloudGateway(config, stats, receipts).routes(),
+            **submail.routes(),
+            **nxcloud.routes(),
         }
         router = Router(routes)
-        server, live = await start_server(router, config.host, config.port)
+        tls = None
+        if config.tls_cert is not None:
+            tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            tls.load_cert_chain(config.tls_cert, config.tls_key)
+        server, live = await start_server(router, config.host, config.port, tls)
         try:
             port = server.sockets[0].getsockname()[1]
             sim = Simulator(config, config.host, port, stats, receipts, live)
@@ -130,6 +141,27 @@ async def serve(config: SimulatorConfig | None = None) -> AsyncIterator[Simulato
             await server.wait_closed()
     finally:
         receipts.close()
+
+
+def _restore(
+    receipts: ReceiptLog, aliyun: AliyunGateway, submail: SubmailGateway, nxcloud: NxcloudGateway
+) -> None:
+    """Give each gateway the receipts an earlier run left in the file (by their ``provider``;
+    Aliyun's lines have none), in one pass, a bounded chunk at a time."""
+    gateways: dict[str, AliyunGateway | SubmailGateway | NxcloudGateway]
+    gateways = {"aliyun": aliyun, "submail": submail, "nxcloud": nxcloud}
+    chunks: dict[str, list[dict[str, Any]]] = {name: [] for name in gateways}
+    for record in receipts.previous():
+        name = str(record.get("provider", "aliyun"))
+        chunk = chunks.get(name)
+        if chunk is None:
+            continue
+        chunk.append(record)
+        if len(chunk) >= 10_000:
+            gateways[name].restore(chunk)
+            chunk.clear()
+    for name, chunk in chunks.items():
+        gateways[name].restore(chunk)
 
 
 def run_forever(

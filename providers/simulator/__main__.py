@@ -68,7 +68,14 @@ def build_parser(prog: str = "python -m providers.simulator") -> argparse.Argume
         default=0.0,
         help="share of numbers the gateway treats as bad; a call holding one is refused whole",
     )
-    p.add_argument("--receipts", type=Path, help="append every accepted recipient here (JSONL)")
+    p.add_argument(
+        "--receipts",
+        type=Path,
+        help="append every accepted recipient here (JSONL); read back on start, so status queries "
+        "answer for sends made before a restart",
+    )
+    p.add_argument("--tls-cert", type=Path, help="serve HTTPS with this certificate chain (PEM)")
+    p.add_argument("--tls-key", type=Path, help="the private key of --tls-cert (PEM)")
     p.add_argument("--seed", type=int, help="seed of the fault and jitter draws")
     p.add_argument("--no-verify", action="store_true", help="skip access key, signature and version checks")
     p.add_argument("--no-time-check", action="store_true", help="skip timestamp windows")
@@ -146,6 +153,8 @@ def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
         nxcloud_refuse_bad_numbers=args.nxcloud_refuse_bad_numbers,
         nxcloud_number_hourly_limit=args.nxcloud_number_hourly_limit,
         bad_number_rate=args.bad_number_rate,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
     )
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -137,6 +137,21 @@ class AliyunGateway:
         self._jitter = config.jitter_ms / 1000
         self._slow = config.slow_ms / 1000
         self._faulty = self._faults.total > 0
+
+    def restore(self, records: Iterable[dict[str, Any]]) -> None:
+        """Index receipts written before a restart (``_receipt_lines``), as if just accepted."""
+        n = 0
+        sends: dict[str, Sent] = {}
+        for r in records:
+            n += 1
+            biz = str(r.get("biz_id", ""))
+            sent = sends.get(biz)
+            if sent is None:
+                t = r.get("t")
+                when = float(t) if isinstance(t, int | float) else 0.0
+                sent = sends[biz] = Sent(str(r.get("out_id", "")), biz, str(r.get("template", "")), when)
+            self._receipts.add([phone_key(r["phone"])], sent)
+        self._ids.advance(n)
 
     # -- App ---------------------------------------------------------------------
     def on_head(self, request: Request) -> bool:

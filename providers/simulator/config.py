@@ -148,6 +148,9 @@ class SimulatorConfig:
     # Every provider: the share of numbers the gateway treats as bad (malformed, blacklisted),
     # chosen by is_bad_number so a test can tell which; a call holding one is refused whole.
     bad_number_rate: float = 0.0
+    # Serve HTTPS with this certificate chain and key (PEM), for TLS tests; None: plain HTTP.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
 
     def __post_init__(self) -> None:
         if (
@@ -171,6 +174,8 @@ class SimulatorConfig:
         if not 0 <= self.bad_number_rate <= 1:
             raise ValueError("bad_number_rate must be between 0 and 1")
         FaultPlan(self.fault_rate, self.fault_mix, self.fault_rates, random.Random(0))  # validates
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
         if not self.allow_remote and not _is_loopback(self.host):
             raise ValueError(f"refusing non-loopback host {self.host!r} without allow_remote=True")
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import bisect
 import os
 import random
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import orjson
 
 if TYPE_CHECKING:
     from providers.simulator.server import Connection
@@ -154,14 +156,33 @@ class Sent:
 class ReceiptLog:
     """Accepted recipients: a JSONL file written with one ``write()`` per request, and a count.
 
-    With ``index`` on, also a phone → sends map for status queries.
+    With ``index`` on, also a phone → sends map for status queries. A file left by an earlier
+    run is kept and appended to; :meth:`previous` reads it back so that the gateways' status
+    queries answer for what was accepted before a restart (``accepted`` counts this run only).
     """
 
     def __init__(self, path: Path | None, *, index: bool) -> None:
         self.path = path
         self.accepted = 0
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644) if path else -1
+        self._fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644) if path else -1
         self.index: dict[str, Sent | list[Sent]] | None = {} if index else None
+        if self._fd >= 0:
+            size = os.fstat(self._fd).st_size
+            if size and os.pread(self._fd, 1, size - 1) != b"\n":
+                os.write(self._fd, b"\n")  # a line torn by a crash: appends start on a fresh one
+
+    def previous(self) -> Iterator[dict[str, Any]]:
+        """The records already in the file when it was opened, in order (unreadable lines skipped)."""
+        if self.path is None or self._fd < 0:
+            return
+        with self.path.open("rb") as f:
+            for line in f:
+                try:
+                    record = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    continue
+                if isinstance(record, dict) and isinstance(record.get("phone"), str):
+                    yield record
 
     def write(self, data: bytes, count: int) -> None:
         """Append ``count`` recipients' lines; they reach the OS before this returns."""
@@ -215,6 +236,12 @@ class IdSource:
         self._biz = 900_000_000_000_000_000 + rng.randrange(10**16)
         self._hex_prefix = f"{rng.getrandbits(64):016x}"  # drawn last: the ids above keep their seeds
         self._hex = rng.getrandbits(48)
+
+    def advance(self, n: int) -> None:
+        """Skip ``n`` ids of each kind: after a restart with the same seed, ids already given stay unique."""
+        self._n += n
+        self._biz += n
+        self._hex += n
 
     def request_id(self) -> str:
         self._n += 1

@@ -185,6 +185,24 @@ class NxcloudGateway:
         self._index: dict[str, list[_Record]] | None = {} if config.index_receipts else None
         self._recent: dict[str, collections.deque[float]] = {}  # number → accepted times, last hour
 
+    def restore(self, records: Iterable[dict[str, Any]]) -> None:
+        """Index receipts written before a restart (:meth:`_store`), as if just accepted."""
+        n = 0
+        for r in records:
+            n += 1
+            t = r.get("t")
+            when = float(t) if isinstance(t, int | float) else 0.0
+            record = _Record(
+                str(r.get("message_id", "")),
+                r["phone"],
+                str(r.get("content", "")),
+                str(r.get("sender", "")),
+                when,
+            )
+            if self._index is not None:
+                self._index.setdefault(record.message_id, []).append(record)
+        self._ids.advance(n)
+
     def routes(self) -> dict[str, App]:
         return {SEND_PATH: self, RECORD_PATH: self}
 
@@ -326,9 +344,10 @@ class NxcloudGateway:
 
     def _store(self, records: list[tuple[_Record, str]], t: float) -> None:
         tail = f',"provider":"nxcloud","t":{t!r}}}\n'
-        lines = [
+        lines = [  # content and sender: what the record query reports, for a restart (restore)
             f'{{"phone":"{r.phone}","out_id":{orjson.dumps(sys_id).decode()},"message_id":'
-            f"{orjson.dumps(r.message_id).decode()}{tail}"
+            f"{orjson.dumps(r.message_id).decode()},"
+            f"{orjson.dumps({'content': r.content, 'sender': r.sender})[1:-1].decode()}{tail}"
             for r, sys_id in records
         ]
         self._receipts.write("".join(lines).encode(), len(records))

@@ -18,6 +18,7 @@ import asyncio
 import binascii
 import contextlib
 import socket
+import ssl
 import struct
 import sys
 import traceback
@@ -377,10 +378,13 @@ class Connection(asyncio.Protocol):
         self._buf.clear()
 
 
-async def start_server(app: App, host: str, port: int) -> tuple[asyncio.Server, set[Connection]]:
-    """Listen on ``host:port``; returns the server and its live connections (to close at shutdown)."""
+async def start_server(
+    app: App, host: str, port: int, tls: ssl.SSLContext | None = None
+) -> tuple[asyncio.Server, set[Connection]]:
+    """Listen on ``host:port`` (HTTPS with ``tls``); returns the server and its live connections
+    (to close at shutdown)."""
     live: set[Connection] = set()
     server = await asyncio.get_running_loop().create_server(
-        lambda: Connection(app, live), host, port, backlog=1024, reuse_address=True
+        lambda: Connection(app, live), host, port, backlog=1024, reuse_address=True, ssl=tls
     )
     return server, live

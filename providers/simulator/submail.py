@@ -212,6 +212,26 @@ class SubmailGateway:
         self._index = _LogIndex() if config.index_receipts else None
         self._log_cache: dict[str, tuple[float, bytes]] = {}
 
+    def restore(self, records: Iterable[dict[str, Any]]) -> None:
+        """Index receipts written before a restart (:meth:`_record`), as if just accepted."""
+        n = 0
+        requests: dict[tuple[str, str, str, int], _Request] = {}
+        for r in records:
+            n += 1
+            if self._index is None:
+                continue
+            t = r.get("t")
+            when = int(t) if isinstance(t, int | float) else 0
+            key = (str(r.get("appid", "")), str(r.get("batchlist", "")), str(r.get("project", "")), when)
+            req = requests.get(key)
+            if req is None:
+                req = requests[key] = _Request(*key)
+            fee = r.get("fee")
+            fee_n = fee if isinstance(fee, int) else 1
+            row = _Row(str(r.get("send_id", "")), r["phone"], fee_n, str(r.get("content", "")), req)
+            self._index.add([row])
+        self._ids.advance(n)
+
     def routes(self) -> dict[str, App]:
         """Every path this gateway serves, with and without ``.json``."""
         return {p: self for path in _PATHS for p in (path, path + ".json")}
@@ -412,8 +432,15 @@ class SubmailGateway:
         return out
 
     def _record(self, rows: list[_Row], tag: str, t: float) -> None:
-        common = f'","out_id":{orjson.dumps(tag).decode()},"provider":"submail","t":{t!r},"send_id":"'
-        data = "".join(f'{{"phone":"{r.to}{common}{r.send_id}"}}\n' for r in rows)  # numbers are digits
+        req = rows[0].req
+        request = orjson.dumps({"appid": req.appid, "batchlist": req.batchlist, "project": req.project})
+        common = f'","out_id":{orjson.dumps(tag).decode()},"provider":"submail","t":{t!r},'
+        common += request[1:-1].decode()
+        data = "".join(  # numbers are digits; what sms/log reports, for a restart (restore)
+            f'{{"phone":"{r.to}{common},"send_id":"{r.send_id}","fee":{r.fee},"content":'
+            f"{orjson.dumps(r.content).decode()}}}\n"
+            for r in rows
+        )
         self._receipts.write(data.encode(), len(rows))
         if self._index is not None:
             self._index.add(rows)
