@@ -89,12 +89,14 @@ class Batch:
 
     ``id`` is unique within a run; ``out_id`` is unique per request attempt
     and is the reconciliation handle sent to the provider (Aliyun ``OutId``).
+    ``parent`` is the batch this one is a part of, when a refused batch was split.
     """
 
     id: int
     messages: list[Message]
     attempt: int = 1
     out_id: str = ""
+    parent: int | None = None
 
 
 @dataclass(slots=True)
