@@ -41,13 +41,16 @@ def status_counts(state: LedgerState) -> dict[str, Any]:
 
 
 def summarize(run_dir: Path) -> dict[str, Any]:
-    """Counts by status and by error code, first and last send, average rate."""
+    """Counts by status and by error code, first and last send, average rate, and requests:
+    ``requests`` sent in all, ``splits`` (calls refused because of some of their recipients,
+    then sent in parts) and ``split_requests`` (the requests for those parts, within ``requests``)."""
     rd = RunDir(run_dir)
     rd.load()
     state = replay(rd.ledger)
     codes: Counter[str] = Counter()
     attempts: Counter[str] = Counter()
     first = last = None
+    requests = splits = split_requests = 0
     if rd.ledger.exists():
         with rd.ledger.open("rb") as f:
             for line in f:
@@ -55,9 +58,13 @@ def summarize(run_dir: Path) -> dict[str, Any]:
                     if b'"c":' in line:
                         obj = orjson.loads(line)
                         codes[f"{obj['s']}:{obj['c']}"] += 1
+                elif line.startswith(b'{"i":'):
+                    requests += 1
+                    split_requests += b',"p":' in line  # a part of a split batch
                 elif line.startswith(b'{"b":'):
                     obj = orjson.loads(line)
                     attempts[f"{obj['s']}:{obj.get('c', '')}"] += 1
+                    splits += obj["s"] == "split"
                     t = obj.get("t")
                     if t is not None:
                         first = t if first is None else min(first, t)
@@ -65,6 +72,9 @@ def summarize(run_dir: Path) -> dict[str, Any]:
     out = status_counts(state)
     out["codes"] = dict(codes.most_common())
     out["attempts"] = dict(attempts.most_common())
+    out["requests"] = requests
+    out["splits"] = splits
+    out["split_requests"] = split_requests
     out["first_send"] = first
     out["last_send"] = last
     span = (last - first) if first is not None and last is not None else 0.0
