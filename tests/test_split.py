@@ -21,7 +21,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pipeline.campaign import parse_campaign
 from pipeline.dispatch import Dispatcher, RetryPolicy
+from pipeline.errors import CampaignError
 from pipeline.ledger import LedgerWriter, Status, replay
 from pipeline.limit import RateGovernor
 from providers.aliyun import CODE_CLASSES as ALIYUN_CLASSES
@@ -30,7 +32,8 @@ from providers.base import Batch, BatchOutcome, Message, Outcome, Provider
 from providers.simulator.config import SimulatorConfig
 from providers.submail import SPLIT_CODES as SUBMAIL_SPLIT_CODES
 from providers.submail import SubmailCredentials, SubmailSms
-from tests.helpers import final_statuses
+from tests.helpers import final_statuses, sluice, write_campaign, write_recipients
+from tests.test_simulator_submail_nxcloud import receipts, running, submail_params, submail_post
 
 ILLEGAL = "isv.MOBILE_NUMBER_ILLEGAL"
 
@@ -336,3 +339,82 @@ def test_measure_1000_batches_of_100_at_1_percent(tmp_path: Path) -> None:
     first_refusals = [x for x in ledger_lines(ledger) if x.get("s") == "split" and x["b"] <= 1000]
     assert len(first_refusals) == refused
     assert dispatcher.requests <= 1000 + 9 * len(bad)
+
+
+# -- the simulator refuses a call holding a bad number ---------------------------------------------
+def bad_and_good(cfg: SimulatorConfig, prefix: str, n_bad: int, n_good: int) -> tuple[list[str], list[str]]:
+    bad: list[str] = []
+    good: list[str] = []
+    for i in itertools.count():
+        number = f"{prefix}{i:08d}"
+        (bad if cfg.is_bad_number(number) else good).append(number)
+        if len(bad) >= n_bad and len(good) >= n_good:
+            return bad[:n_bad], good[:n_good]
+    raise AssertionError("unreachable")
+
+
+@pytest.mark.anyio
+class TestSimulator:
+    async def test_aliyun_refuses_the_whole_call(self, tmp_path: Path) -> None:
+        cfg = SimulatorConfig(bad_number_rate=0.05)
+        (bad,), good = bad_and_good(cfg, "139", 1, 5)
+        async with running(tmp_path, bad_number_rate=0.05) as (sim, client):
+            sms = AliyunSms(credentials=TEST_CREDENTIALS, template_code="SMS_1", endpoint=sim.base_url)
+            mixed = [
+                Message(i, str(i), f"86{p}", {}, "Acme") for i, p in enumerate([*good[:3], bad, good[3]])
+            ]
+            r = await client.send(sms.build_request(Batch(1, mixed, out_id="o-1")))
+            assert (r.status_code, r.json()["Code"]) == (200, ILLEGAL)
+            assert bad not in r.text  # the answer does not say which number
+            assert sms.parse_response(Batch(1, mixed), r).outcome is Outcome.SPLIT
+            alone = [Message(9, "9", f"86{bad}", {}, "Acme")]
+            r = await client.send(sms.build_request(Batch(2, alone, out_id="o-2")))
+            assert sms.parse_response(Batch(2, alone), r).outcome is Outcome.FAILED
+            r = await client.send(sms.build_request(Batch(3, mixed[:3], out_id="o-3")))
+            assert r.json()["Code"] == "OK"
+        assert [x["phone"] for x in receipts(tmp_path / "receipts.jsonl")] == good[:3]
+
+    async def test_submail_batchsend_refused_whole_multi_per_entry(self, tmp_path: Path) -> None:
+        cfg = SimulatorConfig(bad_number_rate=0.05)
+        (bad,), good = bad_and_good(cfg, "138", 1, 3)
+        async with running(tmp_path, bad_number_rate=0.05) as (sim, client):
+            to = ",".join([good[0], bad, good[1]])
+            params = submail_params("batchsend", {"to": to, "content": "【Acme】Spring sale"})
+            r = await client.send(submail_post(sim, "batchsend", params))
+            assert r.json() == {
+                "status": "error",
+                "code": "252",
+                "msg": "Incorrect recipient message address",
+            }
+            multi = orjson.dumps([{"to": n, "vars": {"code": "1"}} for n in (good[0], bad, good[2])]).decode()
+            params = submail_params("multixsend", {"project": "ThJBE4", "multi": multi})
+            entries = (await client.send(submail_post(sim, "multixsend", params))).json()
+            assert [(e["status"], e.get("to"), e.get("code")) for e in entries] == [
+                ("success", good[0], None),
+                ("error", None, 252),
+                ("success", good[2], None),
+            ]
+        assert [x["phone"] for x in receipts(tmp_path / "receipts.jsonl")] == [good[0], good[2]]
+
+
+def test_campaign_setting(tmp_path: Path) -> None:
+    base = {
+        "source": {"kind": "csv", "path": "r.csv", "phone": "phone"},
+        "provider": {"kind": "simulator"},
+        "message": {"template_code": "SMS_1", "sign_name": "Acme"},
+    }
+    assert parse_campaign(base, tmp_path).provider.on_refusal == "split"
+    base["provider"]["on_refusal"] = "fail-batch"
+    assert parse_campaign(base, tmp_path).provider.on_refusal == "fail-batch"
+    base["provider"]["on_refusal"] = "halve"
+    with pytest.raises(CampaignError, match=r"provider\.on_refusal.*split, fail-batch"):
+        parse_campaign(base, tmp_path)
+
+
+def test_bad_setting_exits_2_naming_the_field(tmp_path: Path) -> None:
+    write_recipients(tmp_path / "recipients.csv", 10)
+    c = write_campaign(tmp_path / "c.toml", "http://127.0.0.1:9")
+    c.write_text(c.read_text().replace("[message]", 'on_refusal = "sometimes"\n[message]'))
+    p = sluice("run", str(c))
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 2 and b"provider.on_refusal" in err, err.decode()
