@@ -19,7 +19,9 @@ Outcome classes, from PROTOCOLS.md::
     SPLIT       the provider refused the whole call because of some of its
                 recipients (a bad number, blacklisted, over-long text), so
                 nothing of it was sent: the engine splits the batch until the
-                recipients at fault stand alone; only they are FAILED
+                recipients at fault stand alone; only they are FAILED (or what
+                ``BatchOutcome.extra["alone"]``, an Outcome, says: DEFER for a
+                per-number frequency limit)
     UNKNOWN     may or may not have reached the provider (read timeout,
                 connection lost after sending, 5xx): never re-sent silently
 """
