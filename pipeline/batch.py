@@ -27,10 +27,13 @@ class Batcher:
         self._next_id = first_id
         self.pending = 0  # messages waiting in partial batches
 
-    def _seal(self, messages: list[Message]) -> Batch:
-        batch = Batch(self._next_id, messages)
+    def new_id(self) -> int:
+        """The next batch id of the run (the dispatcher takes them for the parts of a split batch)."""
         self._next_id += 1
-        return batch
+        return self._next_id - 1
+
+    def _seal(self, messages: list[Message]) -> Batch:
+        return Batch(self.new_id(), messages)
 
     def add(self, messages: list[Message]) -> list[Batch]:
         """Add messages; return the batches that filled up."""

@@ -18,6 +18,7 @@ from typing import Any
 
 import orjson
 
+from pipeline.dispatch import ON_REFUSAL
 from pipeline.errors import CampaignError
 from pipeline.ledger import Durability
 from pipeline.render import Template, TemplateError
@@ -82,6 +83,9 @@ class ProviderSpec:
     sign_type: str = "md5"  # submail: md5 | sha1 | normal
     algorithm: str = "md5"  # nxcloud: md5 | sha256
     source_address: str | None = None  # nxcloud sender id
+    # A call refused because of some of its recipients: "split" it until they stand alone,
+    # or "fail-batch" (every recipient of it failed).
+    on_refusal: str = "split"
 
 
 @dataclass(frozen=True)
@@ -278,6 +282,8 @@ def parse_campaign(data: Mapping[str, Any], base_dir: Path) -> Campaign:
         raise CampaignError("provider.sign_type", "must be md5, sha1 or normal")
     if prov.get("algorithm", "md5") not in ("md5", "sha256"):
         raise CampaignError("provider.algorithm", "must be md5 or sha256")
+    if prov.get("on_refusal", "split") not in ON_REFUSAL:
+        raise CampaignError("provider.on_refusal", f"must be one of {', '.join(ON_REFUSAL)}")
     _check_message(protocol, prov.get("mode", "batchsend"), sections["message"])  # type: ignore[arg-type]
 
     limits = LimitsSpec(**lim)

@@ -268,6 +268,11 @@ def cmd_status(args: argparse.Namespace, console: Console) -> int:
             table.add_row(k, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(status[k])))
     if status["avg_rate"] is not None:
         table.add_row("avg recipients/s", f"{status['avg_rate']:,.0f}")
+    table.add_row("requests", f"{status['requests']:,}")
+    if status["splits"]:
+        table.add_row(
+            "refused calls split", f"{status['splits']:,} ({status['split_requests']:,} requests for parts)"
+        )
     out.print(table)
     running = status["running"]
     if running is not None:

@@ -5,6 +5,10 @@ ledger, send, classify, then write the outcome. Retries (with exponential
 backoff and full jitter) happen only where the request provably was not
 processed: connect errors, throttling, signature or timestamp rejections.
 Everything ambiguous becomes ``unknown`` and is never re-sent silently.
+A call refused whole because of some of its recipients (``Outcome.SPLIT``) sent
+nothing: its parts are sent as batches of their own until the recipients at
+fault stand alone (``on_refusal = "split"``), or every recipient of it is
+failed (``"fail-batch"``).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from providers.base import (
     CONNECT_CODES,
     Batch,
     BatchOutcome,
+    Message,
     Outcome,
     Provider,
     Response,
@@ -36,7 +41,10 @@ from providers.base import (
     classify_transport_error,
 )
 
-__all__ = ("CircuitBreaker", "Dispatcher", "EndpointGuard", "RetryPolicy", "server_clock")
+__all__ = ("ON_REFUSAL", "CircuitBreaker", "Dispatcher", "EndpointGuard", "RetryPolicy", "server_clock")
+
+ON_REFUSAL = ("split", "fail-batch")
+"""What to do with a call refused because of some of its recipients (``[provider] on_refusal``)."""
 
 log = structlog.get_logger("sluice.dispatch")
 
@@ -153,7 +161,11 @@ class Dispatcher:
         breaker: CircuitBreaker | None = None,
         gate: SendGate | None = None,
         endpoint: EndpointGuard | None = None,
+        batch_ids: Callable[[], int],
+        on_refusal: str = "split",
     ) -> None:
+        if on_refusal not in ON_REFUSAL:
+            raise ValueError(f"on_refusal must be one of {', '.join(ON_REFUSAL)}, not {on_refusal!r}")
         self._provider = provider
         self._transport = transport
         self._timeout = timeout
@@ -169,6 +181,10 @@ class Dispatcher:
         self._stopping = False
         self.requests = 0
         self.retries = 0
+        self._batch_ids = batch_ids  # the run's batch ids, for the parts of a split batch
+        self.on_refusal = on_refusal
+        self.splits = 0  # refused calls that were split
+        self.split_requests = 0  # requests sent for their parts (included in requests)
 
     @property
     def stopping(self) -> bool:
@@ -185,6 +201,7 @@ class Dispatcher:
         self._ledger.intent(batch)
         started = time.perf_counter()
         self.requests += 1
+        self.split_requests += batch.parent is not None
         try:
             response = await self._send(request)
         except httpx.TransportError as exc:
@@ -212,19 +229,22 @@ class Dispatcher:
             await response.aclose()
         return response
 
-    async def send(self, batch: Batch) -> None:
-        """Send ``batch`` until it has an outcome (or the run is stopping)."""
+    async def send(self, batch: Batch) -> Outcome | None:
+        """Send ``batch`` until it has an outcome (or the run is stopping).
+
+        Returns ``Outcome.SPLIT`` when the provider refused it because of some of its recipients.
+        """
         policy = self._policy
         failures = throttles = connects = 0
         result: BatchOutcome | None = None
-        if self.gate is not None:
+        if self.gate is not None and batch.parent is None:  # a split's parts were let through whole
             await self.gate.wait(len(batch.messages))  # send window and daily cap
         while True:
             await self._endpoint.wait_turn(batch)
             await self._governor.acquire(len(batch.messages))
             if self.stopping:
                 self._endpoint.release(batch)
-                return  # never sent: the rows stay pending
+                return None  # never sent: the rows stay pending
             batch.attempt = failures + throttles + connects + 1
             batch.out_id = f"{self._run_id}-{batch.id}-{batch.attempt}"
             try:
@@ -234,13 +254,14 @@ class Dispatcher:
                 self._ledger.unknown_rows((m.row for m in batch.messages), "Stopped")
                 raise
             except LedgerFault:
-                return  # the intent could not be written, so nothing was sent; the run is stopping
+                self._endpoint.release(batch)
+                return None  # the intent could not be written, so nothing was sent; the run is stopping
             kind = result.outcome
             if kind is Outcome.RETRY and result.code in CONNECT_CODES:
                 connects += 1
                 if await self._connect_failed(batch, result, ms):
                     continue
-                return
+                return None
             self._endpoint.reached()
             if kind is Outcome.THROTTLED:
                 throttles += 1
@@ -261,7 +282,9 @@ class Dispatcher:
             elif kind is Outcome.FATAL:
                 self._ledger.attempt(batch, result, "fatal", ms)
                 self._on_fatal(result)
-                return
+                return None
+            elif kind is Outcome.SPLIT:
+                return await self._refused(batch, result, ms)
             else:
                 if kind is Outcome.SENT:
                     self._governor.succeeded()
@@ -269,13 +292,61 @@ class Dispatcher:
                     log.warning("batch_" + kind.value, batch=batch.id, code=result.code)
                 self._ledger.outcome(batch, result, ms)
                 self._settled(kind in (Outcome.UNKNOWN, Outcome.DEFER))
-                return
+                return None
             # The retry budget is spent on a retryable error: defer.
             deferred = BatchOutcome(Outcome.DEFER, code=result.code, message=result.message)
             self._ledger.outcome(batch, deferred, 0.0)
             log.warning("batch_deferred", batch=batch.id, code=result.code)
             self._settled(True)
-            return
+            return None
+
+    async def _refused(self, batch: Batch, result: BatchOutcome, ms: float) -> Outcome:
+        """``batch`` was refused whole because of some of its recipients: nothing of it was sent."""
+        alone = result.extra.get("alone")  # what a recipient refused alone is (failed, or deferred)
+        kind = alone if isinstance(alone, Outcome) else Outcome.FAILED
+        if len(batch.messages) == 1 or self.on_refusal == "fail-batch":
+            judged = BatchOutcome(kind, code=result.code, message=result.message, extra=result.extra)
+            self._ledger.outcome(batch, judged, ms)
+            self._settled(kind is not Outcome.FAILED)
+            return Outcome.SPLIT
+        self.splits += 1
+        self._ledger.attempt(batch, result, "split", ms)
+        log.info("batch_split", batch=batch.id, code=result.code, recipients=len(batch.messages))
+        if batch.parent is None:  # a refused part is searched by the split that sent it
+            await self._send_parts(batch)
+        return Outcome.SPLIT
+
+    async def _send_parts(self, batch: Batch) -> None:
+        """Send the refused ``batch`` in parts until the recipients at fault stand alone.
+
+        A binary search that puts the untested aside: a group known to hold a fault is halved
+        and its first half sent. Refused, that half is searched next and the second half put
+        aside (it may hold no fault); accepted, the fault is in the second half, searched without
+        being sent whole. A recipient left alone is sent alone, and its refusal fails it. Then
+        all that was put aside goes in one request, searched the same way if refused. So one
+        fault costs a request per halving plus about two, and a recipient is failed only by a
+        refusal of a call holding it alone: a wrong guess costs requests, never a good recipient.
+        Each part is a batch of its own (id, intent, out_id, retries, the rate limiter).
+        """
+        group, aside = batch.messages, list[Message]()
+        while not self.stopping:
+            while len(group) > 1 and not self.stopping:
+                half = len(group) // 2
+                if await self._send_part(batch, group[:half]) is Outcome.SPLIT:
+                    aside += group[half:]
+                    group = group[:half] if half > 1 else []  # alone and refused: failed already
+                else:
+                    group = group[half:]
+            if len(group) == 1:
+                await self._send_part(batch, group)  # presumed at fault: its own call says
+            group, aside = aside, []
+            if not group or await self._send_part(batch, group) is not Outcome.SPLIT or len(group) == 1:
+                return
+
+    async def _send_part(self, parent: Batch, messages: list[Message]) -> Outcome | None:
+        if self.stopping:
+            return None  # never sent: the rows stay pending
+        return await self.send(Batch(self._batch_ids(), messages, parent=parent.id))
 
     async def _connect_failed(self, batch: Batch, result: BatchOutcome, ms: float) -> bool:
         """A connect that failed: True to send ``batch`` again, False when the run stops."""

@@ -398,7 +398,7 @@ def _send_gate(campaign: Campaign, ledger: Path) -> SendGate | None:
                 if line.startswith(b'{"i":'):
                     obj = orjson.loads(line)
                     t = dt.datetime.fromtimestamp(obj.get("t", 0), tz)
-                    if obj.get("a") == 1 and t.date() == today:
+                    if obj.get("a") == 1 and "p" not in obj and t.date() == today:  # p: a split's part
                         sent_today += len(obj["r"])
     return SendGate(window=window, daily_cap=spec.daily_cap, cap_tz=tz, sent_today=sent_today)
 
@@ -570,6 +570,8 @@ async def run_campaign(
                     breaker=CircuitBreaker(limits.breaker_window, limits.breaker_threshold),
                     gate=_send_gate(campaign, run_dir.ledger),
                     endpoint=EndpointGuard(limits.connect_failures),
+                    batch_ids=batcher.new_id,
+                    on_refusal=campaign.provider.on_refusal,
                 )
                 gate = dispatcher.gate
                 if gate is not None and gate.daily_cap and total_hint:

@@ -4,6 +4,7 @@ Line shapes (short keys: these lines are most of a run's I/O)::
 
     {"i":7,"a":1,"o":"3f9c2a1b-7-1","r":[11,12,...],"t":1700000000.1}   intent: batch 7, attempt 1
     {"b":7,"a":1,"s":"sent","c":"OK","id":"9006^0","ms":41.2,"t":...}      what the attempt came to
+    {"i":12,"a":1,"o":"3f9c2a1b-12-1","r":[11,...],"p":7,"t":...}          a part of refused batch 7
     {"r":11,"s":"sent","b":7,"k":"cust-11"}                                one line per recipient
     {"r":3,"s":"rejected","k":"cust-3","e":"invalid phone number ..."}
     {"r":12,"s":"failed","b":7,"c":"Failure","e":"Incorrect phone number format"}   the provider's reason
@@ -410,8 +411,9 @@ def _replay_line(line: bytes, state: LedgerState) -> tuple[list[int], int] | Non
         return rows, _INFLIGHT
     if "b" in obj:
         rows = state.open_intents.pop(obj["b"], [])
-        if obj.get("s") in ("retry", "fatal") and rows:
-            # Provably not processed: the rows still in flight go back to pending.
+        if obj.get("s") in ("retry", "fatal", "split") and rows:
+            # Provably not processed (a split call was refused whole): the rows still in
+            # flight go back to pending; a split's parts have their own intents.
             return rows, _IF_INFLIGHT
     elif "eof" in obj:
         state.eof_rows = obj["eof"]
@@ -485,15 +487,16 @@ class LedgerWriter:
 
     def intent(self, batch: Batch) -> None:
         """Record that ``batch`` is about to be sent, and put it on the OS."""
-        self._buf += orjson.dumps(
-            {
-                "i": batch.id,
-                "a": batch.attempt,
-                "o": batch.out_id,
-                "r": [m.row for m in batch.messages],
-                "t": round(time.time(), 3),
-            }
-        )
+        line: dict[str, object] = {
+            "i": batch.id,
+            "a": batch.attempt,
+            "o": batch.out_id,
+            "r": [m.row for m in batch.messages],
+            "t": round(time.time(), 3),
+        }
+        if batch.parent is not None:
+            line["p"] = batch.parent  # a part of a refused batch being split
+        self._buf += orjson.dumps(line)
         self._buf += b"\n"
         if self.fault is None:
             self.flush(sync=self._durability is Durability.BATCH)

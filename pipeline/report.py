@@ -5,7 +5,7 @@ Series, read from the ledger in one pass (memory: one entry per batch):
 * recipients settled per second (sent, failed, unknown, deferred);
 * recipients by outcome and provider code;
 * request latency per batch: p50 / p90 / p99 per time bucket;
-* retries and throttles per second.
+* retries, throttles and splits (calls refused because of some recipients) per second.
 
 ``report.json`` holds the same series for scripts and tests.
 """
@@ -39,6 +39,7 @@ def collect_series(ledger: Path, *, latency_buckets: int = 60) -> dict[str, Any]
     settled: dict[str, Counter[int]] = defaultdict(Counter)
     retries: Counter[int] = Counter()
     throttles: Counter[int] = Counter()
+    splits: Counter[int] = Counter()
     latencies: list[tuple[float, float]] = []
     with ledger.open("rb") as f:
         for line in f:
@@ -56,11 +57,13 @@ def collect_series(ledger: Path, *, latency_buckets: int = 60) -> dict[str, Any]
                     retries[second] += 1
                     if str(obj.get("c", "")).startswith("Throttling") or obj.get("c") in ("13008", "HTTP429"):
                         throttles[second] += 1
+                elif status == "split":  # nothing settled: its parts are batches of their own
+                    splits[second] += 1
                 else:
                     settled[status][second] += rows_in_batch.get(obj["b"], 0)
                 if obj.get("ms") and status != "deferred":
                     latencies.append((t, float(obj["ms"])))
-    seconds = sorted({s for c in (*settled.values(), retries) for s in c})
+    seconds = sorted({s for c in (*settled.values(), retries, splits) for s in c})
     start = seconds[0] if seconds else 0
     span = range(start, seconds[-1] + 1) if seconds else range(0)
     out: dict[str, Any] = {
@@ -69,6 +72,7 @@ def collect_series(ledger: Path, *, latency_buckets: int = 60) -> dict[str, Any]
         "settled_per_second": {k: [c.get(s, 0) for s in span] for k, c in sorted(settled.items())},
         "retries_per_second": [retries.get(s, 0) for s in span],
         "throttles_per_second": [throttles.get(s, 0) for s in span],
+        "splits_per_second": [splits.get(s, 0) for s in span],
         "latency_ms": {"t": [], "p50": [], "p90": [], "p99": []},
     }
     if latencies:
@@ -129,7 +133,12 @@ def _charts(series: dict[str, Any], codes: dict[str, int]) -> dict[str, bytes]:
     fig, ax = plt.subplots(figsize=(8, 3.2))
     ax.plot(x, series["retries_per_second"], label="retries", linewidth=1.2)
     ax.plot(x, series["throttles_per_second"], label="throttles", linewidth=1.2)
-    ax.set(title="retries and throttles per second", xlabel="seconds since first send", ylabel="requests/s")
+    ax.plot(x, series["splits_per_second"], label="splits", linewidth=1.2)
+    ax.set(
+        title="retries, throttles and splits per second",
+        xlabel="seconds since first send",
+        ylabel="requests/s",
+    )
     ax.legend(loc="upper right", fontsize=8)
     charts["retries.png"] = _png(fig)
     plt.close(fig)

@@ -42,7 +42,9 @@ def status_counts(state: LedgerState) -> dict[str, Any]:
 
 
 def summarize(run_dir: Path) -> dict[str, Any]:
-    """Counts by status and by error code, first and last send, average rate."""
+    """Counts by status and by error code, first and last send, average rate, and requests:
+    ``requests`` sent in all, ``splits`` (calls refused because of some of their recipients,
+    then sent in parts) and ``split_requests`` (the requests for those parts, within ``requests``)."""
     rd = RunDir(run_dir)
     doc = rd.load(strict=False)
     holder = rd.holder()
@@ -56,6 +58,7 @@ def summarize(run_dir: Path) -> dict[str, Any]:
     attempts: Counter[str] = Counter()
     first = last = None
     stopped: dict[str, Any] | None = None  # the last attempt that stopped the run, unless sending went on
+    requests = splits = split_requests = 0
     if rd.ledger.exists():
         with rd.ledger.open("rb") as f:
             for line in f:
@@ -63,6 +66,9 @@ def summarize(run_dir: Path) -> dict[str, Any]:
                     if b'"c":' in line:
                         obj = orjson.loads(line)
                         codes[f"{obj['s']}:{obj['c']}"] += 1
+                elif line.startswith(b'{"i":'):
+                    requests += 1
+                    split_requests += b',"p":' in line  # a part of a split batch
                 elif line.startswith(b'{"b":'):
                     obj = orjson.loads(line)
                     attempts[f"{obj['s']}:{obj.get('c', '')}"] += 1
@@ -70,6 +76,7 @@ def summarize(run_dir: Path) -> dict[str, Any]:
                         stopped = {"code": obj.get("c"), "message": obj.get("m"), "time": obj.get("t")}
                     elif obj["s"] != "retry":
                         stopped = None
+                    splits += obj["s"] == "split"
                     t = obj.get("t")
                     if t is not None:
                         first = t if first is None else min(first, t)
@@ -81,6 +88,9 @@ def summarize(run_dir: Path) -> dict[str, Any]:
     out["codes"] = dict(codes.most_common())
     out["attempts"] = dict(attempts.most_common())
     out["stopped"] = stopped
+    out["requests"] = requests
+    out["splits"] = splits
+    out["split_requests"] = split_requests
     out["first_send"] = first
     out["last_send"] = last
     span = (last - first) if first is not None and last is not None else 0.0

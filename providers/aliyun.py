@@ -37,6 +37,7 @@ __all__ = (
     "API_VERSION",
     "CODE_CLASSES",
     "DEFAULT_ENDPOINT",
+    "SPLIT_CODES",
     "TEST_CREDENTIALS",
     "AliyunCredentials",
     "AliyunSms",
@@ -46,6 +47,7 @@ __all__ = (
     "codeless_outcome",
     "parse_v3_authorization",
     "percent_encode",
+    "refusal",
     "rpc_signature",
     "rpc_string_to_sign",
     "v3_canonical_request",
@@ -295,8 +297,7 @@ def verify_v3(
 # -- outcome classes (PROTOCOLS.md §1.7-1.8) -------------------------------------------------
 _CLASSES: dict[Outcome, tuple[str, ...]] = {
     Outcome.SENT: ("OK",),
-    # The number or its content is at fault. SendBatchSms answers one code per call,
-    # so this marks every recipient of the batch.
+    # The number or its content is at fault (a recipient alone; a call of several is SPLIT).
     Outcome.FAILED: (
         "isv.MOBILE_NUMBER_ILLEGAL",
         "isv.DOMESTIC_NUMBER_NOT_SUPPORTED",
@@ -340,12 +341,34 @@ _CLASSES: dict[Outcome, tuple[str, ...]] = {
     # Refused before processing: a resend with a fresh timestamp and nonce is safe.
     Outcome.RETRY: ("InvalidTimeStamp.Expired", "SignatureNonceUsed"),
     Outcome.THROTTLED: ("Throttling.User", "Throttling.Api", "Throttling"),
-    # Per-number frequency control: the number stays blocked until its window passes.
+    # Per-number frequency control: the number stays blocked until its window passes
+    # (a recipient alone; a call of several is SPLIT).
     Outcome.DEFER: ("isv.BUSINESS_LIMIT_CONTROL",),
     # The messages may already have been accepted.
     Outcome.UNKNOWN: ("isp.SYSTEM_ERROR", "isp.UNKNOWN_ERROR", "InternalError", "ServiceUnavailable"),
 }
 CODE_CLASSES: Mapping[str, Outcome] = {code: kind for kind, codes in _CLASSES.items() for code in codes}
+
+SPLIT_CODES = frozenset((*_CLASSES[Outcome.FAILED], *_CLASSES[Outcome.DEFER]))
+"""Codes that refuse a whole call because of some of its recipients (PROTOCOLS.md §1.8).
+
+A refused call has no ``BizId``: nothing of it was sent, and one code cannot say which
+recipient it was about. A call of several recipients is therefore SPLIT (the engine sends its
+parts until the recipients at fault stand alone); a recipient alone gets the code's class.
+``isv.BUSINESS_LIMIT_CONTROL`` (a number over its minute/hour/day frequency window) is split
+too rather than deferred whole: deferring would hold back every good recipient of the batch,
+and a resume would batch them again with the same blocked number; alone, that number is
+deferred (not failed: the window passes)."""
+
+
+def refusal(code: str, message: str | None, recipients: int, extra: dict[str, object]) -> BatchOutcome | None:
+    """The SPLIT outcome of a call of ``recipients`` refused with ``code``, or None when the
+    code is not about recipients (or the call held one: its class is then the answer)."""
+    if code not in SPLIT_CODES or recipients < 2:
+        return None
+    return BatchOutcome(
+        Outcome.SPLIT, code=code, message=message, extra={**extra, "alone": CODE_CLASSES[code]}
+    )
 
 
 def classify(code: str, http_status: int) -> Outcome:
@@ -569,6 +592,9 @@ class AliyunSms:
                 )
             # "OK" with an error status contradicts itself: it may have been accepted.
             return BatchOutcome(Outcome.UNKNOWN, code=f"HTTP{status}", message=code, extra=extra)
+        split = refusal(code, message, len(batch.messages), extra)
+        if split is not None:
+            return split
         kind = classify(code, status)
         return BatchOutcome(
             kind,

@@ -30,6 +30,8 @@ code ``CardNotSupported``. A number in neither list is UNKNOWN (code ``NotListed
 card template is under review or rejected (``CardTmpState`` 0 or 2) and nothing was sent, the
 batch is FATAL with code ``CardTemplateUnderReview`` / ``CardTemplateRejected`` (the recipients
 stay pending for a resume).
+A call refused whole with a per-recipient code (``providers.aliyun.SPLIT_CODES``) is SPLIT
+when it holds several numbers: the engine sends its parts until the numbers at fault stand alone.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from providers.aliyun import (
     classify,
     codeless_outcome,
     percent_encode,
+    refusal,
     rpc_signature,
     v3_sign_headers,
 )
@@ -337,6 +340,9 @@ class AliyunCardSms:
             kind = classify(code, status)
             if state in (0, 2) and kind is not Outcome.UNKNOWN:
                 return self._template_refused(state, extra, f"{code}: {message or ''}".rstrip(": "))
+            split = refusal(code, message, len(batch.messages), extra)
+            if split is not None:
+                return split
             return BatchOutcome(
                 kind, code=code, message=message, retry_after=_retry_after(response.headers), extra=extra
             )

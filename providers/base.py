@@ -19,7 +19,9 @@ Outcome classes, from PROTOCOLS.md::
     SPLIT       the provider refused the whole call because of some of its
                 recipients (a bad number, blacklisted, over-long text), so
                 nothing of it was sent: the engine splits the batch until the
-                recipients at fault stand alone; only they are FAILED
+                recipients at fault stand alone; only they are FAILED (or what
+                ``BatchOutcome.extra["alone"]``, an Outcome, says: DEFER for a
+                per-number frequency limit)
     UNKNOWN     may or may not have reached the provider (read timeout,
                 connection lost after sending, 5xx): never re-sent silently
 """
@@ -94,12 +96,14 @@ class Batch:
 
     ``id`` is unique within a run; ``out_id`` is unique per request attempt
     and is the reconciliation handle sent to the provider (Aliyun ``OutId``).
+    ``parent`` is the batch this one is a part of, when a refused batch was split.
     """
 
     id: int
     messages: list[Message]
     attempt: int = 1
     out_id: str = ""
+    parent: int | None = None
 
 
 @dataclass(slots=True)

@@ -61,7 +61,6 @@ from providers.base import (
     result_code,
     retry_after_seconds,
     summarize,
-    whole_request,
 )
 
 __all__ = (
@@ -70,6 +69,7 @@ __all__ = (
     "MAX_BATCH",
     "SIGNATURE_WINDOW",
     "SIGN_V2_EXCLUDED",
+    "SPLIT_CODES",
     "CredentialsError",
     "SubmailCredentials",
     "SubmailError",
@@ -84,7 +84,6 @@ __all__ = (
     "submail_text",
     "summarize",
     "verify",
-    "whole_request",
 )
 
 DEFAULT_ENDPOINT = "https://api-v4.mysubmail.com"
@@ -203,6 +202,13 @@ _CLASSES: dict[Outcome, tuple[str, ...]] = {
     Outcome.DEFER: ("115", "409"),
 }  # fmt: skip
 CODE_CLASSES: Mapping[str, Outcome] = {code: kind for kind, codes in _CLASSES.items() for code in codes}
+
+SPLIT_CODES = frozenset((*_CLASSES[Outcome.FAILED], "115"))
+"""Per-recipient codes (PROTOCOLS.md §2.5), plus 115 (one number's frequency limit). As a
+whole-request error (``{"status":"error","code":…}``, no ``batchlist``) nothing was sent, and
+the code names no number: a call of several recipients is SPLIT (the engine sends its parts
+until the recipients at fault stand alone), a recipient alone gets the code's class. multi*
+answers report these per entry and need no split."""
 
 
 def classify(code: str | None, http_status: int) -> Outcome:
@@ -516,7 +522,9 @@ class SubmailSms:
             return BatchOutcome(Outcome.SENT, provider_id=provider_id, extra=extra)
         if data.get("status") == "error":
             code = result_code(data.get("code"))
-            kind = whole_request(classify(code, status), len(batch.messages))
+            kind = classify(code, status)
+            if code in SPLIT_CODES and len(batch.messages) > 1:
+                return BatchOutcome(Outcome.SPLIT, code=code, message=message, extra={"alone": kind})
             return BatchOutcome(
                 kind,
                 code=code or f"HTTP{status}",

@@ -668,8 +668,8 @@ class TestParseResponse:
     @pytest.mark.parametrize(
         ("status", "code", "outcome"),
         [
-            (200, "isv.MOBILE_NUMBER_ILLEGAL", Outcome.FAILED),
-            (200, "isv.BLACK_KEY_CONTROL_LIMIT", Outcome.FAILED),
+            (200, "isv.MOBILE_NUMBER_ILLEGAL", Outcome.SPLIT),  # a batch of 2: split (test_split.py)
+            (200, "isv.BLACK_KEY_CONTROL_LIMIT", Outcome.SPLIT),
             (200, "isv.AMOUNT_NOT_ENOUGH", Outcome.FATAL),
             (200, "isv.SMS_TEMPLATE_ILLEGAL", Outcome.FATAL),
             (400, "SignatureDoesNotMatch", Outcome.FATAL),
@@ -679,7 +679,7 @@ class TestParseResponse:
             (400, "SignatureNonceUsed", Outcome.RETRY),
             (400, "Throttling.User", Outcome.THROTTLED),
             (400, "Throttling.Api", Outcome.THROTTLED),
-            (200, "isv.BUSINESS_LIMIT_CONTROL", Outcome.DEFER),
+            (200, "isv.BUSINESS_LIMIT_CONTROL", Outcome.SPLIT),
             (200, "isp.SYSTEM_ERROR", Outcome.UNKNOWN),
             (500, "InternalError", Outcome.UNKNOWN),
             (503, "ServiceUnavailable", Outcome.UNKNOWN),
@@ -692,7 +692,8 @@ class TestParseResponse:
     def test_codes(self, status: int, code: str, outcome: Outcome) -> None:
         body = {"Code": code, "Message": "why", "RequestId": "R", "HostId": "dysmsapi.aliyuncs.com"}
         out = self.parse(response(status, body))
-        assert (out.outcome, out.code, out.message, out.extra) == (outcome, code, "why", {"request_id": "R"})
+        extra = {"request_id": "R"} | ({"alone": CODE_CLASSES[code]} if outcome is Outcome.SPLIT else {})
+        assert (out.outcome, out.code, out.message, out.extra) == (outcome, code, "why", extra)
         assert out.provider_id is None and out.recipients is None
 
     @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ import httpx
 import orjson
 import pytest
 
-from providers.aliyun import TEST_CREDENTIALS, verify_v2, verify_v3
+from providers.aliyun import CODE_CLASSES, TEST_CREDENTIALS, verify_v2, verify_v3
 from providers.aliyun_card import AliyunCardSms, CardSendRecord, parse_card_details
 from providers.base import Batch, BatchOutcome, Message, Outcome, RecipientOutcome
 from providers.simulator import SimulatorConfig, serve
@@ -419,13 +419,13 @@ class TestParseResponse:
     @pytest.mark.parametrize(
         ("status", "code", "outcome"),
         [
-            (200, "isv.MOBILE_NUMBER_ILLEGAL", Outcome.FAILED),
+            (200, "isv.MOBILE_NUMBER_ILLEGAL", Outcome.SPLIT),  # 3 numbers: split (test_split.py)
             (200, "isv.AMOUNT_NOT_ENOUGH", Outcome.FATAL),
             (200, "isv.SMS_TEMPLATE_ILLEGAL", Outcome.FATAL),
             (400, "SignatureDoesNotMatch", Outcome.FATAL),
             (400, "InvalidTimeStamp.Expired", Outcome.RETRY),
             (400, "Throttling.User", Outcome.THROTTLED),
-            (200, "isv.BUSINESS_LIMIT_CONTROL", Outcome.DEFER),
+            (200, "isv.BUSINESS_LIMIT_CONTROL", Outcome.SPLIT),
             (200, "isp.SYSTEM_ERROR", Outcome.UNKNOWN),
             (500, "InternalError", Outcome.UNKNOWN),
             (200, "isv.SOMETHING_NEW", Outcome.FATAL),
@@ -434,7 +434,8 @@ class TestParseResponse:
     )
     def test_codes(self, status: int, code: str, outcome: Outcome) -> None:
         out = self.parse(response(status, {"Code": code, "Message": "why", "RequestId": "R"}))
-        assert (out.outcome, out.code, out.message, out.extra) == (outcome, code, "why", {"request_id": "R"})
+        extra = {"request_id": "R"} | ({"alone": CODE_CLASSES[code]} if outcome is Outcome.SPLIT else {})
+        assert (out.outcome, out.code, out.message, out.extra) == (outcome, code, "why", extra)
         assert out.recipients is None
 
     def test_throttle_retry_after(self) -> None:

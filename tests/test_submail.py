@@ -412,7 +412,7 @@ class TestResponses:
             (200, 151, Outcome.RETRY),
             (400, "903", Outcome.FATAL),
             (400, "409", Outcome.DEFER),
-            (400, "115", Outcome.DEFER),
+            (400, "115", Outcome.SPLIT),  # 3 recipients: split (test_split.py)
             (400, "420", Outcome.FATAL),
             (400, "999", Outcome.FATAL),
             (500, "999", Outcome.UNKNOWN),
@@ -427,7 +427,7 @@ class TestResponses:
 
     def test_whole_request_recipient_code(self) -> None:
         body = {"status": "error", "code": "252", "msg": "bad address"}
-        assert self.p.parse_response(self.batch, _response(400, body)).outcome is Outcome.DEFER
+        assert self.p.parse_response(self.batch, _response(400, body)).outcome is Outcome.SPLIT
         one = Batch(2, _msgs(1))
         assert self.p.parse_response(one, _response(400, body)).outcome is Outcome.FAILED
 

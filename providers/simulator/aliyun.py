@@ -6,7 +6,9 @@ access key, per-key rate window, injected pre-processing faults, signature
 (V3 ``ACS3-HMAC-SHA256`` or RPC V2), version, timestamp, nonce, then the
 action's own parameters. Gateway errors use ``{"RequestId","HostId","Code",
 "Message","Recommend"}`` with an HTTP error status; business errors use
-``{"Code","Message","RequestId"}`` with HTTP 200.
+``{"Code","Message","RequestId"}`` with HTTP 200. With ``bad_number_rate``, a send
+holding a number ``config.is_bad_number`` picks is refused whole with
+``isv.MOBILE_NUMBER_ILLEGAL`` (both APIs; which number is not said), nothing recorded.
 """
 
 from __future__ import annotations
@@ -305,6 +307,9 @@ class AliyunGateway:
             code = self._cfg.business_error_code
             self._business(conn, code, _MESSAGES.get(code, code))
             return
+        if self._cfg.bad_number_rate > 0 and any(map(self._cfg.is_bad_number, phones)):
+            # One bad number refuses the whole call, and the answer does not say which.
+            raise _Reject(200, "isv.MOBILE_NUMBER_ILLEGAL")
 
         # Accepted: record first (one write, flushed to the OS), answer after.
         biz = self._ids.biz_id()

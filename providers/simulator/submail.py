@@ -29,9 +29,12 @@ Shapes (HTTP status / body)::
 
 Inferred, not documented: per-recipient errors inside batchsend ``responses``
 (they carry ``to``); 252 for an invalid or non-mainland number and for more
-than 10 000 numbers; 109 for a wrong key in ``normal`` mode. The fee is the
-number of 70-character segments (67 each once there are several) of the text
-including its 【signature】; multixsend bills 1 (templates are not simulated).
+than 10 000 numbers; with ``bad_number_rate``, a batchsend holding a number
+``config.is_bad_number`` picks refused whole with 252 (nothing recorded), and
+that number's multi* entry answered with its 252 error object; 109 for a
+wrong key in ``normal`` mode. The fee is the number of 70-character segments
+(67 each once there are several) of the text including its 【signature】;
+multixsend bills 1 (templates are not simulated).
 """
 
 from __future__ import annotations
@@ -344,6 +347,8 @@ class SubmailGateway:
             numbers = [n.strip() for n in params.get("to", "").split(",")]
             if len(numbers) > MAX_NUMBERS:
                 raise _Reject("252", f"to: at most {MAX_NUMBERS} numbers per request")
+            if self._cfg.bad_number_rate > 0 and any(map(self._cfg.is_bad_number, numbers)):
+                raise _Reject("252")  # one bad number refuses the call; which one is not said
             if business:
                 self._stats.fault("business_error")
                 raise _Reject(code)
@@ -400,7 +405,7 @@ class SubmailGateway:
 
     def _refusal(self, number: str) -> tuple[int, str] | None:
         """Why one recipient is refused (code, msg), or None."""
-        if _MOBILE.fullmatch(number) is None:
+        if _MOBILE.fullmatch(number) is None or self._cfg.is_bad_number(number):
             return 252, f"{_MESSAGES['252']}: {number[:24]!r}"
         if number in self._hot:
             return 115, _MESSAGES["115"]
