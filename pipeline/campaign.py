@@ -18,11 +18,13 @@ from typing import Any
 
 import orjson
 
-from pipeline.dispatch import ON_REFUSAL
 from pipeline.errors import CampaignError
 from pipeline.ledger import Durability
 from pipeline.render import Template, TemplateError
 from pipeline.schedule import Window, parse_window
+
+ON_REFUSAL = ("split", "fail-batch")
+"""What to do with a call refused because of some of its recipients (``[provider] on_refusal``)."""
 
 __all__ = (
     "Campaign",

@@ -24,6 +24,7 @@ import httpx
 import structlog
 
 from pipeline.account import sync_server_clock
+from pipeline.campaign import ON_REFUSAL
 from pipeline.errors import RunStopped, SluiceError
 from pipeline.ledger import LedgerFault, LedgerWriter
 from pipeline.limit import RateGovernor
@@ -41,10 +42,7 @@ from providers.base import (
     classify_transport_error,
 )
 
-__all__ = ("ON_REFUSAL", "CircuitBreaker", "Dispatcher", "EndpointGuard", "RetryPolicy", "server_clock")
-
-ON_REFUSAL = ("split", "fail-batch")
-"""What to do with a call refused because of some of its recipients (``[provider] on_refusal``)."""
+__all__ = ("CircuitBreaker", "Dispatcher", "EndpointGuard", "RetryPolicy", "server_clock")
 
 log = structlog.get_logger("sluice.dispatch")
 
