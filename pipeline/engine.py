@@ -41,7 +41,7 @@ from pipeline.errors import RunDirError, SluiceError, SourceError
 from pipeline.keys import KeySet
 from pipeline.ledger import Durability, LedgerState, LedgerWriter, Status, replay
 from pipeline.limit import RateGovernor
-from pipeline.render import Renderer, Template, normalize_phone
+from pipeline.render import Renderer, Template, campaign_text_limit, normalize_phone
 from pipeline.rundir import RunDir
 from pipeline.schedule import SendGate
 from pipeline.source import Chunk, Columns, CsvSource, JsonlSource, Source
@@ -151,6 +151,7 @@ class _Run:
             params=params,
             content=Template.compile(content) if content is not None else None,
             default_country=campaign.source.default_country,
+            text_limit=campaign_text_limit(campaign),
         )
         self.keys = KeySet() if campaign.source.key else None
         self.phones = KeySet() if campaign.source.dedupe_phone else None

@@ -11,15 +11,41 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from providers.base import Message
+import phonenumbers
 
-__all__ = ("Rejection", "Renderer", "Template", "TemplateError", "normalize_phone")
+from providers.aliyun import AliyunSms
+from providers.aliyun_card import AliyunCardSms
+from providers.base import Message, TextLimit
+from providers.nxcloud import NxcloudSms
+from providers.submail import SubmailSms
+
+if TYPE_CHECKING:
+    from pipeline.campaign import Campaign
+
+__all__ = (
+    "Rejection",
+    "Renderer",
+    "Template",
+    "TemplateError",
+    "campaign_text_limit",
+    "mobile_problem",
+    "normalize_phone",
+    "reason_group",
+)
 
 _FIELD = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-_MOBILES = re.compile(r"(?:1[3-9][0-9]{9})*")  # bare mainland mobile numbers, back to back
+# Mainland mobile numbers (national, 11 digits) exactly as libphonenumber has them: numbers it
+# calls MOBILE for CN; tests/test_checks.py checks the two agree number by number.
+_CN_MOBILE_PATTERN = phonenumbers.PhoneMetadata.metadata_for_region("CN").mobile.national_number_pattern  # type: ignore[union-attr]
+_CN_MOBILE = re.compile(f"(?:{_CN_MOBILE_PATTERN})\\Z")
+_MOBILES = re.compile(f"(?:{_CN_MOBILE_PATTERN})*")  # bare mainland mobile numbers, back to back
+_MOBILE_TYPES = frozenset(
+    {phonenumbers.PhoneNumberType.MOBILE, phonenumbers.PhoneNumberType.FIXED_LINE_OR_MOBILE}
+)
+_TOO_LONG = re.compile(r"text is [0-9 ]+ characters; (.+) allows ([0-9 ]+)\Z")
 
 
 class TemplateError(ValueError):
@@ -125,10 +151,64 @@ def normalize_phone(raw: str, default_country: str = "86") -> str | None:
     return s
 
 
+def mobile_problem(phone: str) -> str | None:
+    """None when ``phone`` (E.164 digits) is a mobile number of its country, as libphonenumber
+    has it (MOBILE, or FIXED_LINE_OR_MOBILE where a country's numbers do not tell); else why not.
+
+    Mainland mobiles are matched by libphonenumber's own pattern (~0.3 µs); other numbers are
+    parsed and typed by ``phonenumbers`` (~20 µs).
+    """
+    if phone.startswith("86") and _CN_MOBILE.match(phone, 2):
+        return None
+    try:
+        number = phonenumbers.parse("+" + phone)
+    except phonenumbers.NumberParseException as exc:
+        if exc.error_type == phonenumbers.NumberParseException.INVALID_COUNTRY_CODE:
+            return "no country has this calling code"
+        return "not a mobile number"
+    if phonenumbers.number_type(number) in _MOBILE_TYPES:
+        return None
+    region = phonenumbers.region_code_for_number(number)
+    if region is None:
+        region = phonenumbers.region_code_for_country_code(number.country_code or 0)
+    return f"not a mobile number for {region}"
+
+
+def campaign_text_limit(campaign: Campaign) -> TextLimit | None:
+    """The campaign's provider's text limit, for the render stage (None: nothing to check)."""
+    kind = campaign.provider.kind
+    protocol = campaign.provider.protocol if kind == "simulator" else kind
+    template_text = campaign.message.template_text
+    if protocol == "aliyun":
+        return AliyunSms.text_limit(template_text)
+    if protocol == "aliyun-card":
+        return AliyunCardSms.text_limit(campaign.message.fallback_type, template_text)
+    if protocol == "submail":
+        return SubmailSms.text_limit(campaign.provider.mode, template_text)  # type: ignore[arg-type]
+    if protocol == "nxcloud":
+        return NxcloudSms.text_limit()
+    return None
+
+
+def reason_group(reason: str) -> str:
+    """A rejection reason without its row's particulars, for counting (``--dry-run``)."""
+    m = _TOO_LONG.match(reason)
+    return f"text longer than {m[1]} allows ({m[2]} characters)" if m else reason
+
+
 class Renderer:
     """Renders rows of one campaign: the phone, the sign name and the parameters."""
 
-    __slots__ = ("_columns_only", "_content", "_country", "_params", "_params_compiled", "_phone", "_sign")
+    __slots__ = (
+        "_columns_only",
+        "_content",
+        "_country",
+        "_limit",
+        "_params",
+        "_params_compiled",
+        "_phone",
+        "_sign",
+    )
 
     def __init__(
         self,
@@ -138,7 +218,9 @@ class Renderer:
         params: Mapping[str, Template],
         content: Template | None = None,
         default_country: str = "86",
+        text_limit: TextLimit | None = None,
     ) -> None:
+        """``text_limit``: the provider's (see :func:`campaign_text_limit`); longer texts are rejected."""
         self._phone = phone_column
         self._sign = sign_name
         self._params = tuple(params.items())
@@ -149,6 +231,7 @@ class Renderer:
         )
         self._content = content
         self._country = default_country
+        self._limit = text_limit
         # The common campaign, rendered by render_rows without a call per row: a literal
         # sign name with clean text, every parameter exactly one column, no free text.
         literal_sign = len(sign_name.parts) == 1 and "\x00" not in sign_name.parts[0]
@@ -178,20 +261,25 @@ class Renderer:
             type(raw) is str
             and len(raw) == 11
             and raw[0] == "1"
-            and raw.isdigit()
             and raw.isascii()
-            and raw[1] in "3456789"
+            and _CN_MOBILE.match(raw)
             and self._country == "86"
         ):
             phone: str | None = "86" + raw  # the common case: a bare mainland mobile number
+            problem = None
         elif raw is None or raw == "":
             return Rejection(row, key, f"missing column {self._phone!r}")
         elif not isinstance(raw, str | int) or isinstance(raw, bool):
             return Rejection(row, key, f"column {self._phone!r} is not a phone number")
         else:
             phone = normalize_phone(str(raw), self._country)
+            problem = None if phone is None else mobile_problem(phone)
         if phone is None:
             return Rejection(row, key, f"invalid phone number in column {self._phone!r}")
+        if problem is not None:
+            if self._country == "86" and not phone.startswith("86") and str(raw).strip()[:1].isdigit():
+                problem += " (read with its country code: a bare number is mainland when it starts with 1)"
+            return Rejection(row, key, problem)
         try:
             sign = self._sign.render(record)
             params = {}
@@ -210,7 +298,10 @@ class Renderer:
             return Rejection(row, key, "NUL byte in a field")
         if not text.isascii() and not _clean(text):
             return Rejection(row, key, "invalid UTF-8 or control characters in a field")
-        return Message(row, key, phone, params, sign, content)
+        message = Message(row, key, phone, params, sign, content)
+        if self._limit is not None and (problem := self._limit.problem(message)) is not None:
+            return Rejection(row, key, problem)
+        return message
 
     def render_rows(
         self, items: Iterable[tuple[int, str, Mapping[str, object]]]
@@ -287,6 +378,10 @@ class Renderer:
             return None
         sign = self._sign.parts[0]
         names = [name for name, _ in self._columns_only]
+        if self._limit is not None:  # the longest value of each column: no row can be longer
+            longest = {n: "x" * max(map(len, v), default=0) for n, v in zip(names, values, strict=True)}
+            if self._limit.problem(Message(0, "", "", longest, sign)) is not None:
+                return None  # some row may be too long: row by row
         # A dict display per row is 3x cheaper than dict(zip(...)): spelled out for up to 3.
         if len(names) == 1:
             (n0,) = names
