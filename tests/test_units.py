@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -16,7 +17,9 @@ from pipeline.errors import CampaignError
 from pipeline.keys import KeySet
 from pipeline.ledger import LedgerWriter, Status, replay
 from pipeline.render import Rejection, Renderer, Template, TemplateError, normalize_phone
+from providers.aliyun import AliyunSms
 from providers.base import Batch, BatchOutcome, Message, Outcome, RecipientOutcome
+from providers.nxcloud import NxcloudSms
 
 
 class TestTemplate:
@@ -97,6 +100,8 @@ class TestRenderRows:
 
     VALUES = st.one_of(
         st.sampled_from(["13800000000", "19912345678", "12800000000", "+8613800000000", "", "Li", "李"]),
+        # not mobiles (140, a landline, read as +238), a mobile abroad, values over a text limit
+        st.sampled_from(["14012345678", "+862162321234", "23800000019", "+447911123456", "x" * 17]),
         st.text(max_size=12),
         st.integers(-5, 10**12),
         st.none(),
@@ -112,6 +117,18 @@ class TestRenderRows:
             Renderer(**common, params={k: Template.compile("{code}") for k in "abc"}),
             Renderer(**common, params={k: Template.compile("{first}") for k in "abcd"}),
             Renderer(**common, params={"name": Template.compile("Dear {first}")}),
+            # text limits (small, to be reached): on the chunk path and on free text
+            Renderer(
+                **common,
+                params={"a": Template.compile("{first}"), "c": Template.compile("{code}")},
+                text_limit=dataclasses.replace(AliyunSms.text_limit(None), max_length=20),
+            ),
+            Renderer(
+                **common,
+                params={},
+                content=Template.compile("Hi {first}"),
+                text_limit=dataclasses.replace(NxcloudSms.text_limit(), max_length=15),
+            ),
             Renderer(phone_column="phone", sign_name=Template.compile("{sign}"), params={}),
         ]
 
