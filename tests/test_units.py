@@ -149,6 +149,32 @@ class TestRenderRows:
             assert messages == [m for m in one_by_one if isinstance(m, Message)]
             assert rejects == [(r.row, r.key, r.reason) for r in one_by_one if isinstance(r, Rejection)]
 
+    @settings(max_examples=150)
+    @given(
+        st.lists(
+            st.fixed_dictionaries(
+                {
+                    "phone": st.one_of(
+                        st.from_regex(r"1[3-9][0-9]{9}", fullmatch=True),
+                        st.sampled_from(["13800000000", "14012345678", "23800000019", "+447911123456", 7]),
+                    ),
+                    "first": st.sampled_from(["Li", "x" * 17, "李", ""]),
+                    "code": st.sampled_from(["7", "1234"]),
+                }
+            ),
+            max_size=30,
+        )
+    )
+    def test_mostly_mainland_chunks_same_as_one_by_one(self, records: list[dict[str, object]]) -> None:
+        """Chunks where most numbers are bare mainland mobiles and a few are not (the inline
+        path for the first, one by one for the others) agree with render row by row."""
+        items = [(i + 1, f"k{i}", rec) for i, rec in enumerate(records)]
+        for renderer in self.renderers():
+            messages, rejects = renderer.render_rows(items)
+            one_by_one = [renderer.render(row, key, rec) for row, key, rec in items]
+            assert messages == [m for m in one_by_one if isinstance(m, Message)]
+            assert rejects == [(r.row, r.key, r.reason) for r in one_by_one if isinstance(r, Rejection)]
+
     def test_a_clean_chunk_takes_the_chunk_path(self) -> None:
         items = [(i, str(i), {"phone": f"139{i:08d}", "first": f"n{i}", "code": "7"}) for i in range(1, 50)]
         renderer = self.renderers()[0]
