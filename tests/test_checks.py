@@ -162,6 +162,11 @@ class TestMobileNumbers:
         assert sum(1 for n in numbers if _CN_MOBILE.match(n)) > 5000  # both sides were exercised
 
     @settings(max_examples=300)
+    @given(st.from_regex(r"[0-9]{6,13}", fullmatch=True))
+    def test_mainland_numbers_of_any_shape_same_as_phonenumbers(self, national: str) -> None:
+        assert (mobile_problem("86" + national) is None) == is_mobile("86" + national)
+
+    @settings(max_examples=300)
     @given(st.from_regex(r"1[0-9]{10}", fullmatch=True))
     def test_render_fast_path_same_as_phonenumbers(self, raw: str) -> None:
         renderer = Renderer(phone_column="phone", sign_name=Template.compile("Acme"), params={})
