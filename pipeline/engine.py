@@ -278,7 +278,7 @@ class _Run:
             rows = list(itertools.compress(rows, keep))  # type: ignore[assignment]
             keys = list(itertools.compress(keys, keep))
             values = [tuple(itertools.compress(v, keep)) for v in values]
-        out = self.renderer.render_columns(rows, keys, chunk.header, values)
+        out = self.renderer.render_columns(rows, keys, chunk.header, values, rejects)
         if out is None:  # not all rows of the common shape: render them one by one
             by_row = dict(chunk.records())
             out, bad = self.renderer.render_rows(

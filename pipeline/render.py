@@ -9,7 +9,7 @@ campaign is loaded, so untrusted rows can never reach an object's internals.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -324,37 +324,15 @@ class Renderer:
         columns = self._columns_only
         if columns is not None:
             phone_column = self._phone
+            rows = [row for row, _, _ in items]
+            keys = [key for _, key, _ in items]
             raws = [record.get(phone_column) for _, _, record in items]
-            fast = self._render_common(
-                [row for row, _, _ in items],
-                [key for _, key, _ in items],
-                raws,
-                [[record.get(column) for _, _, record in items] for _, column in columns],
-            )
+            values = [[record.get(column) for _, _, record in items] for _, column in columns]
+            fast = self._render_common(rows, keys, raws, values)
+            if fast is None:
+                fast = self._render_mostly_common(rows, keys, raws, values, lambda i: items[i][2], rejects)
             if fast is not None:
                 return fast, rejects
-            # A few numbers that are not bare mainland mobiles (1 % bad numbers puts one in most
-            # chunks): the others still take the inline path, those go one by one.
-            mobile = [i for i, raw in enumerate(raws) if type(raw) is str and _CN_MOBILE.match(raw)]
-            if len(raws) // 2 <= len(mobile) < len(raws):
-                inline = self._render_common(
-                    [items[i][0] for i in mobile],
-                    [items[i][1] for i in mobile],
-                    [raws[i] for i in mobile],
-                    [[items[i][2].get(column) for i in mobile] for _, column in columns],
-                )
-                if inline is not None:
-                    slots: list[Message | None] = [None] * len(items)
-                    for i, done in zip(mobile, inline, strict=True):
-                        slots[i] = done
-                    for i, (row, key, record) in enumerate(items):
-                        if slots[i] is None:
-                            one = self.render(row, key, record)
-                            if isinstance(one, Rejection):
-                                rejects.append((one.row, one.key, one.reason))
-                            else:
-                                slots[i] = one
-                    return [s for s in slots if s is not None], rejects
         for row, key, record in items:
             m = self.render(row, key, record)
             if isinstance(m, Rejection):
@@ -369,9 +347,14 @@ class Renderer:
         keys: Sequence[str],
         header: Sequence[str],
         values: Sequence[Sequence[str]],
+        rejects: list[tuple[int, str, str]] | None = None,
     ) -> list[Message] | None:
         """Render rows given as columns (``values[i]`` holds column ``header[i]``), when every
-        row is of the common shape; None when any is not (render them one by one then)."""
+        row is of the common shape; None when any is not (render them one by one then).
+
+        With ``rejects``, rows whose number is not a bare mainland mobile (a few bad numbers)
+        are rendered one by one and their rejections appended there; the rest still must be
+        of the common shape."""
         columns = self._columns_only
         if columns is None:
             return None
@@ -379,7 +362,51 @@ class Renderer:
         at = [index.get(self._phone), *(index.get(column) for _, column in columns)]
         if None in at:
             return None
-        return self._render_common(rows, keys, values[at[0]], [values[i] for i in at[1:]])  # type: ignore[index]
+        raws, params = values[at[0]], [values[i] for i in at[1:]]  # type: ignore[index]
+        out = self._render_common(rows, keys, raws, params)
+        if out is None and rejects is not None:
+
+            def record(i: int) -> dict[str, str]:
+                return dict(zip(header, (column[i] for column in values), strict=True))
+
+            out = self._render_mostly_common(rows, keys, raws, params, record, rejects)
+        return out
+
+    def _render_mostly_common(
+        self,
+        rows: Sequence[int],
+        keys: Sequence[str],
+        raws: Sequence[Any],
+        values: Sequence[Sequence[Any]],
+        record: Callable[[int], Mapping[str, object]],
+        rejects: list[tuple[int, str, str]],
+    ) -> list[Message] | None:
+        """A chunk where a few numbers are not bare mainland mobiles (1 % bad numbers puts one
+        in most chunks): the other rows inline, those one by one (``record(i)``: row ``i``),
+        their rejections appended to ``rejects``. None, with nothing appended, when the other
+        rows are not all of the common shape either, or the odd rows are not a few."""
+        mobile = [i for i, raw in enumerate(raws) if type(raw) is str and _CN_MOBILE.match(raw)]
+        if not len(raws) // 2 <= len(mobile) < len(raws):
+            return None
+        inline = self._render_common(
+            [rows[i] for i in mobile],
+            [keys[i] for i in mobile],
+            [raws[i] for i in mobile],
+            [[column[i] for i in mobile] for column in values],
+        )
+        if inline is None:
+            return None
+        slots: list[Message | None] = [None] * len(raws)
+        for i, done in zip(mobile, inline, strict=True):
+            slots[i] = done
+        for i, slot in enumerate(slots):
+            if slot is None:
+                one = self.render(rows[i], keys[i], record(i))
+                if isinstance(one, Rejection):
+                    rejects.append((one.row, one.key, one.reason))
+                else:
+                    slots[i] = one
+        return [s for s in slots if s is not None]
 
     def _render_common(
         self,

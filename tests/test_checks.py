@@ -162,9 +162,15 @@ class TestMobileNumbers:
         assert sum(1 for n in numbers if _CN_MOBILE.match(n)) > 5000  # both sides were exercised
 
     @settings(max_examples=300)
-    @given(st.from_regex(r"[0-9]{6,13}", fullmatch=True))
+    @given(st.from_regex(r"[1-9][0-9]{5,12}", fullmatch=True))
     def test_mainland_numbers_of_any_shape_same_as_phonenumbers(self, national: str) -> None:
         assert (mobile_problem("86" + national) is None) == is_mobile("86" + national)
+
+    def test_a_trunk_zero_after_the_country_code_is_rejected(self) -> None:
+        """phonenumbers drops it while parsing (+86 0139… is +86 139…); the digits would be sent
+        as written, which is no E.164 number: rejected."""
+        trunk = "86" + "0" + "13900000000"
+        assert is_mobile(trunk) and mobile_problem(trunk) == "not a mobile number for CN"
 
     @settings(max_examples=300)
     @given(st.from_regex(r"1[0-9]{10}", fullmatch=True))

@@ -175,6 +175,40 @@ class TestRenderRows:
             assert messages == [m for m in one_by_one if isinstance(m, Message)]
             assert rejects == [(r.row, r.key, r.reason) for r in one_by_one if isinstance(r, Rejection)]
 
+    @settings(max_examples=150)
+    @given(
+        st.lists(
+            st.tuples(
+                st.one_of(
+                    st.from_regex(r"1[3-9][0-9]{9}", fullmatch=True),
+                    st.sampled_from(["14012345678", "23800000019", "+447911123456", "", "١٣٨٠٠٠٠٠٠٠٠"]),
+                ),
+                st.sampled_from(["Li", "x" * 17, "李", ""]),
+                st.sampled_from(["7", "1234"]),
+            ),
+            min_size=1,
+            max_size=30,
+        )
+    )
+    def test_columns_with_odd_numbers_same_as_one_by_one(self, cells: list[tuple[str, str, str]]) -> None:
+        """render_columns with ``rejects`` (the engine's column path): the same messages and
+        rejections as render row by row, or None with nothing rejected."""
+        header = ["phone", "first", "code"]
+        columns = [tuple(c) for c in zip(*cells, strict=True)]
+        rows, keys = list(range(1, len(cells) + 1)), [f"k{i}" for i in range(len(cells))]
+        for renderer in self.renderers():
+            rejects: list[tuple[int, str, str]] = []
+            out = renderer.render_columns(rows, keys, header, columns, rejects)
+            if out is None:
+                assert rejects == []
+                continue
+            one_by_one = [
+                renderer.render(r, k, dict(zip(header, c, strict=True)))
+                for r, k, c in zip(rows, keys, cells, strict=True)
+            ]
+            assert out == [m for m in one_by_one if isinstance(m, Message)]
+            assert rejects == [(r.row, r.key, r.reason) for r in one_by_one if isinstance(r, Rejection)]
+
     def test_a_clean_chunk_takes_the_chunk_path(self) -> None:
         items = [(i, str(i), {"phone": f"139{i:08d}", "first": f"n{i}", "code": "7"}) for i in range(1, 50)]
         renderer = self.renderers()[0]
