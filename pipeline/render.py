@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import compress
 from typing import TYPE_CHECKING, Any
 
 import phonenumbers
@@ -46,6 +47,7 @@ assert _CN_METADATA.mobile.national_number_pattern is not None
 _CN_MOBILE_PATTERN = _CN_METADATA.mobile.national_number_pattern.replace("\\d", "[0-9]")
 _CN_MOBILE = re.compile(f"(?:{_CN_MOBILE_PATTERN})\\Z")
 _MOBILES = re.compile(f"(?:{_CN_MOBILE_PATTERN})*")  # bare mainland mobile numbers, back to back
+_FLIP = bytes.maketrans(b"\x00\x01", b"\x01\x00")  # a mask's 0s and 1s swapped
 _MOBILE_TYPES = frozenset(
     {phonenumbers.PhoneNumberType.MOBILE, phonenumbers.PhoneNumberType.FIXED_LINE_OR_MOBILE}
 )
@@ -385,28 +387,29 @@ class Renderer:
         in most chunks): the other rows inline, those one by one (``record(i)``: row ``i``),
         their rejections appended to ``rejects``. None, with nothing appended, when the other
         rows are not all of the common shape either, or the odd rows are not a few."""
-        mobile = [i for i, raw in enumerate(raws) if type(raw) is str and _CN_MOBILE.match(raw)]
-        if not len(raws) // 2 <= len(mobile) < len(raws):
+        mask = _mobile_mask(raws)
+        if not len(raws) // 2 <= mask.count(1) < len(raws):
             return None
         inline = self._render_common(
-            [rows[i] for i in mobile],
-            [keys[i] for i in mobile],
-            [raws[i] for i in mobile],
-            [[column[i] for i in mobile] for column in values],
+            list(compress(rows, mask)),
+            list(compress(keys, mask)),
+            list(compress(raws, mask)),
+            [list(compress(column, mask)) for column in values],
         )
         if inline is None:
             return None
-        slots: list[Message | None] = [None] * len(raws)
-        for i, done in zip(mobile, inline, strict=True):
-            slots[i] = done
-        for i, slot in enumerate(slots):
-            if slot is None:
-                one = self.render(rows[i], keys[i], record(i))
-                if isinstance(one, Rejection):
-                    rejects.append((one.row, one.key, one.reason))
-                else:
-                    slots[i] = one
-        return [s for s in slots if s is not None]
+        out: list[Message] = []
+        done = 0  # inline messages placed so far
+        for odd, i in enumerate(compress(range(len(raws)), mask.translate(_FLIP))):
+            out += inline[done : i - odd]  # the inline rows before row i
+            done = i - odd
+            one = self.render(rows[i], keys[i], record(i))
+            if isinstance(one, Rejection):
+                rejects.append((one.row, one.key, one.reason))
+            else:
+                out.append(one)
+        out += inline[done:]
+        return out
 
     def _render_common(
         self,
@@ -461,6 +464,28 @@ class Renderer:
             Message(r, k, "86" + p, dict(zip(names, params, strict=True)), sign)
             for r, k, p, params in zip(rows, keys, raws, rows_params, strict=True)
         ]
+
+
+def _mobile_mask(raws: Sequence[Any]) -> bytearray:
+    """1 for each value that is a bare mainland mobile number, else 0. A chunk of 11-character
+    strings is scanned in one string by the back-to-back pattern, which stops at each odd one."""
+    phones: str | None
+    try:
+        phones = "".join(raws)
+    except TypeError:  # a value that is not text
+        phones = None
+    if phones is None or not phones.isascii() or set(map(len, raws)) != {11}:
+        return bytearray(type(raw) is str and _CN_MOBILE.match(raw) is not None for raw in raws)
+    mask = bytearray(b"\x01") * len(raws)
+    pos = 0
+    while pos < len(phones):
+        matched = _MOBILES.match(phones, pos)
+        assert matched is not None  # (…)* matches, if only the empty string
+        pos = matched.end()
+        if pos < len(phones):
+            mask[pos // 11] = 0
+            pos += 11
+    return mask
 
 
 def _clean(value: str) -> bool:
