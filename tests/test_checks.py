@@ -28,6 +28,7 @@ from pipeline.render import (
     Rejection,
     Renderer,
     Template,
+    _mobile_mask,
     campaign_text_limit,
     mobile_problem,
     reason_group,
@@ -185,6 +186,19 @@ class TestMobileNumbers:
     @given(st.lists(st.from_regex(r"1[3-9][0-9]{9}", fullmatch=True), max_size=20))
     def test_chunk_pattern_is_the_number_pattern_back_to_back(self, numbers: list[str]) -> None:
         assert bool(_MOBILES.fullmatch("".join(numbers))) == all(_CN_MOBILE.match(n) for n in numbers)
+
+    @settings(max_examples=200)
+    @given(
+        st.lists(
+            st.from_regex(r"1[3-9][0-9]{9}", fullmatch=True)
+            | st.sampled_from(["14012345678", "2380000001", "+8613900000", "１３９０００００００１", ""])
+            | st.none(),
+            max_size=40,
+        )
+    )
+    def test_chunk_mask_is_the_number_pattern_one_by_one(self, raws: list[str | None]) -> None:
+        want = [int(type(r) is str and _CN_MOBILE.match(r) is not None) for r in raws]
+        assert list(_mobile_mask(raws)) == want
 
 
 class TestDryRun:
