@@ -8,21 +8,25 @@ Segment rules:
   extension table, which counts double) is 160, then 153 per segment; anything else
   is UCS-2, 70 then 67.
 
-The text counted is ``【sign】`` + the template text with ``${param}`` filled in
-(``message.template_text``, the approved template as the provider shows it); without
-it only the parameters and signature are counted, and the report says so.
+The text counted is the one the provider's text limit counts (see
+:func:`pipeline.render.campaign_text_limit`): the rendered content for NXCloud and SUBMAIL
+batchsend/multisend; for a template held by the provider (Aliyun, SUBMAIL multixsend),
+``【sign】`` + the template text with ``${param}`` filled in (``message.template_text``, the
+approved template as the provider shows it), and without it only the signature and the
+parameters, which the report says. Rows are rendered and rejected by the engine's render
+stage itself, so the reject reasons (text too long, not a mobile number...) are the run's.
 """
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 
 from pipeline.campaign import Campaign
 from pipeline.engine import open_source
 from pipeline.keys import KeySet
-from pipeline.render import Rejection, Renderer
+from pipeline.render import Rejection, Renderer, Template, campaign_text_limit, reason_group
+from providers.base import fill_template, sign_and_params
 
 __all__ = ("DryRunReport", "dry_run", "segments")
 
@@ -31,7 +35,6 @@ _GSM_BASIC = set(
     "¡ABCDEFGHIJKLMNOPQRSTUVWXYZÄÖÑÜ§¿abcdefghijklmnopqrstuvwxyzäöñüà"
 )
 _GSM_EXTENDED = set("^{}\\[~]|€\f")
-_PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 def segments(text: str, *, domestic_cn: bool) -> int:
@@ -44,10 +47,6 @@ def segments(text: str, *, domestic_cn: bool) -> int:
         return 1 if n <= 160 else -(-n // 153)
     n = sum(2 if ord(c) > 0xFFFF else 1 for c in text)  # UTF-16 code units
     return 1 if n <= 70 else -(-n // 67)
-
-
-def _fill(template: str, params: dict[str, str]) -> str:
-    return _PLACEHOLDER.sub(lambda g: params.get(g.group(1), g.group(0)), template)
 
 
 @dataclass
@@ -79,21 +78,26 @@ class DryRunReport:
 async def dry_run(campaign: Campaign, *, max_examples: int = 20) -> DryRunReport:
     """Read the whole source as a run would, without a ledger or a request."""
     sign, params = campaign.templates()
+    content = campaign.message.content
+    limit = campaign_text_limit(campaign)
     renderer = Renderer(
         phone_column=campaign.source.phone,
         sign_name=sign,
         params=params,
+        content=Template.compile(content) if content is not None else None,
         default_country=campaign.source.default_country,
+        text_limit=limit,
     )
     template = campaign.message.template_text
-    report = DryRunReport(counted_template=template is not None)
+    # counted_template: the whole text is counted, not only the signature and parameters
+    report = DryRunReport(counted_template=limit.whole if limit is not None else template is not None)
     keys = KeySet() if campaign.source.key else None
     key_col = campaign.source.key
     price = campaign.message.price_per_segment
 
     def reject(row: int, key: str, reason: str) -> None:
         report.rejected += 1
-        report.reasons[reason] += 1
+        report.reasons[reason_group(reason)] += 1
         if len(report.examples) < max_examples:
             report.examples.append((row, key, reason))
 
@@ -115,8 +119,13 @@ async def dry_run(campaign: Campaign, *, max_examples: int = 20) -> DryRunReport
             if isinstance(m, Rejection):
                 reject(row, key, m.reason)
                 continue
-            body = _fill(template, m.params) if template is not None else "".join(m.params.values())
-            n = segments(f"【{m.sign_name}】{body}", domestic_cn=m.phone.startswith("861"))
+            if limit is not None:
+                text = limit.text(m)
+            elif template is not None:
+                text = f"【{m.sign_name}】" + fill_template(template, m.params)
+            else:
+                text = sign_and_params(m)
+            n = segments(text, domestic_cn=m.phone.startswith("861"))
             report.sendable += 1
             report.segments += n
             report.by_segments[n] += 1

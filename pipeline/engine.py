@@ -41,7 +41,7 @@ from pipeline.errors import RunDirError, SourceError
 from pipeline.keys import KeySet
 from pipeline.ledger import Durability, LedgerFault, LedgerState, LedgerWriter, Status, replay
 from pipeline.limit import RateGovernor
-from pipeline.render import Renderer, Template, normalize_phone
+from pipeline.render import Renderer, Template, campaign_text_limit, normalize_phone
 from pipeline.rundir import RunDir
 from pipeline.schedule import SendGate
 from pipeline.source import Chunk, Columns, CsvSource, JsonlSource, Source
@@ -154,6 +154,7 @@ class _Run:
             params=params,
             content=Template.compile(content) if content is not None else None,
             default_country=campaign.source.default_country,
+            text_limit=campaign_text_limit(campaign),
         )
         self.keys = KeySet() if campaign.source.key else None
         self.phones = KeySet() if campaign.source.dedupe_phone else None
@@ -281,7 +282,7 @@ class _Run:
             rows = list(itertools.compress(rows, keep))  # type: ignore[assignment]
             keys = list(itertools.compress(keys, keep))
             values = [tuple(itertools.compress(v, keep)) for v in values]
-        out = self.renderer.render_columns(rows, keys, chunk.header, values)
+        out = self.renderer.render_columns(rows, keys, chunk.header, values, rejects)
         if out is None:  # not all rows of the common shape: render them one by one
             by_row = dict(chunk.records())
             out, bad = self.renderer.render_rows(

@@ -30,7 +30,10 @@ from providers.base import (
     NonceSource,
     Outcome,
     Response,
+    TextLimit,
     WireRequest,
+    fill_template,
+    sign_and_params,
 )
 
 __all__ = (
@@ -435,6 +438,17 @@ class AliyunSms:
 
     name = "aliyun"
     max_batch_size = 100
+    max_text_length = 500  # signature + template text (PROTOCOLS.md §1.6)
+
+    @staticmethod
+    def text_limit(template_text: str | None = None) -> TextLimit:
+        """Aliyun renders the approved template: with its text (``${name}`` placeholders) the
+        whole ``【sign】`` + text is counted; without it only the signature and parameter values,
+        a lower bound (every parameter appears in the template at least once)."""
+        n = AliyunSms.max_text_length
+        if template_text is None:
+            return TextLimit("aliyun", n, sign_and_params, whole=False)
+        return TextLimit("aliyun", n, lambda m: f"【{m.sign_name}】" + fill_template(template_text, m.params))
 
     def __init__(
         self,

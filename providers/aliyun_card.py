@@ -49,6 +49,7 @@ from providers.aliyun import (
     API_VERSION,
     DEFAULT_ENDPOINT,
     AliyunCredentials,
+    AliyunSms,
     _retry_after,
     aliyun_phone,
     classify,
@@ -67,7 +68,9 @@ from providers.base import (
     Outcome,
     RecipientOutcome,
     Response,
+    TextLimit,
     WireRequest,
+    fill_template,
     summarize,
 )
 
@@ -150,6 +153,20 @@ class AliyunCardSms:
     name = "aliyun-card"
     max_batch_size = 100
     recommended_timeout = 3.0
+
+    @staticmethod
+    def text_limit(fallback_type: str, template_text: str | None) -> TextLimit | None:
+        """The fallback SMS is Aliyun's text SMS (500 with the signature) and is checked when
+        its text is known (``template_text``); the card itself has no documented text limit."""
+        if fallback_type != "SMS" or template_text is None:
+            return None
+
+        def text(m: Message) -> str:
+            shared = {k: v for k, v in m.params.items() if "." not in k}
+            own = {k[4:]: v for k, v in m.params.items() if k.startswith("sms.")}
+            return f"【{m.sign_name}】" + fill_template(template_text, {**shared, **own})
+
+        return TextLimit("aliyun-card", AliyunSms.max_text_length, text)
 
     def __init__(
         self,

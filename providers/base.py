@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import enum
 import math
+import re
 import ssl
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -50,13 +51,16 @@ __all__ = (
     "Provider",
     "RecipientOutcome",
     "Response",
+    "TextLimit",
     "WireRequest",
     "WireResponse",
     "certificate_error",
     "classify_transport_error",
+    "fill_template",
     "match_entries",
     "result_code",
     "retry_after_seconds",
+    "sign_and_params",
     "summarize",
     "whole_request",
 )
@@ -392,3 +396,47 @@ def retry_after_seconds(headers: httpx.Headers) -> float | None:
     except ValueError:
         return None
     return min(seconds, 3600.0) if math.isfinite(seconds) and seconds > 0 else None
+
+
+# -- the longest text a provider takes ------------------------------------------------------------
+
+_PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def fill_template(template: str, params: Mapping[str, str]) -> str:
+    """A provider-held template's text (``${name}`` placeholders) with ``params`` filled in;
+    a placeholder without a parameter stays as written."""
+    return _PLACEHOLDER.sub(lambda g: params.get(g.group(1), g.group(0)), template)
+
+
+def sign_and_params(message: Message) -> str:
+    """What is known of a text rendered by the provider from its own template: ``【sign】`` and
+    the parameter values (a lower bound of its length when every parameter is used)."""
+    return f"【{message.sign_name}】" + "".join(message.params.values())
+
+
+def _count(n: int) -> str:
+    return f"{n:,}".replace(",", " ")
+
+
+@dataclass(frozen=True, slots=True)
+class TextLimit:
+    """The longest text one recipient may get from a provider, counted as the provider counts it.
+
+    ``text`` gives the counted text of a rendered message (the signature included where the
+    provider counts it), in characters (code points). ``whole`` is False when the provider
+    holds the template and its text is not known here: ``text`` is then only what is known
+    (signature and parameter values), a lower bound of the real length.
+    """
+
+    provider: str
+    max_length: int
+    text: Callable[[Message], str]
+    whole: bool = True
+
+    def problem(self, message: Message) -> str | None:
+        """None when ``message`` fits; else the reason it is rejected."""
+        n = len(self.text(message))
+        if n <= self.max_length:
+            return None
+        return f"text is {_count(n)} characters; {self.provider} allows {_count(self.max_length)}"

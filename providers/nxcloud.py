@@ -62,6 +62,7 @@ from providers.base import (
     Outcome,
     RecipientOutcome,
     Response,
+    TextLimit,
     WireRequest,
     result_code,
     retry_after_seconds,
@@ -309,6 +310,12 @@ class NxcloudSms:
     """``/v1/sms/multi/mt``: up to 200 items, each with its own number and text."""
 
     name = "nxcloud"
+    max_text_length = 1000  # per item, the content as sent (PROTOCOLS.md §3.4, seed: code 13001)
+
+    @staticmethod
+    def text_limit() -> TextLimit:
+        """Each item's ``content`` is sent as rendered: it is the whole text counted."""
+        return TextLimit("nxcloud", NxcloudSms.max_text_length, lambda m: m.content or "")
 
     def __init__(
         self,

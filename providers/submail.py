@@ -38,6 +38,7 @@ import hashlib
 import hmac
 import math
 import os
+import re
 import time
 import urllib.parse
 from collections.abc import Collection, Hashable, Mapping, Sequence
@@ -56,10 +57,13 @@ from providers.base import (
     Outcome,
     RecipientOutcome,
     Response,
+    TextLimit,
     WireRequest,
+    fill_template,
     match_entries,
     result_code,
     retry_after_seconds,
+    sign_and_params,
     summarize,
 )
 
@@ -266,6 +270,15 @@ def submail_text(sign_name: str, content: str) -> str:
     return (sign_name if sign_name.startswith("【") else f"【{sign_name}】") + content
 
 
+_VAR = re.compile(r"@var\(([^()]*)\)")
+
+
+def _fill_vars(message: Message) -> str:
+    """A multisend text as SUBMAIL renders it: ``@var(key)`` replaced by the recipient's var."""
+    params = message.params
+    return _VAR.sub(lambda g: params.get(g.group(1), g.group(0)), message.content or "")
+
+
 def parse_timestamp(response: httpx.Response) -> float:
     """The server time from a ``/service/timestamp`` response (``{"timestamp": 1414253462}``).
 
@@ -307,6 +320,23 @@ class SubmailSms:
     """SUBMAIL ``sms/batchsend``, ``sms/multisend`` or ``sms/multixsend``."""
 
     name = "submail"
+    max_text_length = 1000  # the content with its 【signature】 (PROTOCOLS.md §2.4, seed)
+
+    @staticmethod
+    def text_limit(mode: Mode, template_text: str | None = None) -> TextLimit:
+        """batchsend: the content as sent; multisend: the content with ``@var(key)`` filled;
+        multixsend: the project's text (``template_text``, ``${name}`` placeholders) when
+        given, else only the signature and the vars, a lower bound."""
+        limit = SubmailSms.max_text_length
+        if mode == "batchsend":
+            return TextLimit("submail", limit, lambda m: submail_text(m.sign_name, m.content or ""))
+        if mode == "multisend":
+            return TextLimit("submail", limit, lambda m: submail_text(m.sign_name, _fill_vars(m)))
+        if template_text is None:
+            return TextLimit("submail", limit, sign_and_params, whole=False)
+        return TextLimit(
+            "submail", limit, lambda m: submail_text(m.sign_name, fill_template(template_text, m.params))
+        )
 
     def __init__(
         self,

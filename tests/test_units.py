@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -16,7 +17,9 @@ from pipeline.errors import CampaignError
 from pipeline.keys import KeySet
 from pipeline.ledger import LedgerWriter, Status, replay
 from pipeline.render import Rejection, Renderer, Template, TemplateError, normalize_phone
+from providers.aliyun import AliyunSms
 from providers.base import Batch, BatchOutcome, Message, Outcome, RecipientOutcome
+from providers.nxcloud import NxcloudSms
 
 
 class TestTemplate:
@@ -97,6 +100,8 @@ class TestRenderRows:
 
     VALUES = st.one_of(
         st.sampled_from(["13800000000", "19912345678", "12800000000", "+8613800000000", "", "Li", "李"]),
+        # not mobiles (140, a landline, read as +238), a mobile abroad, values over a text limit
+        st.sampled_from(["14012345678", "+862162321234", "23800000019", "+447911123456", "x" * 17]),
         st.text(max_size=12),
         st.integers(-5, 10**12),
         st.none(),
@@ -112,6 +117,18 @@ class TestRenderRows:
             Renderer(**common, params={k: Template.compile("{code}") for k in "abc"}),
             Renderer(**common, params={k: Template.compile("{first}") for k in "abcd"}),
             Renderer(**common, params={"name": Template.compile("Dear {first}")}),
+            # text limits (small, to be reached): on the chunk path and on free text
+            Renderer(
+                **common,
+                params={"a": Template.compile("{first}"), "c": Template.compile("{code}")},
+                text_limit=dataclasses.replace(AliyunSms.text_limit(None), max_length=20),
+            ),
+            Renderer(
+                **common,
+                params={},
+                content=Template.compile("Hi {first}"),
+                text_limit=dataclasses.replace(NxcloudSms.text_limit(), max_length=15),
+            ),
             Renderer(phone_column="phone", sign_name=Template.compile("{sign}"), params={}),
         ]
 
@@ -130,6 +147,66 @@ class TestRenderRows:
             messages, rejects = renderer.render_rows(items)
             one_by_one = [renderer.render(row, key, rec) for row, key, rec in items]
             assert messages == [m for m in one_by_one if isinstance(m, Message)]
+            assert rejects == [(r.row, r.key, r.reason) for r in one_by_one if isinstance(r, Rejection)]
+
+    @settings(max_examples=150)
+    @given(
+        st.lists(
+            st.fixed_dictionaries(
+                {
+                    "phone": st.one_of(
+                        st.from_regex(r"1[3-9][0-9]{9}", fullmatch=True),
+                        st.sampled_from(["13800000000", "14012345678", "23800000019", "+447911123456", 7]),
+                    ),
+                    "first": st.sampled_from(["Li", "x" * 17, "李", ""]),
+                    "code": st.sampled_from(["7", "1234"]),
+                }
+            ),
+            max_size=30,
+        )
+    )
+    def test_mostly_mainland_chunks_same_as_one_by_one(self, records: list[dict[str, object]]) -> None:
+        """Chunks where most numbers are bare mainland mobiles and a few are not (the inline
+        path for the first, one by one for the others) agree with render row by row."""
+        items = [(i + 1, f"k{i}", rec) for i, rec in enumerate(records)]
+        for renderer in self.renderers():
+            messages, rejects = renderer.render_rows(items)
+            one_by_one = [renderer.render(row, key, rec) for row, key, rec in items]
+            assert messages == [m for m in one_by_one if isinstance(m, Message)]
+            assert rejects == [(r.row, r.key, r.reason) for r in one_by_one if isinstance(r, Rejection)]
+
+    @settings(max_examples=150)
+    @given(
+        st.lists(
+            st.tuples(
+                st.one_of(
+                    st.from_regex(r"1[3-9][0-9]{9}", fullmatch=True),
+                    st.sampled_from(["14012345678", "23800000019", "+447911123456", "", "١٣٨٠٠٠٠٠٠٠٠"]),
+                ),
+                st.sampled_from(["Li", "x" * 17, "李", ""]),
+                st.sampled_from(["7", "1234"]),
+            ),
+            min_size=1,
+            max_size=30,
+        )
+    )
+    def test_columns_with_odd_numbers_same_as_one_by_one(self, cells: list[tuple[str, str, str]]) -> None:
+        """render_columns with ``rejects`` (the engine's column path): the same messages and
+        rejections as render row by row, or None with nothing rejected."""
+        header = ["phone", "first", "code"]
+        columns = [tuple(c) for c in zip(*cells, strict=True)]
+        rows, keys = list(range(1, len(cells) + 1)), [f"k{i}" for i in range(len(cells))]
+        for renderer in self.renderers():
+            rejects: list[tuple[int, str, str]] = []
+            out = renderer.render_columns(rows, keys, header, columns, rejects)
+            if out is None:
+                assert rejects == []
+                continue
+            one_by_one = [
+                renderer.render(r, k, dict(zip(header, c, strict=True)))
+                for r, k, c in zip(rows, keys, cells, strict=True)
+            ]
+            assert out == [m for m in one_by_one if isinstance(m, Message)]
             assert rejects == [(r.row, r.key, r.reason) for r in one_by_one if isinstance(r, Rejection)]
 
     def test_a_clean_chunk_takes_the_chunk_path(self) -> None:
