@@ -345,7 +345,7 @@ def cmd_export(args: argparse.Namespace, console: Console) -> int:
 def cmd_simulate(args: argparse.Namespace, console: Console) -> int:
     from providers.simulator.__main__ import main as simulator_main
 
-    return simulator_main(args.simulator_args)
+    return simulator_main(args.simulator_args, prog="sluice simulate")
 
 
 def _write_demo_recipients(path: Path, n: int, seed: int = 7) -> None:
@@ -406,6 +406,10 @@ dir = "run"
     )
     campaign = load_campaign(campaign_file)
     run_dir = Path(campaign.run.dir or base / "run")
+    n = 1
+    while RunDir(run_dir).exists():  # a rerun into the same --dir: a run of its own
+        n += 1
+        run_dir = base / f"run-{n}"
     run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     _open_log(run_dir, echo=not console.is_terminal)
     sim_args = [
@@ -441,6 +445,7 @@ dir = "run"
 # -- argument parsing ----------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sluice", description="Bulk SMS through provider batch APIs.")
+    p.add_argument("--version", action="version", version=f"sluice {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="start (or continue) a campaign")
@@ -488,12 +493,13 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--output", "-o", default="-", help="file to write (default: stdout)")
     ex.set_defaults(func=cmd_export)
 
+    # Its options are the simulator's own (main() hands them over whole: argparse's REMAINDER
+    # would take `sluice simulate --port 0` for options of sluice's).
     sim = sub.add_parser("simulate", help="serve the provider simulator on loopback", add_help=False)
-    sim.add_argument("simulator_args", nargs=argparse.REMAINDER)
-    sim.set_defaults(func=cmd_simulate)
+    sim.set_defaults(func=cmd_simulate, simulator_args=[])
 
     d = sub.add_parser("demo", help="a real campaign against the embedded simulator")
-    d.add_argument("--recipients", type=int, default=100_000)
+    d.add_argument("--recipients", type=_positive, default=100_000)
     d.add_argument("--dir", help="where to put the demo files (default: ./sluice-demo-<time>)")
     d.add_argument("--rps", type=int, default=2000, help="requests per second")
     d.add_argument("--concurrency", type=int, default=64)
@@ -513,8 +519,33 @@ def _sluice_error(group: BaseExceptionGroup) -> BaseException:
     return group
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sluice")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["simulate"]:
+        return cmd_simulate(argparse.Namespace(simulator_args=argv[1:]), Console(stderr=True))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "json", False) and args.command == "run" and not args.dry_run:
+        parser.error("--json goes with --dry-run (a run reports on the terminal; see `sluice status --json`)")
     console = Console(stderr=True)
     try:
         try:
