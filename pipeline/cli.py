@@ -118,8 +118,9 @@ def _summary(console: Console, result: RunResult, run_dir: Path) -> None:
         console.print(f"[bold red]stopped:[/] {escape(result.stopped)}", soft_wrap=True)
     if c["unknown"]:
         console.print(
-            f"{c['unknown']:,} recipients are unknown (they may have reached the provider); "
-            "`sluice resume --resend-unknown` would send them again."
+            f"{c['unknown']:,} recipients are unknown (they may have reached the provider): "
+            f"`sluice reconcile {run_dir}` asks the provider which were accepted; only then "
+            "`sluice resume` sends the rest (`--resend-unknown` sends them blind, at the risk of twice)."
         )
 
 
