@@ -17,7 +17,7 @@ from typing import Literal
 import httpx
 import orjson
 
-from providers.aliyun_query import query_request
+from providers.aliyun_query import beijing_date, parse_query, query_request
 from providers.aliyun_sign import (
     API_VERSION,
     DEFAULT_ENDPOINT,
@@ -45,14 +45,25 @@ from providers.base import (
     Message,
     NonceSource,
     Outcome,
+    Provider,
     Response,
     WireRequest,
+)
+from providers.spec import (
+    ConfigKey,
+    EnvVar,
+    Fetch,
+    ProviderKind,
+    ProviderSettings,
+    ReconcileQuery,
+    UnknownSend,
 )
 
 __all__ = (
     "API_VERSION",
     "CODE_CLASSES",
     "DEFAULT_ENDPOINT",
+    "SPEC",
     "SPLIT_CODES",
     "TEST_CREDENTIALS",
     "AliyunCredentials",
@@ -382,3 +393,69 @@ class AliyunSms:
             retry_after=_retry_after(response.headers),
             extra=extra,
         )
+
+
+# -- declaration (providers/registry.py) -----------------------------------------------------
+ALIYUN_ENV = (EnvVar("ALIYUN_ACCESS_KEY_ID"), EnvVar("ALIYUN_ACCESS_KEY_SECRET", secret=True))
+ALIYUN_TEST_ENV = {
+    "ALIYUN_ACCESS_KEY_ID": TEST_CREDENTIALS.access_key_id,
+    "ALIYUN_ACCESS_KEY_SECRET": TEST_CREDENTIALS.access_key_secret,
+}
+ALIYUN_CONFIG = (
+    ConfigKey("signature", str, ("v3", "v2"), "v3"),
+    ConfigKey("region_id", str),
+)
+
+
+def signature_of(options: Mapping[str, object]) -> Literal["v3", "v2"]:
+    return "v2" if options.get("signature") == "v2" else "v3"
+
+
+def _build(settings: ProviderSettings) -> AliyunSms:
+    return AliyunSms(
+        credentials=AliyunCredentials.from_env(settings.environ),
+        template_code=settings.message["template_code"],
+        endpoint=settings.endpoint,
+        signature=signature_of(settings.options),
+        region_id=settings.options.get("region_id"),
+    )
+
+
+def _check_message(options: Mapping[str, object], message: Mapping[str, object]) -> tuple[str, str] | None:
+    if not str(message.get("template_code") or "").strip():
+        return "message.template_code", "is required for aliyun"
+    return None
+
+
+async def _lookup(provider: Provider, item: UnknownSend, fetch: Fetch) -> str:
+    """``QuerySendDetails`` by number and Beijing day, matched on the batch's ``OutId``."""
+    assert isinstance(provider, AliyunSms)
+    page = 1
+    while True:
+        response = await fetch(
+            provider.details_request(aliyun_phone(item.phone), beijing_date(item.sent_at), page)
+        )
+        code, total, records = parse_query(response)
+        if code.startswith("Throttling"):
+            continue
+        if code != "OK":
+            return f"error:{code}"
+        for rec in records:
+            if rec.out_id == item.out_id:
+                return f"failed:{rec.err_code or 'SendStatus2'}" if rec.send_status == 2 else "sent"
+        if page * 50 >= total:
+            return "missing"
+        page += 1
+
+
+SPEC = ProviderKind(
+    kind="aliyun",
+    build=_build,
+    env=ALIYUN_ENV,
+    default_endpoint=DEFAULT_ENDPOINT,
+    max_batch=AliyunSms.max_batch_size,
+    config=ALIYUN_CONFIG,
+    check_message=_check_message,
+    test_env=ALIYUN_TEST_ENV,
+    reconcile=ReconcileQuery(lookup=_lookup),
+)
