@@ -19,8 +19,7 @@ import httpx
 from pipeline.campaign import Campaign
 from pipeline.errors import CampaignError
 from providers import registry
-from providers.aliyun_sign import CredentialsError
-from providers.base import Provider
+from providers.base import CredentialsError, Provider
 from providers.spec import MIN_SECRET_LENGTH, ProviderKind, ProviderSettings
 
 __all__ = ("check_credentials", "make_provider", "protocol_of", "provider_kind", "sync_server_clock")

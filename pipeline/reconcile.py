@@ -42,7 +42,7 @@ from pipeline.limit import RateGovernor
 from pipeline.render import normalize_phone
 from pipeline.rundir import RunDir
 from pipeline.transport import HttpTransport
-from providers.aliyun_sign import CredentialsError
+from providers.base import CredentialsError
 from providers.spec import UnknownSend
 
 __all__ = ("ReconcileResult", "reconcile_run")

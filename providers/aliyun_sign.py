@@ -14,6 +14,8 @@ import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from providers.base import CredentialsError
+
 __all__ = (
     "API_VERSION",
     "DEFAULT_ENDPOINT",
@@ -35,10 +37,6 @@ V3_ALGORITHM = "ACS3-HMAC-SHA256"
 
 
 # -- credentials --------------------------------------------------------------------------
-class CredentialsError(Exception):
-    """Credentials are missing from the environment (names the variable, never a value)."""
-
-
 @dataclass(frozen=True, slots=True)
 class AliyunCredentials:
     access_key_id: str

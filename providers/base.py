@@ -44,6 +44,7 @@ __all__ = (
     "Batch",
     "BatchOutcome",
     "Clock",
+    "CredentialsError",
     "Message",
     "NonceSource",
     "Outcome",
@@ -60,6 +61,10 @@ __all__ = (
     "summarize",
     "whole_request",
 )
+
+
+class CredentialsError(Exception):
+    """Credentials are missing from the environment (names the variable, never a value)."""
 
 
 class Outcome(enum.Enum):

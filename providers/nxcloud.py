@@ -54,11 +54,11 @@ import httpx
 import orjson
 
 from providers.aliyun_query import beijing_date
-from providers.aliyun_sign import CredentialsError
 from providers.base import (
     Batch,
     BatchOutcome,
     Clock,
+    CredentialsError,
     Message,
     Outcome,
     Provider,

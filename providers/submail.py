@@ -47,11 +47,11 @@ from typing import Any, Literal
 import httpx
 import orjson
 
-from providers.aliyun_sign import CredentialsError
 from providers.base import (
     Batch,
     BatchOutcome,
     Clock,
+    CredentialsError,
     Message,
     Outcome,
     Provider,
