@@ -185,7 +185,7 @@ def _execute(
         kwargs.update(campaign=campaign, run_dir=run_dir)
     with RunDir(run_dir).lock(f"sluice {'resume' if resume else 'run'}"):
         _open_log(run_dir, echo=not console.is_terminal)
-        if campaign.provider.kind == "simulator" and campaign.provider.endpoint is None:
+        if campaign.provider.kind == registry.SIMULATOR and campaign.provider.endpoint is None:
             with embedded_simulator() as url:
                 result, signalled = _run_async(fn, {**kwargs, "endpoint": url}, console)
         else:
