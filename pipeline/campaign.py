@@ -73,6 +73,8 @@ class SourceSpec:
 class ProviderSpec:
     kind: str
     endpoint: str | None = None
+    # signature, region_id, mode, sign_type, algorithm, source_address: declared (type, choices)
+    # by their providers' SPEC.config; fields here so that run.json and campaign hashes stay as were.
     signature: str = "v3"
     timeout: float = 10.0
     connect_timeout: float = 5.0
