@@ -14,6 +14,8 @@ from typing import Any, BinaryIO
 import orjson
 import structlog
 
+from providers.spec import MIN_SECRET_LENGTH
+
 __all__ = ("Redactor", "configure_logging", "mask_phone")
 
 _PHONE = re.compile(r"\+?\d{7,15}")
@@ -25,16 +27,29 @@ def mask_phone(text: str) -> str:
 
 
 class Redactor:
-    """A processor removing secrets and masking phone numbers in every string."""
+    """A processor removing secrets and masking phone numbers in every string.
 
-    __slots__ = ("_secrets",)
+    A secret is masked where a string equals it and, when it is at least
+    ``MIN_SECRET_LENGTH`` characters long, wherever it occurs inside one. A shorter value
+    (refused as a credential at start) is never searched for inside text: a one-character
+    "secret" would otherwise mangle every word holding that character.
+    """
+
+    __slots__ = ("_exact", "_inside")
 
     def __init__(self, secrets: Iterable[str]) -> None:
-        self._secrets = tuple(s for s in secrets if s)
+        values = {v for s in secrets for v in (s, s.strip()) if v}
+        self._exact = frozenset(values)
+        # longest first, so a secret holding another is masked whole
+        self._inside = tuple(
+            sorted((v for v in values if len(v) >= MIN_SECRET_LENGTH), key=len, reverse=True)
+        )
 
     def _clean(self, value: object) -> object:
         if isinstance(value, str):
-            for s in self._secrets:
+            if value in self._exact:
+                return "[redacted]"
+            for s in self._inside:
                 if s in value:
                     value = value.replace(s, "[redacted]")
             return mask_phone(value)

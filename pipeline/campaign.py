@@ -22,6 +22,8 @@ from pipeline.errors import CampaignError
 from pipeline.ledger import Durability
 from pipeline.render import Template, TemplateError
 from pipeline.schedule import Window, parse_window
+from providers import registry
+from providers.spec import ConfigKey
 
 ON_REFUSAL = ("split", "fail-batch")
 """What to do with a call refused because of some of its recipients (``[provider] on_refusal``)."""
@@ -43,10 +45,6 @@ DB_KINDS = ("sqlite", "postgres")
 _DB_ONLY = ("table", "query", "dsn_env", "shard", "key_from", "key_to")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _SHARD = re.compile(r"\s*(\d+)\s*/\s*(\d+)\s*\Z")
-PROVIDER_KINDS = ("aliyun", "aliyun-card", "submail", "nxcloud", "simulator")
-PROTOCOLS = ("aliyun", "aliyun-card", "submail", "nxcloud")
-MAX_BATCH = {"aliyun": 100, "aliyun-card": 100, "submail": 10_000, "nxcloud": 200}
-SUBMAIL_MODES = ("batchsend", "multisend", "multixsend")
 
 
 @dataclass(frozen=True)
@@ -75,6 +73,8 @@ class SourceSpec:
 class ProviderSpec:
     kind: str
     endpoint: str | None = None
+    # signature, region_id, mode, sign_type, algorithm, source_address: declared (type, choices)
+    # by their providers' SPEC.config; fields here so that run.json and campaign hashes stay as were.
     signature: str = "v3"
     timeout: float = 10.0
     connect_timeout: float = 5.0
@@ -88,6 +88,13 @@ class ProviderSpec:
     # A call refused because of some of its recipients: "split" it until they stand alone,
     # or "fail-batch" (every recipient of it failed).
     on_refusal: str = "split"
+    # Keys declared by a registered provider (providers/registry.py) that have no field above.
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def settings(self) -> dict[str, Any]:
+        """Every [provider] key with its value: what the provider is built from."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "options"}
+        return {**values, **self.options}
 
 
 @dataclass(frozen=True)
@@ -156,7 +163,9 @@ class Campaign:
     schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        data["provider"] = self.provider.settings()  # as the file has it (and the hash had it)
+        return data
 
     def digest(self) -> str:
         """A stable hash of everything that decides what is sent."""
@@ -226,6 +235,18 @@ def _typed(section: str, name: str, value: object, default: object) -> object:
     return value
 
 
+def _declared(name: str, value: object, key: ConfigKey) -> object:
+    """A provider-declared [provider] key: its declared type and, for strings, choices."""
+    where = f"provider.{name}"
+    if key.type is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, key.type) or (key.type is not bool and isinstance(value, bool)):
+        raise CampaignError(where, f"must be a {key.type.__name__}, not {value!r}")
+    if key.choices and value not in key.choices:
+        raise CampaignError(where, f"must be one of {', '.join(key.choices)}")
+    return value
+
+
 def parse_campaign(data: Mapping[str, Any], base_dir: Path) -> Campaign:
     """Validate a parsed campaign document; resolve paths against ``base_dir``."""
     for name in data:
@@ -238,13 +259,19 @@ def parse_campaign(data: Mapping[str, Any], base_dir: Path) -> Campaign:
             raise CampaignError(name, "must be a table")
         fields = {f.name: f for f in dataclasses.fields(cls)}
         defaults = {k: f.default for k, f in fields.items()}
+        declared = registry.config_keys() if name == "provider" else {}
         for key in raw:
-            if key not in fields:
+            if (key not in fields and key not in declared) or key == "options":
                 raise CampaignError(f"{name}.{key}", "unknown key")
         for key in _REQUIRED.get(name, ()):
             if key not in raw:
                 raise CampaignError(f"{name}.{key}", "is required")
-        values = {k: _typed(name, k, v, defaults.get(k)) for k, v in raw.items()}
+        values = {
+            k: _declared(k, v, declared[k]) if k in declared else _typed(name, k, v, defaults.get(k))
+            for k, v in raw.items()
+        }
+        if declared:
+            values["options"] = {k: values.pop(k) for k in list(values) if k not in fields}
         sections[name] = values
     src: dict[str, Any] = sections["source"]  # type: ignore[assignment]
     prov: dict[str, Any] = sections["provider"]  # type: ignore[assignment]
@@ -264,10 +291,8 @@ def parse_campaign(data: Mapping[str, Any], base_dir: Path) -> Campaign:
         raise CampaignError("source.delimiter", "must be one character")
     if not src.get("default_country", "86").isdigit():
         raise CampaignError("source.default_country", "must be a country calling code, e.g. 86")
-    if prov["kind"] not in PROVIDER_KINDS:
-        raise CampaignError("provider.kind", f"must be one of {', '.join(PROVIDER_KINDS)}")
-    if prov.get("signature", "v3") not in ("v3", "v2"):
-        raise CampaignError("provider.signature", "must be v3 or v2")
+    if prov["kind"] not in registry.kinds():
+        raise CampaignError("provider.kind", f"must be one of {', '.join(registry.kinds())}")
     endpoint = prov.get("endpoint")
     if endpoint is not None and not endpoint.startswith(("http://", "https://")):
         raise CampaignError("provider.endpoint", "must be an http:// or https:// URL")
@@ -275,21 +300,21 @@ def parse_campaign(data: Mapping[str, Any], base_dir: Path) -> Campaign:
         if name in prov and not 0 < prov[name] <= 600:
             raise CampaignError(f"provider.{name}", "must be between 0 and 600 seconds")
 
-    protocol = prov.get("protocol", "aliyun") if prov["kind"] == "simulator" else prov["kind"]
-    if protocol not in PROTOCOLS:
-        raise CampaignError("provider.protocol", f"must be one of {', '.join(PROTOCOLS)}")
-    if prov.get("mode", "batchsend") not in SUBMAIL_MODES:
-        raise CampaignError("provider.mode", f"must be one of {', '.join(SUBMAIL_MODES)}")
-    if prov.get("sign_type", "md5") not in ("md5", "sha1", "normal"):
-        raise CampaignError("provider.sign_type", "must be md5, sha1 or normal")
-    if prov.get("algorithm", "md5") not in ("md5", "sha256"):
-        raise CampaignError("provider.algorithm", "must be md5 or sha256")
+    protocol = registry.protocol_of(prov["kind"], prov.get("protocol", "aliyun"))
+    speaks = registry.lookup(protocol)
+    if speaks is None or (prov["kind"] == registry.SIMULATOR and speaks.test_env is None):
+        simulated = [s.kind for s in registry.registered() if s.test_env is not None]
+        raise CampaignError("provider.protocol", f"must be one of {', '.join(simulated)}")
     if prov.get("on_refusal", "split") not in ON_REFUSAL:
         raise CampaignError("provider.on_refusal", f"must be one of {', '.join(ON_REFUSAL)}")
-    _check_message(protocol, prov.get("mode", "batchsend"), sections["message"])  # type: ignore[arg-type]
+    options = {key.name: key.default for key in registry.config_keys().values()}
+    message: dict[str, Any] = sections["message"]  # type: ignore[assignment]
+    problem = speaks.check_message({**options, **prov, **prov.get("options", {})}, message)
+    if problem is not None:
+        raise CampaignError(*problem)
 
     limits = LimitsSpec(**lim)
-    cap = MAX_BATCH[protocol]
+    cap = speaks.max_batch
     if not 1 <= limits.batch_size <= cap:
         raise CampaignError("limits.batch_size", f"must be between 1 and {cap} for {protocol}")
     if not 0 < limits.requests_per_second <= 100_000:
@@ -354,27 +379,6 @@ def parse_campaign(data: Mapping[str, Any], base_dir: Path) -> Campaign:
         except TemplateError as exc:
             raise CampaignError("message.content", str(exc)) from None
     return campaign
-
-
-def _check_message(protocol: str, mode: str, msg: dict[str, Any]) -> None:
-    """What each protocol needs in [message]."""
-    if protocol == "aliyun" and not msg.get("template_code", "").strip():
-        raise CampaignError("message.template_code", "is required for aliyun")
-    if protocol == "aliyun-card":
-        if not msg.get("card_template_code"):
-            raise CampaignError("message.card_template_code", "is required for aliyun-card")
-        fallback = msg.get("fallback_type", "SMS")
-        if fallback not in ("SMS", "DIGITALSMS", "NONE"):
-            raise CampaignError("message.fallback_type", "must be SMS, DIGITALSMS or NONE")
-        if fallback == "SMS" and not msg.get("template_code"):
-            raise CampaignError("message.template_code", "is required: the text template of the SMS fallback")
-        if fallback == "DIGITALSMS" and not msg.get("digital_template_code"):
-            raise CampaignError("message.digital_template_code", "is required with DIGITALSMS fallback")
-    needs_content = protocol == "nxcloud" or (protocol == "submail" and mode in ("batchsend", "multisend"))
-    if needs_content and not msg.get("content"):
-        raise CampaignError("message.content", f"is required for {protocol}")
-    if protocol == "submail" and mode == "multixsend" and not msg.get("project"):
-        raise CampaignError("message.project", "is required for submail multixsend")
 
 
 def _check_source(src: dict[str, Any]) -> None:

@@ -34,6 +34,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from pipeline._logging import configure_logging
+from pipeline.account import check_credentials
 from pipeline.api import resume_run, start_run
 from pipeline.campaign import Campaign, load_campaign
 from pipeline.engine import DISK_FAULT, RunResult
@@ -41,12 +42,12 @@ from pipeline.errors import CampaignError, RunDirError, RunStopped, SluiceError,
 from pipeline.progress import ProgressReporter
 from pipeline.rundir import RunDir
 from pipeline.summary import export_rows, summarize
+from providers import registry
 
 __all__ = ("main",)
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNSETTLED, EXIT_STOPPED, EXIT_DISK = 0, 1, 2, 3, 4, 5
 SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
-SECRET_VARS = ("ALIYUN_ACCESS_KEY_SECRET", "ALIYUN_ACCESS_KEY_ID")
 
 log = structlog.get_logger("sluice")
 
@@ -168,13 +169,14 @@ def _open_log(run_dir: Path, echo: bool) -> None:
         os.chmod(run_dir / "log.jsonl", 0o600)
     except OSError as exc:
         raise RunDirError(f"cannot write {run_dir / 'log.jsonl'}: {exc.strerror}") from None
-    secrets = [os.environ.get(v, "") for v in SECRET_VARS]
+    secrets = [os.environ.get(name, "") for name in registry.secret_names()]
     configure_logging(log_file, secrets=secrets, echo=echo)
 
 
 def _execute(
     campaign: Campaign, run_dir: Path, resume: bool, args: argparse.Namespace, console: Console
 ) -> int:
+    check_credentials(campaign)
     kwargs: dict[str, Any] = {"force": args.force, "total_hint": _count_rows(campaign)}
     if resume:
         fn: Any = resume_run
@@ -184,7 +186,7 @@ def _execute(
         kwargs.update(campaign=campaign, run_dir=run_dir)
     with RunDir(run_dir).lock(f"sluice {'resume' if resume else 'run'}"):
         _open_log(run_dir, echo=not console.is_terminal)
-        if campaign.provider.kind == "simulator" and campaign.provider.endpoint is None:
+        if campaign.provider.kind == registry.SIMULATOR and campaign.provider.endpoint is None:
             with embedded_simulator() as url:
                 result, signalled = _run_async(fn, {**kwargs, "endpoint": url}, console)
         else:

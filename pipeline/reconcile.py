@@ -1,7 +1,8 @@
 """Reconcile: settle ``unknown`` recipients through the provider's status API.
 
 For each unknown row: the ``OutId`` and time of its last intent come from the
-ledger, its number from re-reading the source. Then, per provider:
+ledger, its number from re-reading the source. Then the provider's declared status
+query (``SPEC.reconcile``, see providers/registry.py):
 
 * Aliyun: ``QuerySendDetails`` (number + Beijing date) for a record with the batch's ``OutId``;
 * Aliyun card: ``GetCardSmsDetails`` the same way (``SendStatus`` 2 or 4 is a failure);
@@ -23,7 +24,7 @@ Queries go through the same rate limiter as sends.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +33,7 @@ import httpx
 import orjson
 import structlog
 
-from pipeline.account import make_provider, protocol_of
+from pipeline.account import make_provider, provider_kind
 from pipeline.api import pinned_campaign
 from pipeline.engine import open_source
 from pipeline.errors import CampaignError
@@ -41,12 +42,8 @@ from pipeline.limit import RateGovernor
 from pipeline.render import normalize_phone
 from pipeline.rundir import RunDir
 from pipeline.transport import HttpTransport
-from providers.aliyun import AliyunSms, CredentialsError, aliyun_phone
-from providers.aliyun_card import AliyunCardSms, parse_card_details
-from providers.aliyun_query import beijing_date, parse_query
-from providers.base import Message, Provider
-from providers.nxcloud import NxcloudSms, parse_record
-from providers.submail import SubmailError, SubmailSms, parse_log
+from providers.base import CredentialsError
+from providers.spec import UnknownSend
 
 __all__ = ("ReconcileResult", "reconcile_run")
 
@@ -61,15 +58,6 @@ class ReconcileResult:
     resendable: int = 0
     still_unknown: int = 0
     query_errors: dict[str, int] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class _Unknown:
-    row: int
-    key: str
-    phone: str
-    out_id: str
-    sent_at: float
 
 
 def _unknown_rows(ledger: Path) -> dict[int, tuple[str, float]]:
@@ -119,17 +107,20 @@ async def _reconcile(
     campaign, doc = pinned_campaign(rd)
     rd.check_ledger(doc, force=False)
     provider = make_provider(campaign, run_id=doc["run_id"], endpoint=endpoint)
-    protocol = protocol_of(campaign)
-    if isinstance(provider, NxcloudSms):
-        try:  # the record query authenticates with the app's own secret
-            provider.record_query_request("probe-0000000000", "20260101")
+    spec = provider_kind(campaign)
+    query = spec.reconcile
+    if query is None:
+        raise CampaignError("provider.kind", f"{spec.kind} has no status query to reconcile with")
+    if query.preflight is not None:
+        try:  # e.g. a query that needs a credential sending does not
+            query.preflight(provider)
         except CredentialsError as exc:
-            raise CampaignError("provider.kind", f"nxcloud reconciliation needs {exc}") from None
+            raise CampaignError("provider.kind", f"{spec.kind} reconciliation needs {exc}") from None
     intents = _unknown_rows(rd.ledger)
     result = ReconcileResult()
     if not intents:
         return result
-    todo: list[_Unknown] = []
+    todo: list[UnknownSend] = []
     key_col = campaign.source.key
     async for chunk in open_source(campaign).chunks():
         for row, rec in chunk:
@@ -140,8 +131,8 @@ async def _reconcile(
                     continue
                 key = str(rec.get(key_col, row)) if key_col else str(row)
                 out_id, t = intents[row]
-                todo.append(_Unknown(row, key, phone, out_id, t))
-    rate = queries_per_second or (1 / 60 if protocol == "submail" else 50.0)
+                todo.append(UnknownSend(row, key, phone, out_id, t))
+    rate = queries_per_second or query.queries_per_second
     governor = RateGovernor(rate, min_rate=rate)
     transport = transport or HttpTransport(max_connections=concurrency)
     timeout = httpx.Timeout(campaign.provider.timeout).as_dict()
@@ -154,7 +145,7 @@ async def _reconcile(
         await response.aread()
         return response
 
-    def record(item: _Unknown, verdict: str) -> None:
+    def record(item: UnknownSend, verdict: str) -> None:
         result.checked += 1
         if verdict == "sent":
             result.sent += 1
@@ -171,19 +162,13 @@ async def _reconcile(
                 result.query_errors[verdict[6:]] = result.query_errors.get(verdict[6:], 0) + 1
 
     async with transport:
-        if isinstance(provider, SubmailSms):
-            await _submail(provider, todo, fetch, record)
-        else:
-            lookup = (
-                _aliyun
-                if isinstance(provider, AliyunSms)
-                else _card
-                if isinstance(provider, AliyunCardSms)
-                else _nxcloud
-            )
-            send, recv = anyio.create_memory_object_stream[_Unknown](concurrency)
+        if query.sweep is not None:
+            for item, verdict in zip(todo, await query.sweep(provider, todo, fetch), strict=True):
+                record(item, verdict)
+        elif (lookup := query.lookup) is not None:
+            send, recv = anyio.create_memory_object_stream[UnknownSend](concurrency)
 
-            async def worker(stream: anyio.abc.ObjectReceiveStream[_Unknown]) -> None:
+            async def worker(stream: anyio.abc.ObjectReceiveStream[UnknownSend]) -> None:
                 async with stream:
                     async for item in stream:
                         try:
@@ -206,87 +191,3 @@ async def _reconcile(
         writer.close()
     log.info("reconciled", **{k: v for k, v in vars(result).items() if k != "query_errors"})
     return result
-
-
-Fetch = Callable[[httpx.Request], Awaitable[httpx.Response]]
-
-
-async def _aliyun(provider: Provider, item: _Unknown, fetch: Fetch) -> str:
-    """'sent' | 'failed:<code>' | 'missing' | 'error:<code>'"""
-    assert isinstance(provider, AliyunSms)
-    page = 1
-    while True:
-        response = await fetch(
-            provider.details_request(aliyun_phone(item.phone), beijing_date(item.sent_at), page)
-        )
-        code, total, records = parse_query(response)
-        if code.startswith("Throttling"):
-            continue
-        if code != "OK":
-            return f"error:{code}"
-        for rec in records:
-            if rec.out_id == item.out_id:
-                return f"failed:{rec.err_code or 'SendStatus2'}" if rec.send_status == 2 else "sent"
-        if page * 50 >= total:
-            return "missing"
-        page += 1
-
-
-async def _card(provider: Provider, item: _Unknown, fetch: Fetch) -> str:
-    """GetCardSmsDetails by number and day, matched on the batch's OutId (2 and 4 are failures)."""
-    assert isinstance(provider, AliyunCardSms)
-    day = beijing_date(item.sent_at)
-    page = 1
-    while True:
-        code, total, records = parse_card_details(
-            await fetch(provider.card_details_request(aliyun_phone(item.phone), day, page=page))
-        )
-        if code.startswith("Throttling"):
-            continue
-        if code != "OK":
-            return f"error:{code}"
-        for rec in records:
-            if rec.out_id == item.out_id:
-                return f"failed:{rec.err_code or 'SendStatus'}" if rec.send_status in (2, 4) else "sent"
-        if page * 50 >= total:
-            return "missing"
-        page += 1
-
-
-async def _nxcloud(provider: Provider, item: _Unknown, fetch: Fetch) -> str:
-    assert isinstance(provider, NxcloudSms)
-    message = Message(item.row, item.key, item.phone, {}, "")
-    found = parse_record(
-        await fetch(provider.record_query_request(provider.message_id(message), beijing_date(item.sent_at)))
-    )
-    if found.ok:
-        return "sent"
-    return "missing" if found.code == "0" else f"error:{found.code}"
-
-
-async def _submail(
-    provider: SubmailSms, todo: list[_Unknown], fetch: Fetch, record: Callable[[_Unknown, str], None]
-) -> None:
-    """Page ``sms/log`` over the window of the unknown sends; a number found there was accepted."""
-    if not todo:
-        return
-    start = int(min(i.sent_at for i in todo)) - 60
-    end = int(max(i.sent_at for i in todo)) + 3600
-    seen: set[str] = set()
-    offset, rows = 0, 50
-    try:
-        while True:
-            page = parse_log(
-                await fetch(provider.log_request(start_date=start, end_date=end, rows=rows, offset=offset))
-            )
-            seen.update(str(r.get("to", ""))[-11:] for r in page)
-            if len(page) < rows:
-                break
-            offset += rows
-    except (SubmailError, httpx.TransportError) as exc:
-        code = exc.code if isinstance(exc, SubmailError) else type(exc).__name__
-        for item in todo:
-            record(item, f"error:{code}")
-        return
-    for item in todo:
-        record(item, "sent" if item.phone[-11:] in seen else "missing")

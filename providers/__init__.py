@@ -1,1 +1,2 @@
-"""Provider API modules (sans-I/O) and the local simulator."""
+"""Provider API modules (sans-I/O), their declarations (``spec``, collected in ``registry``)
+and the local simulator."""

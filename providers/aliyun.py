@@ -1,27 +1,43 @@
-"""Aliyun dysmsapi 2017-05-25 ``SendBatchSms``: signing (RPC V2 and ACS3 V3), requests, outcomes.
+"""Aliyun dysmsapi 2017-05-25 ``SendBatchSms``: requests and outcomes.
 
 Sans-I/O. Facts are from PROTOCOLS.md §1. Parameter placement follows the official Tea
 SDK: ``TemplateCode`` and ``OutId`` in the query, the JSON parameters in a form body.
-The ``verify_*`` functions are what the local simulator checks incoming requests with.
+Signing lives in aliyun_sign.py (re-exported here); the simulator's verifiers in
+providers/simulator/aliyun_verify.py.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
 import math
-import os
 import time
-import urllib.parse
 import uuid
 from collections.abc import Hashable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Literal
 
 import httpx
 import orjson
 
+from providers.aliyun_query import beijing_date, parse_query, query_request
+from providers.aliyun_sign import (
+    API_VERSION,
+    DEFAULT_ENDPOINT,
+    TEST_CREDENTIALS,
+    AliyunCredentials,
+    CredentialsError,
+    _encode_bytes,
+    _encode_pairs,
+    _join,
+    _once_twice,
+    _rpc_hmac,
+    _rpc_string_to_sign,
+    _twice,
+    percent_encode,
+    rpc_signature,
+    rpc_string_to_sign,
+    v3_canonical_request,
+    v3_sign_headers,
+    v3_signature,
+)
 from providers.base import (
     Batch,
     BatchOutcome,
@@ -29,17 +45,28 @@ from providers.base import (
     Message,
     NonceSource,
     Outcome,
+    Provider,
     Response,
     TextLimit,
     WireRequest,
     fill_template,
     sign_and_params,
 )
+from providers.spec import (
+    ConfigKey,
+    EnvVar,
+    Fetch,
+    ProviderKind,
+    ProviderSettings,
+    ReconcileQuery,
+    UnknownSend,
+)
 
 __all__ = (
     "API_VERSION",
     "CODE_CLASSES",
     "DEFAULT_ENDPOINT",
+    "SPEC",
     "SPLIT_CODES",
     "TEST_CREDENTIALS",
     "AliyunCredentials",
@@ -48,7 +75,6 @@ __all__ = (
     "aliyun_phone",
     "classify",
     "codeless_outcome",
-    "parse_v3_authorization",
     "percent_encode",
     "refusal",
     "rpc_signature",
@@ -56,245 +82,11 @@ __all__ = (
     "v3_canonical_request",
     "v3_sign_headers",
     "v3_signature",
-    "verify_v2",
-    "verify_v3",
 )
 
-API_VERSION = "2017-05-25"
-DEFAULT_ENDPOINT = "https://dysmsapi.aliyuncs.com"
 _ACTION = "SendBatchSms"
-_V3_ALGORITHM = "ACS3-HMAC-SHA256"
 _STAMP_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 _FORM = "application/x-www-form-urlencoded"
-
-
-# -- credentials --------------------------------------------------------------------------
-class CredentialsError(Exception):
-    """Credentials are missing from the environment (names the variable, never a value)."""
-
-
-@dataclass(frozen=True, slots=True)
-class AliyunCredentials:
-    access_key_id: str
-    access_key_secret: str = field(repr=False)
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] = os.environ) -> AliyunCredentials:
-        """Read ``ALIYUN_ACCESS_KEY_ID`` and ``ALIYUN_ACCESS_KEY_SECRET``."""
-        names = ("ALIYUN_ACCESS_KEY_ID", "ALIYUN_ACCESS_KEY_SECRET")
-        values = [environ.get(name, "").strip() for name in names]
-        missing = [name for name, value in zip(names, values, strict=True) if not value]
-        if missing:
-            raise CredentialsError(
-                f"Aliyun credentials: {' and '.join(missing)} not set (or empty) in the environment"
-            )
-        return cls(values[0], values[1])
-
-
-TEST_CREDENTIALS = AliyunCredentials("testid", "testsecret")
-"""The documented test credentials; the official SDK captures are signed with them."""
-
-
-# -- percent-encoding ---------------------------------------------------------------------
-_UNRESERVED = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.~"
-_ESCAPES = [(bytes([c]), b"%%%02X" % c) for c in range(128)]
-_ASCII_TABLE = [chr(c) if c in _UNRESERVED else f"%{c:02X}" for c in range(128)]
-
-
-def _encode_bytes(raw: bytes) -> str:
-    """``percent_encode`` of UTF-8 bytes."""
-    if not raw.isascii():
-        return urllib.parse.quote_from_bytes(raw, "-_.~")
-    unsafe = raw.translate(None, _UNRESERVED)  # the bytes that need an escape
-    if not unsafe:
-        return raw.decode("ascii")
-    # The distinct characters, each found by stripping the previous ones (set(unsafe) would
-    # make a Python int of every byte: most of the cost for a 100-recipient batch).
-    kinds: list[int] = []
-    while unsafe:
-        if len(kinds) == 12:  # many distinct characters: one table pass beats many replaces
-            return raw.decode("ascii").translate(_ASCII_TABLE)
-        c = unsafe[0]
-        kinds.append(c)
-        unsafe = unsafe.replace(_ESCAPES[c][0], b"")
-    if 0x25 in kinds:  # '%' first, so the escapes added below are not escaped again
-        raw = raw.replace(b"%", b"%25")
-        kinds.remove(0x25)
-    for c in kinds:
-        raw = raw.replace(*_ESCAPES[c])
-    return raw.decode("ascii")
-
-
-def percent_encode(s: str) -> str:
-    """Aliyun's RFC 3986 encoding: UTF-8, ``A-Za-z0-9-_.~`` kept, every other byte ``%XX``.
-
-    Same output as ``urllib.parse.quote(s, safe="-_.~")`` (so a space is ``%20``, ``*`` is
-    ``%2A``); ASCII text, which is most of a batch, takes a few ``bytes.replace`` passes.
-    """
-    return _encode_bytes(s.encode())
-
-
-def _encode_pairs(pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
-    return [(percent_encode(k), percent_encode(v)) for k, v in pairs]
-
-
-def _join(encoded: Sequence[tuple[str, str]] | Sequence[tuple[str, str, str]]) -> str:
-    """``k=v&...`` from encoded pairs (or the first two of triples)."""
-    return "&".join([f"{p[0]}={p[1]}" for p in encoded])
-
-
-# -- RPC signature V2 (HMAC-SHA1) -------------------------------------------------------
-def _once_twice(value: str) -> tuple[str, str]:
-    """``value`` encoded once (as sent) and twice (as the V2 string to sign holds it)."""
-    encoded = percent_encode(value)
-    # An encoded string holds unreserved characters and '%' only: encoding it again is '%' → '%25'.
-    return encoded, encoded.replace("%", "%25")
-
-
-def _twice(name: str, value: str) -> tuple[str, str, str]:
-    """(encoded name, encoded value, value encoded twice): the V2 signing unit."""
-    return (percent_encode(name), *_once_twice(value))
-
-
-def _rpc_string_to_sign(method: str, params: list[tuple[str, str, str]]) -> str:
-    """The V2 string to sign from ``_twice`` triples (sorted here, in place)."""
-    params.sort()
-    # The canonical query's own '=' and '&' are encoded as '%3D' and '%26'.
-    canonical = "%26".join([f"{k.replace('%', '%25')}%3D{twice}" for k, _, twice in params])
-    return f"{method.upper()}&%2F&{canonical}"
-
-
-def _rpc_hmac(string_to_sign: str, secret: str) -> str:
-    return base64.b64encode(hmac.digest(f"{secret}&".encode(), string_to_sign.encode(), "sha1")).decode()
-
-
-def rpc_string_to_sign(method: str, params: Mapping[str, str]) -> str:
-    """``METHOD&%2F&`` + the encoded canonical query of every parameter but ``Signature``."""
-    return _rpc_string_to_sign(method, [_twice(k, v) for k, v in params.items() if k != "Signature"])
-
-
-def rpc_signature(method: str, params: Mapping[str, str], secret: str) -> str:
-    """Base64 HMAC-SHA1 with key ``secret + "&"``; ``params`` are query plus form parameters."""
-    return _rpc_hmac(rpc_string_to_sign(method, params), secret)
-
-
-# -- signature V3 (ACS3-HMAC-SHA256) --------------------------------------------------------
-def v3_canonical_request(
-    method: str,
-    path: str,
-    query: Sequence[tuple[str, str]],
-    headers: Mapping[str, str],
-    signed_headers: Sequence[str],
-    body_sha256: str,
-) -> str:
-    """The V3 canonical request.
-
-    ``headers`` are keyed by lower-case name and must hold every one of ``signed_headers``
-    (lower-case, in the order given: sorted, as ``SignedHeaders`` lists them).
-    """
-    lines = "".join([f"{name}:{headers[name].strip()}\n" for name in signed_headers])
-    return "\n".join(
-        (
-            method.upper(),
-            path or "/",
-            _join(sorted(_encode_pairs(query))),
-            lines,
-            ";".join(signed_headers),
-            body_sha256,
-        )
-    )
-
-
-def v3_signature(canonical_request: str, secret: str) -> str:
-    """Lower-case hex HMAC-SHA256 (key: the bare secret) of the V3 string to sign."""
-    to_sign = f"{_V3_ALGORITHM}\n{hashlib.sha256(canonical_request.encode()).hexdigest()}"
-    return hmac.digest(secret.encode(), to_sign.encode(), "sha256").hex()
-
-
-def v3_sign_headers(
-    method: str,
-    path: str,
-    query: Sequence[tuple[str, str]],
-    headers: Mapping[str, str],
-    body: bytes,
-    credentials: AliyunCredentials,
-) -> dict[str, str]:
-    """``headers`` plus ``x-acs-content-sha256`` and ``authorization``, ready to send.
-
-    ``headers`` are keyed by lower-case name and should hold ``host``, ``x-acs-action``,
-    ``x-acs-version``, ``x-acs-date``, ``x-acs-signature-nonce`` and, with a body,
-    ``content-type``. Signs ``host``, ``content-type`` and every ``x-acs-*`` header.
-    """
-    body_sha256 = hashlib.sha256(body).hexdigest()
-    out = dict(headers)
-    out["x-acs-content-sha256"] = body_sha256
-    signed = sorted(h for h in out if h in ("host", "content-type") or h.startswith("x-acs-"))
-    canonical = v3_canonical_request(method, path, query, out, signed, body_sha256)
-    signature = v3_signature(canonical, credentials.access_key_secret)
-    out["authorization"] = (
-        f"{_V3_ALGORITHM} Credential={credentials.access_key_id},"
-        f"SignedHeaders={';'.join(signed)},Signature={signature}"
-    )
-    return out
-
-
-# -- verification (the simulator's side) --------------------------------------------------
-def parse_v3_authorization(value: str) -> tuple[str, list[str], str] | None:
-    """``ACS3-HMAC-SHA256 Credential=..,SignedHeaders=..,Signature=..`` → (key id, headers, signature)."""
-    algorithm, _, rest = value.strip().partition(" ")
-    if algorithm != _V3_ALGORITHM:
-        return None
-    fields: dict[str, str] = {}
-    for part in rest.split(","):
-        name, eq, val = part.strip().partition("=")
-        if not eq or name in fields:
-            return None
-        fields[name] = val
-    key_id, signed, signature = (fields.get(k) for k in ("Credential", "SignedHeaders", "Signature"))
-    if not key_id or not signed or not signature:
-        return None
-    return key_id, signed.split(";"), signature
-
-
-def _same(expected: str, given: str) -> bool:
-    # compare_digest refuses non-ASCII str; a non-ASCII signature is simply wrong.
-    return given.isascii() and hmac.compare_digest(expected.encode(), given.encode())
-
-
-def verify_v2(method: str, params: Mapping[str, str], secret: str) -> bool:
-    """Check an RPC V2 request: ``params`` are the decoded query plus form-body parameters."""
-    given = params.get("Signature")
-    if not given or params.get("SignatureMethod", "HMAC-SHA1") != "HMAC-SHA1":
-        return False
-    return _same(rpc_signature(method, params, secret), given)
-
-
-def verify_v3(
-    method: str,
-    path: str,
-    query: Sequence[tuple[str, str]],
-    headers: Mapping[str, str],
-    body: bytes,
-    secret: str,
-) -> bool:
-    """Check a V3 request; ``headers`` keyed by lower-case name, values decoded.
-
-    The body must match ``x-acs-content-sha256``; ``SignedHeaders`` must be lower-case,
-    sorted, present, and cover ``host`` and every ``x-acs-*`` header sent.
-    """
-    parsed = parse_v3_authorization(headers.get("authorization", ""))
-    if parsed is None:
-        return False
-    _, signed, given = parsed
-    body_sha256 = hashlib.sha256(body).hexdigest()
-    if headers.get("x-acs-content-sha256") != body_sha256:
-        return False
-    if signed != sorted(set(signed)) or any(h != h.lower() or h not in headers for h in signed):
-        return False
-    if "host" not in signed or any(h.startswith("x-acs-") and h not in signed for h in headers):
-        return False
-    canonical = v3_canonical_request(method, path, query, headers, signed, body_sha256)
-    return _same(v3_signature(canonical, secret), given)
 
 
 # -- outcome classes (PROTOCOLS.md §1.7-1.8) -------------------------------------------------
@@ -498,8 +290,6 @@ class AliyunSms:
 
     def details_request(self, phone: str, send_date: str, page: int = 1) -> httpx.Request:
         """``QuerySendDetails`` for one number and day, signed with these credentials (reconciliation)."""
-        from providers.aliyun_query import query_request
-
         return query_request(
             self._creds, phone, send_date, page=page, endpoint=self._origin, clock=self._clock
         )
@@ -617,3 +407,69 @@ class AliyunSms:
             retry_after=_retry_after(response.headers),
             extra=extra,
         )
+
+
+# -- declaration (providers/registry.py) -----------------------------------------------------
+ALIYUN_ENV = (EnvVar("ALIYUN_ACCESS_KEY_ID"), EnvVar("ALIYUN_ACCESS_KEY_SECRET", secret=True))
+ALIYUN_TEST_ENV = {
+    "ALIYUN_ACCESS_KEY_ID": TEST_CREDENTIALS.access_key_id,
+    "ALIYUN_ACCESS_KEY_SECRET": TEST_CREDENTIALS.access_key_secret,
+}
+ALIYUN_CONFIG = (
+    ConfigKey("signature", str, ("v3", "v2"), "v3"),
+    ConfigKey("region_id", str),
+)
+
+
+def signature_of(options: Mapping[str, object]) -> Literal["v3", "v2"]:
+    return "v2" if options.get("signature") == "v2" else "v3"
+
+
+def _build(settings: ProviderSettings) -> AliyunSms:
+    return AliyunSms(
+        credentials=AliyunCredentials.from_env(settings.environ),
+        template_code=settings.message["template_code"],
+        endpoint=settings.endpoint,
+        signature=signature_of(settings.options),
+        region_id=settings.options.get("region_id"),
+    )
+
+
+def _check_message(options: Mapping[str, object], message: Mapping[str, object]) -> tuple[str, str] | None:
+    if not str(message.get("template_code") or "").strip():
+        return "message.template_code", "is required for aliyun"
+    return None
+
+
+async def _lookup(provider: Provider, item: UnknownSend, fetch: Fetch) -> str:
+    """``QuerySendDetails`` by number and Beijing day, matched on the batch's ``OutId``."""
+    assert isinstance(provider, AliyunSms)
+    page = 1
+    while True:
+        response = await fetch(
+            provider.details_request(aliyun_phone(item.phone), beijing_date(item.sent_at), page)
+        )
+        code, total, records = parse_query(response)
+        if code.startswith("Throttling"):
+            continue
+        if code != "OK":
+            return f"error:{code}"
+        for rec in records:
+            if rec.out_id == item.out_id:
+                return f"failed:{rec.err_code or 'SendStatus2'}" if rec.send_status == 2 else "sent"
+        if page * 50 >= total:
+            return "missing"
+        page += 1
+
+
+SPEC = ProviderKind(
+    kind="aliyun",
+    build=_build,
+    env=ALIYUN_ENV,
+    default_endpoint=DEFAULT_ENDPOINT,
+    max_batch=AliyunSms.max_batch_size,
+    config=ALIYUN_CONFIG,
+    check_message=_check_message,
+    test_env=ALIYUN_TEST_ENV,
+    reconcile=ReconcileQuery(lookup=_lookup),
+)

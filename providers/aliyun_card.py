@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
@@ -46,6 +46,9 @@ import httpx
 import orjson
 
 from providers.aliyun import (
+    ALIYUN_CONFIG,
+    ALIYUN_ENV,
+    ALIYUN_TEST_ENV,
     API_VERSION,
     DEFAULT_ENDPOINT,
     AliyunCredentials,
@@ -57,8 +60,10 @@ from providers.aliyun import (
     percent_encode,
     refusal,
     rpc_signature,
+    signature_of,
     v3_sign_headers,
 )
+from providers.aliyun_query import beijing_date
 from providers.base import (
     Batch,
     BatchOutcome,
@@ -66,6 +71,7 @@ from providers.base import (
     Message,
     NonceSource,
     Outcome,
+    Provider,
     RecipientOutcome,
     Response,
     TextLimit,
@@ -73,9 +79,11 @@ from providers.base import (
     fill_template,
     summarize,
 )
+from providers.spec import Fetch, ProviderKind, ProviderSettings, ReconcileQuery, UnknownSend
 
 __all__ = (
     "CHANNELS",
+    "SPEC",
     "TEMPLATE_STATES",
     "AliyunCardSms",
     "CardSendRecord",
@@ -445,3 +453,68 @@ def parse_card_details(response: httpx.Response) -> tuple[str, int, list[CardSen
     ]
     total = _int(dto.get("TotalCount"))
     return code, len(records) if total is None else total, records
+
+
+# -- declaration (providers/registry.py) -----------------------------------------------------
+def _build(settings: ProviderSettings) -> AliyunCardSms:
+    message = settings.message
+    fallback: FallbackType = message.get("fallback_type") or "SMS"
+    card = AliyunCardSms(
+        credentials=AliyunCredentials.from_env(settings.environ),
+        card_template_code=message.get("card_template_code") or "",
+        fallback_type=fallback,
+        sms_template_code=message.get("template_code") if fallback == "SMS" else None,
+        digital_template_code=message.get("digital_template_code") if fallback == "DIGITALSMS" else None,
+        endpoint=settings.endpoint,
+        signature=signature_of(settings.options),
+        region_id=settings.options.get("region_id"),
+    )
+    card.check_params(message.get("params") or {})
+    return card
+
+
+def _check_message(options: Mapping[str, object], message: Mapping[str, object]) -> tuple[str, str] | None:
+    if not message.get("card_template_code"):
+        return "message.card_template_code", "is required for aliyun-card"
+    fallback = message.get("fallback_type", "SMS")
+    if fallback not in ("SMS", "DIGITALSMS", "NONE"):
+        return "message.fallback_type", "must be SMS, DIGITALSMS or NONE"
+    if fallback == "SMS" and not message.get("template_code"):
+        return "message.template_code", "is required: the text template of the SMS fallback"
+    if fallback == "DIGITALSMS" and not message.get("digital_template_code"):
+        return "message.digital_template_code", "is required with DIGITALSMS fallback"
+    return None
+
+
+async def _lookup(provider: Provider, item: UnknownSend, fetch: Fetch) -> str:
+    """GetCardSmsDetails by number and day, matched on the batch's OutId (2 and 4 are failures)."""
+    assert isinstance(provider, AliyunCardSms)
+    day = beijing_date(item.sent_at)
+    page = 1
+    while True:
+        code, total, records = parse_card_details(
+            await fetch(provider.card_details_request(aliyun_phone(item.phone), day, page=page))
+        )
+        if code.startswith("Throttling"):
+            continue
+        if code != "OK":
+            return f"error:{code}"
+        for rec in records:
+            if rec.out_id == item.out_id:
+                return f"failed:{rec.err_code or 'SendStatus'}" if rec.send_status in (2, 4) else "sent"
+        if page * 50 >= total:
+            return "missing"
+        page += 1
+
+
+SPEC = ProviderKind(
+    kind="aliyun-card",
+    build=_build,
+    env=ALIYUN_ENV,
+    default_endpoint=DEFAULT_ENDPOINT,
+    max_batch=AliyunCardSms.max_batch_size,
+    config=ALIYUN_CONFIG,
+    check_message=_check_message,
+    test_env=ALIYUN_TEST_ENV,
+    reconcile=ReconcileQuery(lookup=_lookup),
+)

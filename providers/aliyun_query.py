@@ -18,7 +18,13 @@ from typing import Any
 import httpx
 import orjson
 
-from providers.aliyun import API_VERSION, DEFAULT_ENDPOINT, AliyunCredentials, percent_encode, v3_sign_headers
+from providers.aliyun_sign import (
+    API_VERSION,
+    DEFAULT_ENDPOINT,
+    AliyunCredentials,
+    percent_encode,
+    v3_sign_headers,
+)
 
 __all__ = ("SendRecord", "beijing_date", "parse_query", "query_request")
 

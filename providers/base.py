@@ -45,6 +45,7 @@ __all__ = (
     "Batch",
     "BatchOutcome",
     "Clock",
+    "CredentialsError",
     "Message",
     "NonceSource",
     "Outcome",
@@ -64,6 +65,10 @@ __all__ = (
     "summarize",
     "whole_request",
 )
+
+
+class CredentialsError(Exception):
+    """Credentials are missing from the environment (names the variable, never a value)."""
 
 
 class Outcome(enum.Enum):

@@ -53,13 +53,15 @@ from typing import Any, Literal
 import httpx
 import orjson
 
-from providers.aliyun import CredentialsError
+from providers.aliyun_query import beijing_date
 from providers.base import (
     Batch,
     BatchOutcome,
     Clock,
+    CredentialsError,
     Message,
     Outcome,
+    Provider,
     RecipientOutcome,
     Response,
     TextLimit,
@@ -68,12 +70,22 @@ from providers.base import (
     retry_after_seconds,
     summarize,
 )
+from providers.spec import (
+    ConfigKey,
+    EnvVar,
+    Fetch,
+    ProviderKind,
+    ProviderSettings,
+    ReconcileQuery,
+    UnknownSend,
+)
 
 __all__ = (
     "CODE_CLASSES",
     "DEFAULT_ENDPOINT",
     "DEFAULT_RECORD_URL",
     "MAX_BATCH",
+    "SPEC",
     "CredentialsError",
     "NxcloudCredentials",
     "NxcloudSms",
@@ -477,3 +489,65 @@ class NxcloudSms:
             # Nothing beyond "all accepted": the ids are ours, recomputable from the keys.
             return BatchOutcome(Outcome.SENT, code=code, message=message)
         return summarize(recipients)
+
+
+# -- declaration (providers/registry.py) -----------------------------------------------------
+def _build(settings: ProviderSettings) -> NxcloudSms:
+    base = settings.endpoint.rstrip("/")
+    algorithm: Algorithm = settings.options.get("algorithm") or "md5"
+    return NxcloudSms(
+        credentials=NxcloudCredentials.from_env(settings.environ),
+        run_tag=settings.run_id,
+        batch_size=settings.batch_size,
+        algorithm=algorithm,
+        source_address=settings.options.get("source_address"),
+        endpoint=base + "/v1/sms/multi/mt",
+        record_url=base + "/api/sms/get",
+    )
+
+
+def _check_message(options: Mapping[str, object], message: Mapping[str, object]) -> tuple[str, str] | None:
+    return None if message.get("content") else ("message.content", "is required for nxcloud")
+
+
+def _preflight(provider: Provider) -> None:
+    """The record query authenticates with the app's own secret (``NXCLOUD_APP_SECRET``)."""
+    assert isinstance(provider, NxcloudSms)
+    provider.record_query_request("probe-0000000000", "20260101")
+
+
+async def _lookup(provider: Provider, item: UnknownSend, fetch: Fetch) -> str:
+    """The record query for the recipient's ``sysMessageId`` (derived from its key)."""
+    assert isinstance(provider, NxcloudSms)
+    message = Message(item.row, item.key, item.phone, {}, "")
+    request = provider.record_query_request(provider.message_id(message), beijing_date(item.sent_at))
+    found = parse_record(await fetch(request))
+    if found.ok:
+        return "sent"
+    return "missing" if found.code == "0" else f"error:{found.code}"
+
+
+SPEC = ProviderKind(
+    kind="nxcloud",
+    build=_build,
+    env=(
+        EnvVar("NXCLOUD_ACCESS_KEY"),
+        EnvVar("NXCLOUD_ACCESS_SECRET", secret=True),
+        EnvVar("NXCLOUD_APP_KEY"),
+        EnvVar("NXCLOUD_APP_SECRET", secret=True, required=False),
+    ),
+    default_endpoint="https://api2.nxcloud.com",
+    max_batch=MAX_BATCH,
+    config=(
+        ConfigKey("algorithm", str, ("md5", "sha256"), "md5"),
+        ConfigKey("source_address", str),
+    ),
+    check_message=_check_message,
+    test_env={
+        "NXCLOUD_ACCESS_KEY": "fme2na3kdi3ki",
+        "NXCLOUD_ACCESS_SECRET": "abciiiko2k3",
+        "NXCLOUD_APP_KEY": "yourAppKey",
+        "NXCLOUD_APP_SECRET": "yourAppSecret",
+    },
+    reconcile=ReconcileQuery(lookup=_lookup, preflight=_preflight),
+)

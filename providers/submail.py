@@ -48,13 +48,14 @@ from typing import Any, Literal
 import httpx
 import orjson
 
-from providers.aliyun import CredentialsError
 from providers.base import (
     Batch,
     BatchOutcome,
     Clock,
+    CredentialsError,
     Message,
     Outcome,
+    Provider,
     RecipientOutcome,
     Response,
     TextLimit,
@@ -66,6 +67,16 @@ from providers.base import (
     sign_and_params,
     summarize,
 )
+from providers.spec import (
+    ClockSync,
+    ConfigKey,
+    EnvVar,
+    Fetch,
+    ProviderKind,
+    ProviderSettings,
+    ReconcileQuery,
+    UnknownSend,
+)
 
 __all__ = (
     "CODE_CLASSES",
@@ -73,6 +84,7 @@ __all__ = (
     "MAX_BATCH",
     "SIGNATURE_WINDOW",
     "SIGN_V2_EXCLUDED",
+    "SPEC",
     "SPLIT_CODES",
     "CredentialsError",
     "SubmailCredentials",
@@ -603,3 +615,81 @@ def _entry_outcome(entry: object, http_status: int) -> RecipientOutcome:
         code = result_code(entry.get("code"))
         return RecipientOutcome(classify(code, http_status), code=code or f"HTTP{http_status}")
     return RecipientOutcome(Outcome.UNKNOWN, code="NoResult")
+
+
+# -- declaration (providers/registry.py) -----------------------------------------------------
+def _build(settings: ProviderSettings) -> SubmailSms:
+    options, message = settings.options, settings.message
+    mode: Mode = options.get("mode") or "batchsend"
+    sign_type: SignType = options.get("sign_type") or "md5"
+    return SubmailSms(
+        credentials=SubmailCredentials.from_env(settings.environ),
+        mode=mode,
+        content=message.get("content") if mode == "multisend" else None,
+        project=message.get("project") if mode == "multixsend" else None,
+        batch_size=settings.batch_size,
+        sign_type=sign_type,
+        endpoint=settings.endpoint,
+    )
+
+
+def _check_message(options: Mapping[str, object], message: Mapping[str, object]) -> tuple[str, str] | None:
+    mode = options.get("mode") or "batchsend"
+    if mode in ("batchsend", "multisend") and not message.get("content"):
+        return "message.content", "is required for submail"
+    if mode == "multixsend" and not message.get("project"):
+        return "message.project", "is required for submail multixsend"
+    return None
+
+
+def _time_request(provider: Provider) -> httpx.Request | None:
+    assert isinstance(provider, SubmailSms)
+    return provider.timestamp_request() if provider.requires_server_time else None
+
+
+def _apply_time(provider: Provider, response: httpx.Response, local_midpoint: float) -> float | None:
+    assert isinstance(provider, SubmailSms)
+    provider.set_server_offset(parse_timestamp(response), local_midpoint)
+    return provider.server_offset
+
+
+async def _sweep(provider: Provider, todo: Sequence[UnknownSend], fetch: Fetch) -> list[str]:
+    """Page ``sms/log`` over the window of the unknown sends; a number found there was accepted."""
+    assert isinstance(provider, SubmailSms)
+    if not todo:
+        return []
+    start = int(min(i.sent_at for i in todo)) - 60
+    end = int(max(i.sent_at for i in todo)) + 3600
+    seen: set[str] = set()
+    offset, rows = 0, 50
+    try:
+        while True:
+            page = parse_log(
+                await fetch(provider.log_request(start_date=start, end_date=end, rows=rows, offset=offset))
+            )
+            seen.update(str(r.get("to", ""))[-11:] for r in page)
+            if len(page) < rows:
+                break
+            offset += rows
+    except (SubmailError, httpx.TransportError) as exc:
+        code = exc.code if isinstance(exc, SubmailError) else type(exc).__name__
+        return [f"error:{code}"] * len(todo)
+    return ["sent" if item.phone[-11:] in seen else "missing" for item in todo]
+
+
+SPEC = ProviderKind(
+    kind="submail",
+    build=_build,
+    env=(EnvVar("SUBMAIL_APPID"), EnvVar("SUBMAIL_APPKEY", secret=True)),
+    default_endpoint=DEFAULT_ENDPOINT,
+    max_batch=MAX_BATCH,
+    config=(
+        ConfigKey("mode", str, ("batchsend", "multisend", "multixsend"), "batchsend"),
+        ConfigKey("sign_type", str, ("md5", "sha1", "normal"), "md5"),
+    ),
+    check_message=_check_message,
+    test_env={"SUBMAIL_APPID": "10001", "SUBMAIL_APPKEY": "abcdef0123456789abcdef0123456789"},
+    clock_sync=ClockSync(request=_time_request, apply=_apply_time),
+    # SUBMAIL answers sms/log once a minute
+    reconcile=ReconcileQuery(sweep=_sweep, queries_per_second=1 / 60),
+)

@@ -26,17 +26,15 @@ from providers.aliyun import (
     CredentialsError,
     aliyun_phone,
     classify,
-    parse_v3_authorization,
     percent_encode,
     rpc_signature,
     rpc_string_to_sign,
     v3_canonical_request,
     v3_sign_headers,
     v3_signature,
-    verify_v2,
-    verify_v3,
 )
 from providers.base import Batch, BatchOutcome, Message, Outcome
+from providers.simulator.aliyun_verify import parse_v3_authorization, verify_v2, verify_v3
 
 CAPTURE_DIR = Path(__file__).parents[2] / "shared" / "captures"
 SECRET = "testsecret"

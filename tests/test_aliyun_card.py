@@ -12,10 +12,11 @@ import httpx
 import orjson
 import pytest
 
-from providers.aliyun import CODE_CLASSES, TEST_CREDENTIALS, verify_v2, verify_v3
+from providers.aliyun import CODE_CLASSES, TEST_CREDENTIALS
 from providers.aliyun_card import AliyunCardSms, CardSendRecord, parse_card_details
 from providers.base import Batch, BatchOutcome, Message, Outcome, RecipientOutcome
 from providers.simulator import SimulatorConfig, serve
+from providers.simulator.aliyun_verify import verify_v2, verify_v3
 from tests.conftest import SHARED
 
 CAPTURES = SHARED / "captures"

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterable
 from pathlib import Path
+from typing import BinaryIO
 
+import orjson
 import pytest
+import structlog
 
+from pipeline import cli
+from pipeline._logging import Redactor, configure_logging
 from pipeline.campaign import parse_campaign
 from pipeline.errors import CampaignError
+from providers import registry
 from tests.helpers import simulator, sluice, write_campaign, write_recipients
 
 SECRET = "S3cr3t-Zebra-Quokka-9981"
@@ -80,6 +87,115 @@ class TestSecrets:
         )
         assert r.returncode == 2
         assert b"ALIYUN_ACCESS_KEY_ID" in r.stderr
+
+
+# One distinct value per secret variable of every registered provider.
+EVERY_SECRET = {name: f"{name.lower()}-Zx81-{i}q" for i, name in enumerate(registry.secret_names())}
+IDS = {"ALIYUN_ACCESS_KEY_ID": KEY_ID, "SUBMAIL_APPID": "10001", "NXCLOUD_ACCESS_KEY": "fme2na3kdi3ki"}
+IDS["NXCLOUD_APP_KEY"] = "yourAppKey"
+
+
+def as_protocol(campaign: Path, protocol: str) -> None:
+    text = campaign.read_text().replace('kind = "simulator"', f'kind = "simulator"\nprotocol = "{protocol}"')
+    campaign.write_text(text.replace("[message]", '[message]\ncontent = "Hello {first_name}"'))
+
+
+class TestEveryProvidersSecrets:
+    def test_the_registry_declares_every_secret(self) -> None:
+        assert set(EVERY_SECRET) == {
+            "ALIYUN_ACCESS_KEY_SECRET",
+            "SUBMAIL_APPKEY",
+            "NXCLOUD_ACCESS_SECRET",
+            "NXCLOUD_APP_SECRET",
+        }
+
+    @pytest.mark.parametrize("protocol", ["aliyun", "submail", "nxcloud"])
+    def test_no_secret_in_any_output_or_file(
+        self, tmp_path: Path, protocol: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        for name, value in {**IDS, **EVERY_SECRET}.items():
+            monkeypatch.setenv(name, value)  # the simulator (a subprocess) verifies with the same
+        write_recipients(tmp_path / "recipients.csv", 60)
+        with simulator(tmp_path, "--fault-rate", "0.2", "--seed", "3") as sim:
+            as_protocol(write_campaign(tmp_path / "c.toml", sim.url, batch_size=10), protocol)
+            p = sluice("run", str(tmp_path / "c.toml"))
+            out, err = p.communicate(timeout=120)
+            s = sluice("status", str(tmp_path / "run"))
+            sout, serr = s.communicate(timeout=60)
+            sim.stop()
+        assert p.returncode in (0, 3), err.decode()
+        blobs = {"stdout": out, "stderr": err, "status": sout + serr}
+        for f in (tmp_path / "run").rglob("*"):
+            blobs[str(f)] = f.read_bytes()
+        assert {"log.jsonl", "ledger.jsonl", "run.json"} <= {Path(n).name for n in blobs}
+        for name, blob in blobs.items():
+            for var, secret in EVERY_SECRET.items():
+                assert secret.encode() not in blob, (name, var)
+        assert b"sent" in (tmp_path / "run" / "ledger.jsonl").read_bytes()
+
+    def test_the_run_log_masks_every_providers_secret_exactly(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        for name, value in EVERY_SECRET.items():
+            monkeypatch.setenv(name, value)
+        handed: dict[str, list[str]] = {}
+
+        def keep_secrets(log_file: BinaryIO, *, secrets: Iterable[str], echo: bool) -> None:
+            handed["secrets"] = list(secrets)
+            log_file.close()
+
+        monkeypatch.setattr(cli, "configure_logging", keep_secrets)
+        cli._open_log(tmp_path, echo=False)  # what `sluice run` masks in its log
+        with (tmp_path / "log.jsonl").open("ab") as f:
+            configure_logging(f, secrets=handed["secrets"])
+            log = structlog.get_logger("t")
+            for name, value in EVERY_SECRET.items():
+                log.error("refused", var=name, whole=value, inside=f"key={value};", nested={"v": [value]})
+            log.info("ok", provider="aliyun", run_id="f0a94724")
+        lines = [orjson.loads(x) for x in (tmp_path / "log.jsonl").read_bytes().splitlines()]
+        for line in lines[:-1]:
+            assert (line["whole"], line["inside"], line["nested"]) == (
+                "[redacted]",
+                "key=[redacted];",
+                {"v": ["[redacted]"]},
+            ), line["var"]
+        assert (lines[-1]["provider"], lines[-1]["run_id"]) == ("aliyun", "f0a94724")
+
+    @pytest.mark.parametrize(
+        ("protocol", "variable"),
+        [
+            ("aliyun", "ALIYUN_ACCESS_KEY_SECRET"),
+            ("submail", "SUBMAIL_APPKEY"),
+            ("nxcloud", "NXCLOUD_ACCESS_SECRET"),
+        ],
+    )
+    def test_a_short_secret_is_refused_at_start(self, tmp_path: Path, protocol: str, variable: str) -> None:
+        write_recipients(tmp_path / "recipients.csv", 5)
+        as_protocol(write_campaign(tmp_path / "c.toml", "http://127.0.0.1:9"), protocol)
+        env = {**IDS, **EVERY_SECRET, variable: "y"}
+        p = sluice("run", str(tmp_path / "c.toml"), env=env)
+        _, err = p.communicate(timeout=60)
+        assert p.returncode == 2, err.decode()
+        assert f"{variable} is too short".encode() in err
+        assert not (tmp_path / "run").exists()  # refused before anything started
+
+
+class TestRedactor:
+    def redact(self, secrets: list[str], **event: object) -> dict[str, object]:
+        return dict(Redactor(secrets)(None, "info", dict(event)))
+
+    def test_a_short_value_is_masked_only_where_it_is_the_whole_string(self) -> None:
+        out = self.redact(["y", "4"], provider="aliyun", run_id="f0a94724", whole="y")
+        assert out == {"provider": "aliyun", "run_id": "f0a94724", "whole": "[redacted]"}
+
+    def test_a_long_secret_is_masked_inside_text_longest_first(self) -> None:
+        out = self.redact(["abcd1234", "abcd1234-more"], msg="a abcd1234-more b abcd1234 c")
+        assert out == {"msg": "a [redacted] b [redacted] c"}
+
+    def test_surrounding_whitespace_of_the_variable_does_not_hide_it(self) -> None:
+        assert self.redact(["  S3cr3t-Zebra \n"], msg="sig with S3cr3t-Zebra") == {
+            "msg": "sig with [redacted]"
+        }
 
 
 class TestPermissions:

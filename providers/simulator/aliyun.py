@@ -22,7 +22,7 @@ from typing import Any
 
 import orjson
 
-from providers.aliyun import parse_v3_authorization, verify_v2, verify_v3
+from providers.simulator.aliyun_verify import parse_v3_authorization, verify_v2, verify_v3
 from providers.simulator.config import SimulatorConfig
 from providers.simulator.core import (
     PRE_FAULTS,

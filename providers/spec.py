@@ -1,0 +1,127 @@
+"""What a provider module declares about itself (its ``SPEC``), read by the pipeline through
+providers/registry.py: the kind, environment variables (and which are secrets), default
+endpoint, largest batch, ``[provider]`` keys with their types, and optional capabilities.
+
+Declarations are read once per run (campaign check, provider construction, log set-up),
+never per batch: the hot path stays ``build_wire`` / ``parse_response``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from providers.base import Provider
+
+__all__ = (
+    "MIN_SECRET_LENGTH",
+    "ClockSync",
+    "ConfigKey",
+    "EnvVar",
+    "Fetch",
+    "ProviderKind",
+    "ProviderSettings",
+    "ReconcileQuery",
+    "UnknownSend",
+)
+
+MIN_SECRET_LENGTH = 8
+"""A shorter secret is refused as a credential (and could not be masked in logs safely)."""
+
+
+@dataclass(frozen=True, slots=True)
+class EnvVar:
+    """An environment variable the provider reads its credentials from."""
+
+    name: str
+    secret: bool = False  # masked in every log line; refused when shorter than MIN_SECRET_LENGTH
+    required: bool = True  # False: only some features need it (e.g. a reconciliation query)
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigKey:
+    """A ``[provider]`` key of the campaign file that this provider reads."""
+
+    name: str
+    type: type[str] | type[bool] | type[int] | type[float] = str
+    choices: tuple[str, ...] = ()  # for strings: the allowed values (empty: any)
+    default: object = None
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderSettings:
+    """What a provider is built from: the campaign's tables as plain mappings (providers do
+    not import the pipeline), the credentials' environment and the resolved endpoint."""
+
+    endpoint: str  # scheme and host (a base URL)
+    environ: Mapping[str, str]
+    options: Mapping[str, Any]  # the [provider] table, every key with its value or default
+    message: Mapping[str, Any]  # the [message] table, likewise
+    batch_size: int
+    run_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ClockSync:
+    """Providers that sign with the server's clock: ``request`` returns the time request, or
+    None when this provider instance needs none; ``apply(provider, response, local midpoint)``
+    sets the offset and returns it in seconds."""
+
+    request: Callable[[Provider], httpx.Request | None]
+    apply: Callable[[Provider, httpx.Response, float], float | None]
+
+
+@dataclass(frozen=True, slots=True)
+class UnknownSend:
+    """A recipient whose outcome is unknown, as reconciliation asks the provider about it."""
+
+    row: int
+    key: str
+    phone: str  # E.164 digits
+    out_id: str  # the batch's OutId
+    sent_at: float  # when its last attempt was sent
+
+
+Fetch = Callable[[httpx.Request], Awaitable[httpx.Response]]
+"""Sends a request (rate-limited by the caller) and returns the read response."""
+
+Verdict = str
+"""'sent' | 'failed:<code>' | 'missing' | 'error:<code>'"""
+
+
+@dataclass(frozen=True, slots=True)
+class ReconcileQuery:
+    """The provider's status query. Either ``lookup`` (one recipient at a time, run
+    concurrently) or ``sweep`` (one pass over all of them, a verdict for each, in order)."""
+
+    lookup: Callable[[Provider, UnknownSend, Fetch], Awaitable[Verdict]] | None = None
+    sweep: Callable[[Provider, Sequence[UnknownSend], Fetch], Awaitable[list[Verdict]]] | None = None
+    queries_per_second: float = 50.0  # the default pace
+    preflight: Callable[[Provider], None] | None = None  # raises CredentialsError when unusable
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderKind:
+    """One provider API, as ``[provider] kind`` names it."""
+
+    kind: str
+    build: Callable[[ProviderSettings], Provider]  # raises ValueError on a bad campaign
+    env: tuple[EnvVar, ...]
+    default_endpoint: str
+    max_batch: int
+    config: tuple[ConfigKey, ...] = ()
+    check_message: Callable[[Mapping[str, Any], Mapping[str, Any]], tuple[str, str] | None] = (
+        lambda options, message: None
+    )
+    """(options, message) → (field, problem) for a [message] this provider cannot send."""
+    test_env: Mapping[str, str] | None = None
+    """The documented test credentials the simulator accepts; None: the simulator does not speak it."""
+    clock_sync: ClockSync | None = None
+    reconcile: ReconcileQuery | None = None
+    secret_names: tuple[str, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "secret_names", tuple(v.name for v in self.env if v.secret))
