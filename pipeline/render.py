@@ -8,6 +8,7 @@ campaign is loaded, so untrusted rows can never reach an object's internals.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -16,11 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import phonenumbers
 
-from providers.aliyun import AliyunSms
-from providers.aliyun_card import AliyunCardSms
+from providers import registry
 from providers.base import Message, TextLimit
-from providers.nxcloud import NxcloudSms
-from providers.submail import SubmailSms
 
 if TYPE_CHECKING:
     from pipeline.campaign import Campaign
@@ -183,18 +181,11 @@ def mobile_problem(phone: str) -> str | None:
 
 def campaign_text_limit(campaign: Campaign) -> TextLimit | None:
     """The campaign's provider's text limit, for the render stage (None: nothing to check)."""
-    kind = campaign.provider.kind
-    protocol = campaign.provider.protocol if kind == "simulator" else kind
-    template_text = campaign.message.template_text
-    if protocol == "aliyun":
-        return AliyunSms.text_limit(template_text)
-    if protocol == "aliyun-card":
-        return AliyunCardSms.text_limit(campaign.message.fallback_type, template_text)
-    if protocol == "submail":
-        return SubmailSms.text_limit(campaign.provider.mode, template_text)  # type: ignore[arg-type]
-    if protocol == "nxcloud":
-        return NxcloudSms.text_limit()
-    return None
+    spec = registry.lookup(registry.protocol_of(campaign.provider.kind, campaign.provider.protocol))
+    if spec is None:
+        return None
+    options = {**{key.name: key.default for key in spec.config}, **campaign.provider.settings()}
+    return spec.text_limit(options, dataclasses.asdict(campaign.message))
 
 
 def reason_group(reason: str) -> str:

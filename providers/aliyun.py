@@ -472,4 +472,5 @@ SPEC = ProviderKind(
     check_message=_check_message,
     test_env=ALIYUN_TEST_ENV,
     reconcile=ReconcileQuery(lookup=_lookup),
+    text_limit=lambda options, message: AliyunSms.text_limit(message.get("template_text")),
 )

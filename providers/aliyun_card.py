@@ -517,4 +517,7 @@ SPEC = ProviderKind(
     check_message=_check_message,
     test_env=ALIYUN_TEST_ENV,
     reconcile=ReconcileQuery(lookup=_lookup),
+    text_limit=lambda options, message: AliyunCardSms.text_limit(
+        message.get("fallback_type") or "", message.get("template_text")
+    ),
 )

@@ -550,4 +550,5 @@ SPEC = ProviderKind(
         "NXCLOUD_APP_SECRET": "yourAppSecret",
     },
     reconcile=ReconcileQuery(lookup=_lookup, preflight=_preflight),
+    text_limit=lambda options, message: NxcloudSms.text_limit(),
 )

@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from providers.base import Provider
+from providers.base import Provider, TextLimit
 
 __all__ = (
     "MIN_SECRET_LENGTH",
@@ -121,6 +121,10 @@ class ProviderKind:
     """The documented test credentials the simulator accepts; None: the simulator does not speak it."""
     clock_sync: ClockSync | None = None
     reconcile: ReconcileQuery | None = None
+    text_limit: Callable[[Mapping[str, Any], Mapping[str, Any]], TextLimit | None] = (
+        lambda options, message: None
+    )
+    """(options, message) → the longest text this provider takes, checked before sending."""
     secret_names: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:

@@ -692,4 +692,7 @@ SPEC = ProviderKind(
     clock_sync=ClockSync(request=_time_request, apply=_apply_time),
     # SUBMAIL answers sms/log once a minute
     reconcile=ReconcileQuery(sweep=_sweep, queries_per_second=1 / 60),
+    text_limit=lambda options, message: SubmailSms.text_limit(
+        options.get("mode") or "batchsend", message.get("template_text")
+    ),
 )

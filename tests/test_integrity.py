@@ -67,7 +67,7 @@ def assert_once(accepted: Counter[str], phones: dict[int, str]) -> None:
 def killed_midway(tmp_path: Path, sim_url: str, n: int = 1500) -> tuple[Path, dict[int, str]]:
     """A run SIGKILLed after a few batches went out."""
     phones = write_recipients(tmp_path / "recipients.csv", n)
-    write_campaign(tmp_path / "c.toml", sim_url, requests_per_second=40, batch_size=10, concurrency=2)
+    write_campaign(tmp_path / "c.toml", sim_url, requests_per_second=20, batch_size=10, concurrency=2)
     run_dir = tmp_path / "run"
     p = sluice("run", str(tmp_path / "c.toml"))
     wait_for(lambda: intents(run_dir) >= 5)
@@ -80,7 +80,9 @@ class TestOneWriter:
     def test_second_run_is_refused_while_the_first_runs(self, tmp_path: Path) -> None:
         phones = write_recipients(tmp_path / "recipients.csv", 800)
         with simulator(tmp_path) as sim:
-            write_campaign(tmp_path / "c.toml", sim.url, requests_per_second=40, batch_size=10)
+            # Slow enough (40 s) that it is still running however loaded the machine; it is
+            # stopped with SIGINT once checked.
+            write_campaign(tmp_path / "c.toml", sim.url, requests_per_second=2, batch_size=10)
             first = sluice("run", str(tmp_path / "c.toml"))
             run_dir = tmp_path / "run"
             wait_for(lambda: intents(run_dir) >= 2)
@@ -90,12 +92,15 @@ class TestOneWriter:
             assert "sluice run" in err and "Traceback" not in err
             running = status_json(run_dir)["running"]
             assert isinstance(running, dict) and running["pid"] == first.pid
+            first.send_signal(signal.SIGINT)
             code, err = finish(first)
-            assert code == 0, err
+            assert code == 130, err
+            assert status_json(run_dir)["running"] is None
             sim.stop()
-        assert_once(sim.accepted(), phones)
-        assert sum(sim.accepted().values()) == 800
-        assert status_json(run_dir)["running"] is None
+        accepted = sim.accepted()
+        assert_once(accepted, phones)
+        statuses = final_statuses(run_dir / "ledger.jsonl")
+        assert {phones[r] for r, s in statuses.items() if s == "sent"} == set(accepted)
 
     def test_two_resumes_at_once_after_a_kill(self, tmp_path: Path) -> None:
         with simulator(tmp_path) as sim:
