@@ -44,7 +44,20 @@ from pipeline.rundir import RunDir
 from pipeline.summary import export_rows, summarize
 from providers import registry
 
-__all__ = ("main",)
+__all__ = (
+    "build_parser",
+    "cmd_demo",
+    "cmd_dry_run",
+    "cmd_export",
+    "cmd_reconcile",
+    "cmd_report",
+    "cmd_resume",
+    "cmd_run",
+    "cmd_simulate",
+    "cmd_status",
+    "embedded_simulator",
+    "main",
+)
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNSETTLED, EXIT_STOPPED, EXIT_DISK = 0, 1, 2, 3, 4, 5
 SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}

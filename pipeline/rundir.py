@@ -14,7 +14,6 @@ ledger that was deleted or cut short from one that was never written.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import hashlib
 import os
@@ -296,7 +295,3 @@ class RunDir:
     def record_ledger_bytes(self, size: int) -> None:
         write_json_atomic(self.checkpoint, {"ledger_bytes": size})
 
-
-def is_disk_fault(exc: OSError) -> bool:
-    """An error of the disk under the run directory rather than a bug: stop, do not crash."""
-    return exc.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EDQUOT)

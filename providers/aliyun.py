@@ -79,6 +79,7 @@ __all__ = (
     "refusal",
     "rpc_signature",
     "rpc_string_to_sign",
+    "signature_of",
     "v3_canonical_request",
     "v3_sign_headers",
     "v3_signature",
