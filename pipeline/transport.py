@@ -377,10 +377,40 @@ class Proxy:
             token = base64.b64encode(f"{credentials[0]}:{credentials[1]}".encode()).decode("ascii")
             self.authorization = f"Basic {token}"
 
+    @classmethod
+    def configured(cls, url: str | None) -> Proxy | None:
+        """The campaign's ``[provider] proxy``, its credentials from ``SLUICE_PROXY_AUTH`` (user:password)."""
+        if url is None:
+            return None
+        auth = os.environ.get(PROXY_AUTH_VAR)
+        user, _, password = auth.partition(":") if auth else ("", "", "")
+        return cls(url, credentials=(user, password) if auth else None)
+
     def __str__(self) -> str:
         return _authority(self.host, self.port)
 
     __repr__ = __str__
+
+
+PROXY_AUTH_VAR = "SLUICE_PROXY_AUTH"
+TLS_NOT_VERIFIED = (
+    "verify_tls = false: the provider's certificate is not checked; anyone on the path can read "
+    "and change the requests, credentials and signatures included"
+)
+
+
+def proxy_secrets(env: Mapping[str, str] | None = None) -> list[str]:
+    """What logs must never show of the proxy settings: their passwords (and user:password)."""
+    env = os.environ if env is None else env
+    found = []
+    auth = env.get(PROXY_AUTH_VAR)
+    if auth:
+        found += [auth, auth.partition(":")[2]]
+    for url in environment_proxies(env).values():
+        userinfo = url.split("://", 1)[-1].rpartition("@")[0]
+        if userinfo:
+            found += [userinfo, unquote(userinfo.partition(":")[2]), userinfo.partition(":")[2]]
+    return [s for s in found if s]
 
 
 def environment_proxies(env: Mapping[str, str] | None = None) -> dict[str, str]:
