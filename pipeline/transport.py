@@ -162,8 +162,8 @@ class _Connection(asyncio.Protocol):
             self.keep_alive = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if not self._done:
-            self._headers.append((name, value))
+        if not self._head_done:  # after the head: a chunked body's trailer fields, not headers
+            self._headers.append((name, value.rstrip(b" \t")))  # llhttp keeps trailing whitespace
 
     def on_headers_complete(self) -> None:
         if self._done:
@@ -182,9 +182,10 @@ class _Connection(asyncio.Protocol):
         for name, value in self._headers:
             lower = name.lower()
             if lower == b"transfer-encoding":
-                chunked = value.lower().rsplit(b",", 1)[-1].strip() == b"chunked"
-                if not chunked:
-                    self._until_close = True
+                if value.lower() != b"chunked":  # a coding sluice cannot undo: its body is unreadable
+                    self._fault = httpx.RemoteProtocolError(f"unsupported Transfer-Encoding {value[:40]!r}")
+                    raise self._fault
+                chunked = True
             elif lower == b"content-length":
                 length = True
                 if int(value) > self._max_body:  # llhttp has checked the digits
