@@ -23,6 +23,9 @@ import trustme
 
 from pipeline.transport import HttpTransport, Proxy, bypasses_proxy, environment_proxies, proxy_secrets
 from providers.base import Outcome, classify_transport_error
+from tests.helpers import simulator, sluice, write_campaign, write_recipients
+from tests.test_endpoint_e2e import tls_files
+from tests.test_providers_e2e import accepted_by_number
 from tests.test_transport import (
     TIMEOUT,
     Server,
@@ -33,7 +36,7 @@ from tests.test_transport import (
 )
 
 TINYPROXY = shutil.which("tinyproxy")
-pytestmark = pytest.mark.skipif(
+needs_tinyproxy = pytest.mark.skipif(
     TINYPROXY is None and not os.environ.get("CI"),
     reason="tinyproxy is not installed (apt-get install tinyproxy; .ci/run installs it)",
 )
@@ -123,6 +126,7 @@ def no_proxy_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     return monkeypatch
 
 
+@needs_tinyproxy
 @pytest.mark.anyio
 class TestThroughTinyproxy:
     async def test_http_endpoint_in_absolute_form(self, server: Server, tmp_path: Path) -> None:
@@ -246,3 +250,49 @@ def test_environment_read_as_httpx_reads_it() -> None:
     assert {"p@ss", "w", "v:w"} <= set(secrets)
     with pytest.raises(ValueError, match="socks5"):
         Proxy("socks5://h:1")
+
+
+@needs_tinyproxy
+def test_campaign_reaches_an_https_endpoint_through_an_authenticating_proxy(
+    tmp_path: Path, ca: trustme.CA, no_proxy_env: pytest.MonkeyPatch
+) -> None:
+    """The issue's "done when": the CLI, the simulator over TLS, tinyproxy with Basic auth."""
+    n = 2000
+    phones = write_recipients(tmp_path / "recipients.csv", n)
+    with (
+        tinyproxy(tmp_path, auth=True) as proxy,
+        simulator(tmp_path, *tls_files(tmp_path, ca, "127.0.0.1")) as sim,
+    ):
+        c = write_campaign(tmp_path / "c.toml", sim.url, concurrency=8)
+        text = c.read_text().replace(
+            "timeout = 2.0", f'timeout = 5.0\nproxy = "{proxy.url}"\nca_file = "ca.pem"'
+        )
+        c.write_text(text)
+        p = sluice("run", str(c), env={"SLUICE_PROXY_AUTH": f"{USER}:{PASSWORD}"})
+        _, err = p.communicate(timeout=120)
+        sim.stop()
+        connects = proxy.lines(f"): CONNECT {sim.url.removeprefix('https://')} HTTP/1.1")
+    assert p.returncode == 0, err.decode()
+    accepted = accepted_by_number(tmp_path / "receipts.jsonl")
+    assert sum(accepted.values()) == n and all(accepted[phone] == 1 for phone in phones.values())
+    assert 1 <= len(connects) <= 8  # one tunnel per connection, kept alive: 40 batches over them
+    for name in ("run.json", "ledger.jsonl", "log.jsonl"):
+        assert PASSWORD.encode() not in (tmp_path / "run" / name).read_bytes(), name
+    assert PASSWORD.encode() not in err
+
+
+def test_campaign_proxy_with_credentials_is_refused_without_echoing_them(tmp_path: Path) -> None:
+    from pipeline.campaign import load_campaign
+    from pipeline.errors import CampaignError
+
+    write_recipients(tmp_path / "recipients.csv", 1)
+    c = write_campaign(tmp_path / "c.toml", "http://127.0.0.1:9")
+    c.write_text(c.read_text().replace("timeout = 2.0", f'proxy = "http://{USER}:{PASSWORD}@127.0.0.1:3128"'))
+    with pytest.raises(CampaignError) as info:
+        load_campaign(c)
+    assert "SLUICE_PROXY_AUTH" in str(info.value) and PASSWORD not in str(info.value)
+    c.write_text(
+        c.read_text().replace(f"{USER}:{PASSWORD}@", "").replace("proxy =", 'ca_file = "none.pem"\nproxy =')
+    )
+    with pytest.raises(CampaignError, match="ca_file"):
+        load_campaign(c)
