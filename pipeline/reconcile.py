@@ -40,7 +40,7 @@ from pipeline.ledger import LedgerWriter, Status, replay
 from pipeline.limit import RateGovernor
 from pipeline.render import normalize_phone
 from pipeline.rundir import RunDir
-from pipeline.transport import HttpTransport
+from pipeline.transport import HttpTransport, Proxy
 from providers.aliyun import AliyunSms, CredentialsError, aliyun_phone
 from providers.aliyun_card import AliyunCardSms, parse_card_details
 from providers.aliyun_query import beijing_date, parse_query
@@ -143,7 +143,12 @@ async def _reconcile(
                 todo.append(_Unknown(row, key, phone, out_id, t))
     rate = queries_per_second or (1 / 60 if protocol == "submail" else 50.0)
     governor = RateGovernor(rate, min_rate=rate)
-    transport = transport or HttpTransport(max_connections=concurrency)
+    transport = transport or HttpTransport(
+        max_connections=concurrency,
+        verify=campaign.provider.verify_tls,
+        proxy=Proxy.configured(campaign.provider.proxy),
+        ca_file=campaign.provider.ca_file,
+    )
     timeout = httpx.Timeout(campaign.provider.timeout).as_dict()
     settled: list[tuple[int, str, str, str]] = []
 
