@@ -296,3 +296,16 @@ def test_campaign_proxy_with_credentials_is_refused_without_echoing_them(tmp_pat
     )
     with pytest.raises(CampaignError, match="ca_file"):
         load_campaign(c)
+
+
+def test_verify_tls_false_warns_at_start(tmp_path: Path) -> None:
+    write_recipients(tmp_path / "recipients.csv", 20)
+    with simulator(tmp_path) as sim:
+        c = write_campaign(tmp_path / "c.toml", sim.url)
+        c.write_text(c.read_text().replace("timeout = 2.0", "timeout = 2.0\nverify_tls = false"))
+        p = sluice("run", str(c))
+        _, err = p.communicate(timeout=120)
+        sim.stop()
+    assert p.returncode == 0, err.decode()
+    assert b"verify_tls = false: the provider's certificate is not checked" in err
+    assert b"tls_not_verified" in (tmp_path / "run" / "log.jsonl").read_bytes()
