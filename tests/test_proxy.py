@@ -30,6 +30,7 @@ from tests.test_transport import (
     TIMEOUT,
     Server,
     answer_ok,
+    answer_with,
     client_context,
     send,
     tls_server,
@@ -309,3 +310,16 @@ def test_verify_tls_false_warns_at_start(tmp_path: Path) -> None:
     assert p.returncode == 0, err.decode()
     assert b"verify_tls = false: the provider's certificate is not checked" in err
     assert b"tls_not_verified" in (tmp_path / "run" / "log.jsonl").read_bytes()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("status", ["403 Forbidden", "407 Proxy Authentication Required", "502 Bad Gateway"])
+async def test_a_refused_connect_is_a_connect_error_naming_the_status(server: Server, status: str) -> None:
+    # A loopback server playing a proxy that refuses: the request itself never leaves.
+    proxy_url = server.serve(answer_with(f"HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n".encode()))
+    async with HttpTransport(proxy=proxy_url, trust_env=False) as transport:
+        with pytest.raises(httpx.ConnectError) as info:
+            await send(transport, "https://sms.example.test/send")
+    assert f"refused CONNECT with {status}" in str(info.value)
+    assert classify_transport_error(info.value).outcome is Outcome.RETRY
+    assert [r.request_line for r in server.requests] == [b"CONNECT sms.example.test:443 HTTP/1.1"]
