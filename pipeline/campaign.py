@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 
 from pipeline.errors import CampaignError
@@ -80,6 +81,10 @@ class ProviderSpec:
     connect_timeout: float = 5.0
     region_id: str | None = None
     verify_tls: bool = True
+    # An http:// forward proxy for every request (wins over HTTPS_PROXY and the like), without
+    # credentials: they are secrets and run.json pins the campaign; SLUICE_PROXY_AUTH="user:password".
+    proxy: str | None = None
+    ca_file: str | None = None  # a CA bundle added to the system's trusted CAs
     protocol: str = "aliyun"  # for kind = "simulator": the protocol it speaks
     mode: str = "batchsend"  # submail: batchsend | multisend | multixsend
     sign_type: str = "md5"  # submail: md5 | sha1 | normal
@@ -247,6 +252,27 @@ def _declared(name: str, value: object, key: ConfigKey) -> object:
     return value
 
 
+def _check_proxy(prov: dict[str, Any], base_dir: Path) -> None:
+    proxy = prov.get("proxy")
+    if proxy is not None:
+        try:
+            url = httpx.URL(proxy)
+        except httpx.InvalidURL:
+            raise CampaignError("provider.proxy", "is not a valid URL") from None
+        if url.userinfo:  # never echo the value: it holds a secret
+            raise CampaignError(
+                "provider.proxy",
+                "must not hold credentials (the campaign is pinned into run.json): "
+                'set SLUICE_PROXY_AUTH="user:password" in the environment instead',
+            )
+        if url.scheme != "http" or not url.host:
+            raise CampaignError("provider.proxy", 'must be an http:// URL, e.g. "http://proxy.example:3128"')
+    if prov.get("ca_file") is not None:
+        prov["ca_file"] = str((base_dir / prov["ca_file"]).resolve())
+        if not Path(prov["ca_file"]).is_file():
+            raise CampaignError("provider.ca_file", f"{prov['ca_file']} is not a readable file")
+
+
 def parse_campaign(data: Mapping[str, Any], base_dir: Path) -> Campaign:
     """Validate a parsed campaign document; resolve paths against ``base_dir``."""
     for name in data:
@@ -296,6 +322,7 @@ def parse_campaign(data: Mapping[str, Any], base_dir: Path) -> Campaign:
     endpoint = prov.get("endpoint")
     if endpoint is not None and not endpoint.startswith(("http://", "https://")):
         raise CampaignError("provider.endpoint", "must be an http:// or https:// URL")
+    _check_proxy(prov, base_dir)
     for name in ("timeout", "connect_timeout"):
         if name in prov and not 0 < prov[name] <= 600:
             raise CampaignError(f"provider.{name}", "must be between 0 and 600 seconds")

@@ -42,6 +42,7 @@ from pipeline.errors import CampaignError, RunDirError, RunStopped, SluiceError,
 from pipeline.progress import ProgressReporter
 from pipeline.rundir import RunDir
 from pipeline.summary import export_rows, summarize
+from pipeline.transport import TLS_NOT_VERIFIED, proxy_secrets
 from providers import registry
 
 __all__ = (
@@ -183,6 +184,7 @@ def _open_log(run_dir: Path, echo: bool) -> None:
     except OSError as exc:
         raise RunDirError(f"cannot write {run_dir / 'log.jsonl'}: {exc.strerror}") from None
     secrets = [os.environ.get(name, "") for name in registry.secret_names()]
+    secrets += proxy_secrets()
     configure_logging(log_file, secrets=secrets, echo=echo)
 
 
@@ -199,6 +201,8 @@ def _execute(
         kwargs.update(campaign=campaign, run_dir=run_dir)
     with RunDir(run_dir).lock(f"sluice {'resume' if resume else 'run'}"):
         _open_log(run_dir, echo=not console.is_terminal)
+        if not campaign.provider.verify_tls:
+            console.print(f"[bold yellow]warning:[/] {TLS_NOT_VERIFIED}")
         if campaign.provider.kind == registry.SIMULATOR and campaign.provider.endpoint is None:
             with embedded_simulator() as url:
                 result, signalled = _run_async(fn, {**kwargs, "endpoint": url}, console)

@@ -29,7 +29,7 @@ from pipeline.errors import RunStopped, SluiceError
 from pipeline.ledger import LedgerFault, LedgerWriter
 from pipeline.limit import RateGovernor
 from pipeline.schedule import SendGate
-from pipeline.transport import HttpTransport
+from pipeline.transport import WireTransport, wire_transport
 from providers.base import (
     CONNECT_CODES,
     Batch,
@@ -148,7 +148,7 @@ class Dispatcher:
         self,
         *,
         provider: Provider,
-        transport: httpx.AsyncBaseTransport,
+        transport: httpx.AsyncBaseTransport | WireTransport,
         timeout: httpx.Timeout,
         ledger: LedgerWriter,
         governor: RateGovernor,
@@ -165,7 +165,7 @@ class Dispatcher:
         if on_refusal not in ON_REFUSAL:
             raise ValueError(f"on_refusal must be one of {', '.join(ON_REFUSAL)}, not {on_refusal!r}")
         self._provider = provider
-        self._transport = transport
+        self._transport = wire_transport(transport)
         self._timeout = timeout
         self._ledger = ledger
         self._governor = governor
@@ -213,19 +213,8 @@ class Dispatcher:
         return result, (time.perf_counter() - started) * 1000
 
     async def _send(self, request: WireRequest) -> Response:
-        transport = self._transport
-        if isinstance(transport, HttpTransport):
-            return await transport.send(request, self._timeout)
-        # Any other httpx transport (httpx.MockTransport in tests): httpx's own objects. The
-        # transport directly, not an AsyncClient: no auth, redirects, cookies or hooks to run.
-        http_request = request.to_httpx()
-        http_request.extensions["timeout"] = self._timeout.as_dict()
-        response = await transport.handle_async_request(http_request)
-        try:
-            await response.aread()
-        finally:
-            await response.aclose()
-        return response
+        # One path: HttpTransport in production, a fake or an adapted httpx transport in tests.
+        return await self._transport.send(request, self._timeout)
 
     async def send(self, batch: Batch) -> Outcome | None:
         """Send ``batch`` until it has an outcome (or the run is stopping).

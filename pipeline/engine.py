@@ -45,7 +45,7 @@ from pipeline.render import Renderer, Template, campaign_text_limit, normalize_p
 from pipeline.rundir import RunDir
 from pipeline.schedule import SendGate
 from pipeline.source import Chunk, Columns, CsvSource, JsonlSource, Source
-from pipeline.transport import HttpTransport
+from pipeline.transport import TLS_NOT_VERIFIED, HttpTransport, Proxy
 from providers.base import ENDPOINT_STOP_CODES, Batch, BatchOutcome, Message, Provider
 
 __all__ = ("Progress", "RunResult", "open_source", "run_campaign")
@@ -509,7 +509,14 @@ async def run_campaign(
     )
     timeout = httpx.Timeout(campaign.provider.timeout, connect=campaign.provider.connect_timeout, pool=None)
     if transport is None:
-        transport = HttpTransport(max_connections=limits.concurrency, verify=campaign.provider.verify_tls)
+        transport = HttpTransport(
+            max_connections=limits.concurrency,
+            verify=campaign.provider.verify_tls,
+            proxy=Proxy.configured(campaign.provider.proxy),
+            ca_file=campaign.provider.ca_file,
+        )
+    if not campaign.provider.verify_tls:
+        log.warning("tls_not_verified", detail=TLS_NOT_VERIFIED)
     source = open_source(campaign, run_dir=run_dir.path, state=state, skip=bytes(run.skip), columnar=True)
     batcher = Batcher(limits.batch_size, provider.batch_key, first_id=state.next_batch)
 

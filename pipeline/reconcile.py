@@ -41,7 +41,7 @@ from pipeline.ledger import LedgerWriter, Status, replay
 from pipeline.limit import RateGovernor
 from pipeline.render import normalize_phone
 from pipeline.rundir import RunDir
-from pipeline.transport import HttpTransport
+from pipeline.transport import HttpTransport, Proxy
 from providers.base import CredentialsError
 from providers.spec import UnknownSend
 
@@ -134,7 +134,12 @@ async def _reconcile(
                 todo.append(UnknownSend(row, key, phone, out_id, t))
     rate = queries_per_second or query.queries_per_second
     governor = RateGovernor(rate, min_rate=rate)
-    transport = transport or HttpTransport(max_connections=concurrency)
+    transport = transport or HttpTransport(
+        max_connections=concurrency,
+        verify=campaign.provider.verify_tls,
+        proxy=Proxy.configured(campaign.provider.proxy),
+        ca_file=campaign.provider.ca_file,
+    )
     timeout = httpx.Timeout(campaign.provider.timeout).as_dict()
     settled: list[tuple[int, str, str, str]] = []
 

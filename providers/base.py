@@ -146,6 +146,11 @@ class BatchOutcome:
     extra: Mapping[str, object] = field(default_factory=dict)
 
 
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_NOT_ON_THE_WIRE = re.compile(r"[\r\n\x00]|[^\x00-\xff]")
+_URL_BREAK = re.compile(r"[\x00-\x20\x7f]")
+
+
 @dataclass(frozen=True, slots=True)
 class WireRequest:
     """A signed request exactly as it goes on the wire: what the engine's transport sends.
@@ -153,12 +158,28 @@ class WireRequest:
     ``url`` is absolute and already percent-encoded (sent byte for byte: what was
     signed is what is sent); ``headers`` are (name, value) pairs, ``Host`` and
     ``Content-Length`` being added by the transport when absent.
+
+    Built by a provider module, it is checked at once: a header the wire cannot carry (CR,
+    LF or NUL, a character outside latin-1, a name that is not a token) or a URL with
+    whitespace or non-ASCII is a bug, raised as ``ValueError`` before the intent line is
+    written. The message names the header, never its value (it may be a credential).
     """
 
     method: str
     url: str
     headers: Sequence[tuple[str, str]]
     content: bytes = b""
+
+    def __post_init__(self) -> None:
+        for name, value in self.headers:
+            if not _TOKEN.fullmatch(name):
+                raise ValueError(f"request header name {name[:40]!r} is not an HTTP token")
+            if _NOT_ON_THE_WIRE.search(value):
+                raise ValueError(
+                    f"request header {name}: its value holds CR, LF, NUL or a character outside latin-1"
+                )
+        if not self.url.isascii() or _URL_BREAK.search(self.url) or not _TOKEN.fullmatch(self.method):
+            raise ValueError("request URL or method holds whitespace, a control or a non-ASCII character")
 
     @classmethod
     def from_httpx(cls, request: httpx.Request) -> WireRequest:

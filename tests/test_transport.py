@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import socket
 import ssl
 import struct
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from pathlib import Path
 
 import httpx
 import pytest
@@ -755,9 +757,13 @@ def client_context(ca: trustme.CA) -> ssl.SSLContext:
     return ctx
 
 
-async def tls_server(ca: trustme.CA, *hosts: str) -> Server:
+async def tls_server(ca: trustme.CA, *hosts: str, not_after: datetime.datetime | None = None) -> Server:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert(*hosts).configure_cert(ctx)
+    if not_after is None:
+        ca.issue_cert(*hosts).configure_cert(ctx)
+    else:
+        not_before = not_after - datetime.timedelta(days=30)
+        ca.issue_cert(*hosts, not_before=not_before, not_after=not_after).configure_cert(ctx)
     srv = Server()
     await srv.start(tls=ctx)
     return srv
@@ -838,6 +844,40 @@ class TestTls:
             assert reason in message and "CERTIFICATE_VERIFY_FAILED" in message
             assert base.removeprefix("https://") in message  # names the endpoint
             assert srv.requests == []  # nothing was sent
+        finally:
+            await srv.stop()
+
+    async def test_ca_file_is_added_to_the_trusted_cas(self, ca: trustme.CA, tmp_path: Path) -> None:
+        srv = await tls_server(ca, "127.0.0.1")
+        try:
+            base = srv.serve(answer_ok)
+            bundle = tmp_path / "company-ca.pem"
+            ca.cert_pem.write_to_path(str(bundle))
+            async with HttpTransport(ca_file=str(bundle)) as transport:
+                for i in range(3):  # and the TLS connection is kept alive between them
+                    r = await send(transport, f"{base}/{i}")
+                    assert r.status_code == 200 and r.headers["x-echo"] == f"/{i}"
+                assert idle_usable(transport)
+                context = transport._tls_context()
+            assert srv.connections == 1 and len(srv.requests) == 3
+            # added, not replacing: the system's CAs are still there next to the test CA
+            default_count = len(ssl.create_default_context().get_ca_certs())
+            assert len(context.get_ca_certs()) == default_count + 1
+        finally:
+            await srv.stop()
+
+    async def test_expired_certificate_is_fatal(self, ca: trustme.CA) -> None:
+        yesterday = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=1)
+        srv = await tls_server(ca, "127.0.0.1", not_after=yesterday)
+        try:
+            base = srv.serve(answer_ok)
+            async with HttpTransport(verify=client_context(ca)) as transport:
+                with pytest.raises(httpx.ConnectError) as info:
+                    await send(transport, base + "/")
+            outcome = classify_transport_error(info.value)
+            assert outcome.outcome is Outcome.FATAL and outcome.code == CERTIFICATE_CODE
+            assert "certificate has expired" in (outcome.message or "")
+            assert srv.requests == []
         finally:
             await srv.stop()
 
