@@ -75,7 +75,7 @@ def summarize(run_dir: Path) -> dict[str, Any]:
                 first = event.time if first is None else min(first, event.time)
                 last = event.time if last is None else max(last, event.time)
     # Final states only: a row's earlier outcomes (deferred, then sent on resume) are history.
-    finals = final_outcomes(rd.ledger)
+    finals = final_outcomes(rd.ledger, state)
     codes = Counter({f"{status}:{code}": n for (status, code), n in finals.items() if code})
     out = status_counts(state)
     out["running"] = None if holder is None else {**vars(holder), "describe": holder.describe()}
@@ -111,7 +111,7 @@ def _outcomes(finals: Counter[tuple[str, str | None]], state: LedgerState) -> di
 
 def _final_lines(ledger: Path) -> Iterator[dict[str, Any]]:
     """Each settled row's final state, as ``export`` writes it."""
-    for final in final_states(ledger):
+    for final in final_states(ledger, replay(ledger)):
         yield {
             "row": final.row,
             "key": final.key,

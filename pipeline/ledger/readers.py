@@ -13,9 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 
-from pipeline.ledger.format import ATTEMPT, INTENT, RECIPIENT, parse_header
+from pipeline.ledger.format import RECIPIENT, parse_header
+from pipeline.ledger.state import LedgerState, Status, replay
 
 __all__ = (
     "Attempt",
@@ -156,7 +158,7 @@ def events(path: Path, *, recipients: bool = True) -> Iterator[Event]:
             yield event
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built once per row, and a frozen __init__ costs twice as much
 class FinalState:
     """A settled row's last word: its recipient line, with its batch's provider id and time."""
 
@@ -170,104 +172,129 @@ class FinalState:
     reason: str | None
 
 
-def _row_of(line: bytes) -> int | None:
-    end = line.find(b",", 5)
-    digits = line[5:end]
-    return int(digits) if end > 5 and digits.isdigit() else None
+_BLOCK = 1 << 20  # bytes read at a time by the final-state passes
+_SETTLED = np.zeros(16, bool)
+_SETTLED[[Status.SENT, Status.FAILED, Status.REJECTED, Status.UNKNOWN, Status.DEFERRED]] = True
 
 
-def _intent_rows(line: bytes) -> list[int]:
-    try:
-        rows = orjson.loads(line).get("r")
-    except (orjson.JSONDecodeError, AttributeError):
-        return []
-    return [r for r in rows if isinstance(r, int) and r >= 0] if isinstance(rows, list) else []
+def _blocks(path: Path) -> Iterator[bytes]:
+    """The ledger's whole lines, about a MiB at a time (a torn last line left out)."""
+    carry = b""
+    with path.open("rb") as f:
+        while data := f.read(_BLOCK):
+            block = carry + data if carry else data
+            end = block.rfind(b"\n") + 1
+            carry = block[end:]
+            if end:
+                yield block[:end]
 
 
-def _final_lines(path: Path) -> tuple[Iterator[bytes], dict[int, tuple[str | None, float | None]]]:
-    """The recipient lines that are their row's last word, in ledger order, and per batch its
-    provider id and time. Two passes: the first counts each row's lines (recipients and
-    intents: a row sent again after its last outcome is in flight, not settled), a byte per row."""
-    remaining = bytearray()
-    beyond: dict[int, int] = {}  # the counts of rows with more than 255 lines
-    batches: dict[int, tuple[str | None, float | None]] = {}
-
-    def bump(row: int) -> None:
-        if row >= len(remaining):
-            remaining.extend(bytes(row + 1 - len(remaining) + len(remaining) // 2))
-        if remaining[row] == 255:
-            beyond[row] = beyond.get(row, 255) + 1
-        else:
-            remaining[row] += 1
-
-    def last(row: int) -> bool:
-        """Count one of the row's lines down: True for its last."""
-        if row in beyond:
-            beyond[row] -= 1
-            if beyond[row] == 255:
-                del beyond[row]
-            return False
-        remaining[row] -= 1
-        return not remaining[row]
-
-    for line in _lines(path):
-        if line.startswith(RECIPIENT):
-            row = _row_of(line)
-            if row is not None:
-                bump(row)
-        elif line.startswith(INTENT):
-            for row in _intent_rows(line):
-                bump(row)
-        elif line.startswith(ATTEMPT):
-            event = _event(line, False)
-            if isinstance(event, Attempt):
-                batches[event.batch] = (event.provider_id, event.time)
-
-    def last_words() -> Iterator[bytes]:
-        for line in _lines(path):
-            if line.startswith(RECIPIENT):
-                row = _row_of(line)
-                if row is not None and last(row):
-                    yield line
-            elif line.startswith(INTENT):
-                for row in _intent_rows(line):
-                    last(row)
-
-    return last_words(), batches
+def _recipient_rows(block: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The recipient lines of ``block`` read column-wise: (row, start, end) of each line that
+    starts ``{"r":DIGITS,``; the end is the index of its newline."""
+    buf = np.frombuffer(block, np.uint8)
+    ends = np.flatnonzero(buf == 10)
+    starts = np.empty_like(ends)
+    starts[0] = 0
+    starts[1:] = ends[:-1] + 1
+    last = len(buf) - 1
+    fast = ends - starts >= 7
+    for k, byte in enumerate(RECIPIENT):
+        fast &= buf[np.minimum(starts + k, last)] == byte
+    starts, ends = starts[fast], ends[fast]
+    at = starts + 5
+    rows = np.zeros(len(at), np.int64)
+    digits = np.zeros(len(at), np.int64)
+    going = np.ones(len(at), bool)
+    for k in range(12):
+        c = buf[np.minimum(at + k, ends)].astype(np.int64)
+        going &= (c >= 48) & (c <= 57)
+        if not going.any():
+            break
+        rows = np.where(going, rows * 10 + (c - 48), rows)
+        digits += going
+    ok = (digits > 0) & (digits <= 11) & (buf[np.minimum(at + digits, ends)] == ord(","))
+    return rows[ok], starts[ok], ends[ok]
 
 
-def final_states(path: Path) -> Iterator[FinalState]:
-    """Each settled row's final state, once per row, in ledger order. Rows whose last word is an
-    intent (in flight when the process stopped) and rows never sent are not settled."""
-    lines, batches = _final_lines(path)
-    for line in lines:
-        event = _event(line, False)
-        if not isinstance(event, Recipient):
+def _final_blocks(path: Path, state: LedgerState) -> Iterator[tuple[bytes, np.ndarray, np.ndarray]]:
+    """The recipient lines that are the final word of a settled row, in ledger order: each row's
+    last recipient line, unless the row was sent again since (``state``, the ledger's replay,
+    says in flight or pending). Per block: (block, start, end) of those lines. Two passes,
+    column-wise: the first counts each row's recipient lines (two bytes a row), the second
+    counts them down and keeps the lines that reach zero."""
+    if not path.exists():
+        return
+    size = len(state.status)
+    remaining = np.zeros(size, np.uint16)  # a row with 65 535 lines or more would wrap: not in practice
+    for block in _blocks(path):
+        rows, _, _ = _recipient_rows(block)
+        np.add.at(remaining, rows[rows < size], 1)
+    for block in _blocks(path):
+        rows, starts, ends = _recipient_rows(block)
+        keep = rows < size
+        rows, starts, ends = rows[keep], starts[keep], ends[keep]
+        if not len(rows):
             continue
-        batch_id, batch_time = (None, None) if event.batch is None else batches.get(event.batch, (None, None))
-        yield FinalState(
-            row=event.row,
-            key=event.key,
-            status=event.status,
-            code=event.code,
-            provider_id=event.provider_id or batch_id,
-            batch=event.batch,
-            time=batch_time,
-            reason=event.reason,
-        )
+        order = np.argsort(rows, kind="stable")
+        by_row = rows[order]
+        last = np.ones(len(order), bool)  # the block's last line of each row
+        last[:-1] = by_row[1:] != by_row[:-1]
+        lines_per_row = np.diff(np.concatenate(([-1], np.flatnonzero(last))))
+        block_rows = by_row[last]
+        remaining[block_rows] -= lines_per_row.astype(np.uint16)
+        final = (remaining[block_rows] == 0) & _SETTLED[state.status.take(block_rows)]
+        at = np.sort(order[last][final])
+        yield block, starts[at], ends[at]
 
 
-def final_outcomes(path: Path) -> Counter[tuple[str, str | None]]:
+def final_states(path: Path, state: LedgerState | None = None) -> Iterator[FinalState]:
+    """Each settled row's final state, once per row, in ledger order. Rows in flight when the
+    process stopped, sent again and not settled since, or never sent are not settled.
+    ``state``: the ledger's :func:`replay`, if the caller has it."""
+    state = state or replay(path)
+    batches = {
+        e.batch: (e.provider_id, e.time) for e in events(path, recipients=False) if isinstance(e, Attempt)
+    }
+    for block, starts, ends in _final_blocks(path, state):
+        for start, end in zip(starts.tolist(), ends.tolist(), strict=True):
+            try:
+                obj = orjson.loads(block[start : end + 1])
+                row, status = obj["r"], obj["s"]
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                continue  # damaged: replay counted it
+            batch = obj.get("b")
+            batch_id, batch_time = batches.get(batch, (None, None)) if batch is not None else (None, None)
+            key, code, reason = obj.get("k", str(row)), obj.get("c"), obj.get("e")
+            yield FinalState(row, key, status, code, obj.get("id") or batch_id, batch, batch_time, reason)
+
+
+def final_outcomes(path: Path, state: LedgerState | None = None) -> Counter[tuple[str, str | None]]:
     """Settled rows by (final status, code): each row once, whatever was written before its last
-    word. Only lines with a code are parsed (the rest is read by position)."""
-    lines, _ = _final_lines(path)
+    word. Only final lines with a code are parsed; the others are counted column-wise by the
+    status ``state`` (the ledger's :func:`replay`, read if not given) holds for their row."""
+    state = state or replay(path)
     out: Counter[tuple[str, str | None]] = Counter()
-    for line in lines:
-        if b'"c":' in line:
-            event = _event(line, False)
+    plain = np.zeros(16, np.int64)  # final lines without a code, by status
+    for block, starts, ends in _final_blocks(path, state):
+        buf = np.frombuffer(block, np.uint8)
+        marks = np.flatnonzero((buf[:-3] == 34) & (buf[1:-2] == 99) & (buf[2:-1] == 34) & (buf[3:] == 58))
+        coded = np.zeros(len(starts), bool)  # lines holding '"c":'
+        line_of = np.searchsorted(ends, marks)
+        inside = line_of < len(ends)
+        line_of, marks = line_of[inside], marks[inside]
+        coded[line_of[marks >= starts[line_of]]] = True
+        for i in np.flatnonzero(coded).tolist():
+            event = _event(block[int(starts[i]) : int(ends[i]) + 1], False)
             if isinstance(event, Recipient):
                 out[event.status, event.code] += 1
-            continue
-        start = line.find(b',"s":"') + 6
-        out[line[start : line.find(b'"', start)].decode(), None] += 1
+        rows, _, _ = _recipient_rows(_lines_of(block, starts[~coded], ends[~coded]))
+        plain += np.bincount(state.status.take(rows), minlength=16)
+    for status in Status:
+        if plain[status]:
+            out[status.name.lower(), None] += int(plain[status])
     return out
+
+
+def _lines_of(block: bytes, starts: np.ndarray, ends: np.ndarray) -> bytes:
+    return b"".join([block[s : e + 1] for s, e in zip(starts.tolist(), ends.tolist(), strict=True)])

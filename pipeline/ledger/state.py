@@ -111,6 +111,12 @@ class StatusArray:
                 return lo + int(hits[0])
         return -1
 
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """The statuses of ``rows`` (each with room), one byte each."""
+        packed = np.frombuffer(self._packed, np.uint8)[rows >> 1]
+        out: np.ndarray = np.where(rows & 1, packed >> 4, packed & 15).astype(np.uint8)
+        return out
+
     def count(self, value: int, start: int = 0, stop: int | None = None) -> int:
         return sum(int(np.count_nonzero(rows == value)) for _, rows in self._windows(start, stop))
 
