@@ -5,11 +5,15 @@ from __future__ import annotations
 import os
 import re
 import threading
+from collections import Counter
 from pathlib import Path
+from unittest.mock import patch
 
 import httpx
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import pipeline.ledger as ledger_api
 from pipeline.campaign import Campaign, RunSpec
@@ -34,6 +38,8 @@ from pipeline.summary import summarize
 from providers.base import Batch, BatchOutcome, Message, Outcome
 from tests.conftest import REPO
 from tests.test_engine import make_campaign, ok, rows, run
+from tests.test_replay import WORDS, encode, line
+from tests.test_replay import reference as replay_reference
 
 
 def _batch(bid: int, first_row: int, n: int) -> Batch:
@@ -180,6 +186,17 @@ class TestReaders:
         assert [(f.row, f.status) for f in final_states(path)] == [(5, "sent"), (6, "failed")]
         assert final_outcomes(path) == {("sent", None): 1, ("failed", "Bad"): 1}
 
+    def test_a_damaged_line_is_no_final_word(self, tmp_path: Path) -> None:
+        path = tmp_path / "ledger.jsonl"
+        path.write_bytes(
+            b'{"r":5,"s":"sent"}\n{"r":5,"s":"zz"}\n{"r":6,"s":"failed","c":"X"}\n{"r":6,"c":"Y"}\n'
+        )
+        assert [(f.row, f.status, f.code) for f in final_states(path)] == [
+            (5, "sent", None),
+            (6, "failed", "X"),
+        ]
+        assert final_outcomes(path) == {("sent", None): 1, ("failed", "X"): 1}
+
     def test_throttled_puts_rows_back_like_retry(self, tmp_path: Path) -> None:
         path = tmp_path / "ledger.jsonl"
         w = LedgerWriter(path)
@@ -314,3 +331,63 @@ class TestGroupedFsync:
         result = await run(c, tmp_path, handler)
         assert result.counts["sent"] == 100 and requests == 10 and early == []
         assert 1 <= threaded < requests  # off the event loop, and shared by several intents
+
+
+coded_line = st.tuples(
+    st.just("coded"), st.integers(1, 40), st.sampled_from(list(WORDS)), st.sampled_from(["A", "B"])
+)
+
+
+def _encode(item: tuple[object, ...]) -> bytes:
+    if item[0] == "coded":
+        return b'{"r":%d,"s":"%s","b":1,"c":"%s"}' % (item[1], item[2], str(item[3]).encode())  # type: ignore[str-bytes-safe]
+    return encode(item)
+
+
+def _reference(data: bytes) -> tuple[dict[int, tuple[str, str | None]], Counter[tuple[str, str | None]]]:
+    """Final states read line by line: each settled row's last recipient line (as replay accepts it)."""
+    state = replay_reference(data)
+    last: dict[int, bytes] = {}
+    for raw in data.split(b"\n")[:-1]:
+        if raw.startswith(b'{"r":'):
+            comma = raw.find(b',"s":"', 5)
+            if comma > 5 and raw[5:comma].isdigit() and raw[comma + 6 : comma + 7] in {w[:1] for w in WORDS}:
+                last[int(raw[5:comma])] = raw
+    finals: dict[int, tuple[str, str | None]] = {}
+    outcomes: Counter[tuple[str, str | None]] = Counter()
+    for row, raw in last.items():
+        status = state[0].get(row, 0)
+        if status in (Status.PENDING, Status.INFLIGHT):
+            continue
+        try:
+            obj = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            obj = None
+        if obj is not None:
+            finals[row] = (obj["s"], obj.get("c"))
+        if b'"c":' not in raw:
+            outcomes[Status(status).name.lower(), None] += 1
+        elif obj is not None:
+            outcomes[obj["s"], obj.get("c")] += 1
+    return finals, outcomes
+
+
+class TestFinalStatesMatchLineByLine:
+    @settings(max_examples=200, deadline=None)
+    @given(
+        st.lists(st.one_of(line, coded_line), max_size=60),
+        st.binary(max_size=8),
+        st.sampled_from([1 << 20, 40]),
+    )
+    def test_same_final_states(self, items: list[tuple[object, ...]], tail: bytes, block: int) -> None:
+        import tempfile
+
+        data = b"".join(_encode(i) + b"\n" for i in items) + tail.replace(b"\n", b"")
+        finals, outcomes = _reference(data)
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / "ledger.jsonl"
+            path.write_bytes(data)
+            with patch("pipeline.ledger.readers._BLOCK", block):
+                got = {f.row: (f.status, f.code) for f in final_states(path)}
+                assert got == finals
+                assert final_outcomes(path) == outcomes

@@ -17,7 +17,7 @@ import numpy as np
 import orjson
 
 from pipeline.ledger.format import RECIPIENT, parse_header
-from pipeline.ledger.state import LedgerState, Status, replay
+from pipeline.ledger.state import BY_NAME, LedgerState, Status, replay
 
 __all__ = (
     "Attempt",
@@ -173,6 +173,9 @@ class FinalState:
 
 
 _BLOCK = 1 << 20  # bytes read at a time by the final-state passes
+_INITIAL = np.zeros(256, np.uint8)  # a status word's first byte -> its status
+for _word, _status in BY_NAME.items():
+    _INITIAL[_word[0]] = _status
 _SETTLED = np.zeros(16, bool)
 _SETTLED[[Status.SENT, Status.FAILED, Status.REJECTED, Status.UNKNOWN, Status.DEFERRED]] = True
 
@@ -191,9 +194,12 @@ def _blocks(path: Path) -> Iterator[bytes]:
 
 def _recipient_rows(block: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The recipient lines of ``block`` read column-wise: (row, start, end) of each line that
-    starts ``{"r":DIGITS,``; the end is the index of its newline."""
+    starts ``{"r":DIGITS,"s":"`` and a status word (replay's fast path reads no others); the end
+    is the index of its newline."""
     buf = np.frombuffer(block, np.uint8)
     ends = np.flatnonzero(buf == 10)
+    if not len(ends):
+        return ends, ends, ends
     starts = np.empty_like(ends)
     starts[0] = 0
     starts[1:] = ends[:-1] + 1
@@ -213,7 +219,12 @@ def _recipient_rows(block: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             break
         rows = np.where(going, rows * 10 + (c - 48), rows)
         digits += going
-    ok = (digits > 0) & (digits <= 11) & (buf[np.minimum(at + digits, ends)] == ord(","))
+    # As replay reads them: ,"s":" after the digits, then a status word's initial.
+    comma = at + digits
+    ok = (digits > 0) & (digits <= 11) & (comma + 7 <= ends)
+    for k, byte in enumerate(b',"s":"'):
+        ok &= buf[np.minimum(comma + k, ends)] == byte
+    ok &= _INITIAL[buf[np.minimum(comma + 6, ends)]] != 0
     return rows[ok], starts[ok], ends[ok]
 
 
