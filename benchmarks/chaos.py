@@ -32,7 +32,7 @@ from pathlib import Path
 
 import orjson
 
-from pipeline.ledger import Status, replay
+from pipeline.ledger import Recipient, Status, events, replay
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -131,13 +131,10 @@ def main() -> int:
             sim.stdout.close()
         statuses: dict[int, str] = {}
         interrupted = 0
-        with ledger.open("rb") as f:
-            for line in f:
-                if line.startswith(b'{"r":'):
-                    obj = orjson.loads(line)
-                    statuses[obj["r"]] = obj["s"]
-                    if obj.get("c") == "Interrupted":
-                        interrupted += 1
+        for event in events(ledger):
+            if isinstance(event, Recipient):
+                statuses[event.row] = event.status
+                interrupted += event.code == "Interrupted"
         accepted: Counter[str] = Counter()
         with receipts.open("rb") as f:
             for line in f:

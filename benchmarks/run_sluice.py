@@ -4,6 +4,7 @@
 
     python -m benchmarks.run_sluice run    --csv R.csv --url URL --run-dir DIR [--rate 100000]
                                            [--concurrency 64] [--batch 100] [--loop uvloop|asyncio]
+                                           [--durability process|batch|interval]
                                            [--profile cprofile|sample|pyinstrument]
                                            [--profile-out FILE]
     python -m benchmarks.run_sluice resume --url URL --run-dir DIR
@@ -189,6 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=100_000.0, help="limits.requests_per_second")
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--batch", type=int, default=100)
+    p.add_argument("--durability", choices=("process", "batch", "interval"), default="process")
     p.add_argument(
         "--loop", choices=("uvloop", "asyncio"), default="uvloop", help="as the CLI: uvloop if installed"
     )
@@ -212,6 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         data = campaign_data(
             args.csv.resolve(), args.url, rate=args.rate, concurrency=args.concurrency, batch=args.batch
         )
+        data["run"] = {"durability": args.durability}
         campaign = parse_campaign(data, run_dir)
 
         async def go() -> RunResult:

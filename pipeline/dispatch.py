@@ -196,7 +196,7 @@ class Dispatcher:
 
     async def _attempt(self, batch: Batch) -> tuple[BatchOutcome, float]:
         request = self._provider.build_wire(batch)
-        self._ledger.intent(batch)
+        await self._ledger.record_intent(batch)  # on the disk first with durability = "batch"
         started = time.perf_counter()
         self.requests += 1
         self.split_requests += batch.parent is not None
@@ -253,7 +253,7 @@ class Dispatcher:
             if kind is Outcome.THROTTLED:
                 throttles += 1
                 self._governor.throttled(result.retry_after)
-                self._ledger.attempt(batch, result, "retry", ms)
+                self._ledger.attempt(batch, result, "throttled", ms)
                 log.info("provider_throttled", batch=batch.id, code=result.code)
                 if throttles < policy.max_throttles:
                     continue

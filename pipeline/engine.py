@@ -29,7 +29,6 @@ from zoneinfo import ZoneInfo
 
 import anyio
 import httpx
-import orjson
 import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
@@ -39,7 +38,7 @@ from pipeline.campaign import DB_KINDS, Campaign
 from pipeline.dispatch import CircuitBreaker, Dispatcher, EndpointGuard, RetryPolicy, server_clock
 from pipeline.errors import RunDirError, SourceError
 from pipeline.keys import KeySet
-from pipeline.ledger import Durability, LedgerFault, LedgerState, LedgerWriter, Status, replay
+from pipeline.ledger import Durability, Intent, LedgerFault, LedgerState, LedgerWriter, Status, events, replay
 from pipeline.limit import RateGovernor
 from pipeline.render import Renderer, Template, campaign_text_limit, normalize_phone
 from pipeline.rundir import RunDir
@@ -392,15 +391,13 @@ def _send_gate(campaign: Campaign, ledger: Path) -> SendGate | None:
         return None
     tz = ZoneInfo(spec.timezone)
     sent_today = 0
-    if spec.daily_cap is not None and ledger.exists():
+    if spec.daily_cap is not None:
         today = dt.datetime.now(tz).date()
-        with ledger.open("rb") as f:
-            for line in f:
-                if line.startswith(b'{"i":'):
-                    obj = orjson.loads(line)
-                    t = dt.datetime.fromtimestamp(obj.get("t", 0), tz)
-                    if obj.get("a") == 1 and "p" not in obj and t.date() == today:  # p: a split's part
-                        sent_today += len(obj["r"])
+        for event in events(ledger, recipients=False):
+            # A first attempt sent today, not a split's part (its rows were counted whole).
+            if isinstance(event, Intent) and event.attempt == 1 and event.parent is None:
+                if dt.datetime.fromtimestamp(event.time or 0, tz).date() == today:
+                    sent_today += len(event.rows)
     return SendGate(window=window, daily_cap=spec.daily_cap, cap_tz=tz, sent_today=sent_today)
 
 

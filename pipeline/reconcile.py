@@ -30,14 +30,13 @@ from pathlib import Path
 
 import anyio
 import httpx
-import orjson
 import structlog
 
 from pipeline.account import make_provider, provider_kind
 from pipeline.api import pinned_campaign
 from pipeline.engine import open_source
 from pipeline.errors import CampaignError
-from pipeline.ledger import LedgerWriter, Status, replay
+from pipeline.ledger import Intent, LedgerWriter, Status, events, replay
 from pipeline.limit import RateGovernor
 from pipeline.render import normalize_phone
 from pipeline.rundir import RunDir
@@ -65,13 +64,11 @@ def _unknown_rows(ledger: Path) -> dict[int, tuple[str, float]]:
     state = replay(ledger)
     wanted = set(state.status.rows_with(Status.UNKNOWN, Status.INFLIGHT))
     out: dict[int, tuple[str, float]] = {}
-    with ledger.open("rb") as f:
-        for line in f:
-            if line.startswith(b'{"i":'):
-                obj = orjson.loads(line)
-                for r in obj["r"]:
-                    if r in wanted:
-                        out[r] = (obj["o"], obj.get("t", 0.0))
+    for event in events(ledger, recipients=False):
+        if isinstance(event, Intent):
+            for r in event.rows:
+                if r in wanted:
+                    out[r] = (event.out_id, event.time or 0.0)
     return out
 
 

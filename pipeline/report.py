@@ -3,9 +3,11 @@
 Series, read from the ledger in one pass (memory: one entry per batch):
 
 * recipients settled per second (sent, failed, unknown, deferred);
-* recipients by outcome and provider code;
+* recipients by final outcome and provider code (each row once: these add up to the rows read);
 * request latency per batch: p50 / p90 / p99 per time bucket;
-* retries, throttles and splits (calls refused because of some recipients) per second.
+* retries, throttles and splits (calls refused because of some recipients) per second;
+  throttles are the attempts the ledger says ``throttled`` (format 2: format-1 ledgers
+  wrote them as ``retry``), and are counted in the retries too.
 
 ``report.json`` holds the same series for scripts and tests.
 """
@@ -22,6 +24,7 @@ from typing import Any
 
 import orjson
 
+from pipeline.ledger import Attempt, Intent, events
 from pipeline.rundir import RunDir
 from pipeline.summary import summarize
 
@@ -41,28 +44,20 @@ def collect_series(ledger: Path, *, latency_buckets: int = 60) -> dict[str, Any]
     throttles: Counter[int] = Counter()
     splits: Counter[int] = Counter()
     latencies: list[tuple[float, float]] = []
-    with ledger.open("rb") as f:
-        for line in f:
-            if line.startswith(b'{"i":'):
-                obj = orjson.loads(line)
-                rows_in_batch[obj["i"]] = len(obj["r"])
-            elif line.startswith(b'{"b":'):
-                obj = orjson.loads(line)
-                t = obj.get("t")
-                if t is None:
-                    continue
-                second = int(t)
-                status = obj.get("s", "")
-                if status == "retry":
-                    retries[second] += 1
-                    if str(obj.get("c", "")).startswith("Throttling") or obj.get("c") in ("13008", "HTTP429"):
-                        throttles[second] += 1
-                elif status == "split":  # nothing settled: its parts are batches of their own
-                    splits[second] += 1
-                else:
-                    settled[status][second] += rows_in_batch.get(obj["b"], 0)
-                if obj.get("ms") and status != "deferred":
-                    latencies.append((t, float(obj["ms"])))
+    for event in events(ledger, recipients=False):
+        if isinstance(event, Intent):
+            rows_in_batch[event.batch] = len(event.rows)
+        elif isinstance(event, Attempt) and event.time is not None:
+            second = int(event.time)
+            if event.status in ("retry", "throttled"):  # sent again: a throttle is a retry too
+                retries[second] += 1
+                throttles[second] += event.status == "throttled"
+            elif event.status == "split":  # nothing settled: its parts are batches of their own
+                splits[second] += 1
+            else:
+                settled[event.status][second] += rows_in_batch.get(event.batch, 0)
+            if event.ms and event.status != "deferred":
+                latencies.append((event.time, event.ms))
     seconds = sorted({s for c in (*settled.values(), retries, splits) for s in c})
     start = seconds[0] if seconds else 0
     span = range(start, seconds[-1] + 1) if seconds else range(0)
@@ -116,7 +111,7 @@ def _charts(series: dict[str, Any], codes: dict[str, int]) -> dict[str, bytes]:
     fig, ax = plt.subplots(figsize=(8, max(2.0, 0.35 * len(codes) + 1)))
     labels = list(codes) or ["(none)"]
     ax.barh(labels, [codes.get(k, 0) for k in labels], color="#4477aa")
-    ax.set(title="recipients by outcome and code", xlabel="recipients")
+    ax.set(title="recipients by final outcome and code", xlabel="recipients")
     ax.invert_yaxis()
     charts["outcomes.png"] = _png(fig)
     plt.close(fig)
@@ -153,8 +148,7 @@ def build_report(run_dir: Path, out_dir: Path | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True, mode=0o700)
     summary = summarize(run_dir)
     series = collect_series(rd.ledger)
-    codes = {"sent": summary["sent"], **summary["codes"]}
-    charts = _charts(series, codes)
+    charts = _charts(series, summary["outcomes"])
     for name, data in charts.items():
         (out / name).write_bytes(data)
     (out / "report.json").write_bytes(

@@ -15,7 +15,7 @@ from typing import IO, Any
 import orjson
 
 from pipeline.errors import RunDirError
-from pipeline.ledger import LedgerState, replay
+from pipeline.ledger import Attempt, Intent, LedgerState, events, final_outcomes, final_states, replay
 from pipeline.rundir import RunDir
 
 __all__ = ("export_rows", "status_counts", "summarize")
@@ -42,7 +42,9 @@ def status_counts(state: LedgerState) -> dict[str, Any]:
 
 
 def summarize(run_dir: Path) -> dict[str, Any]:
-    """Counts by status and by error code, first and last send, average rate, and requests:
+    """Counts by status; ``codes`` (settled rows by final ``status:code``) and ``outcomes`` (every
+    row read once by its final state, codes or not: they add up to the rows read); ``attempts``
+    (requests by outcome and code); first and last send, average rate, and requests:
     ``requests`` sent in all, ``splits`` (calls refused because of some of their recipients,
     then sent in parts) and ``split_requests`` (the requests for those parts, within ``requests``)."""
     rd = RunDir(run_dir)
@@ -54,38 +56,33 @@ def summarize(run_dir: Path) -> dict[str, Any]:
     except RunDirError as exc:
         problem = str(exc)
     state = replay(rd.ledger)
-    codes: Counter[str] = Counter()
     attempts: Counter[str] = Counter()
     first = last = None
     stopped: dict[str, Any] | None = None  # the last attempt that stopped the run, unless sending went on
     requests = splits = split_requests = 0
-    if rd.ledger.exists():
-        with rd.ledger.open("rb") as f:
-            for line in f:
-                if line.startswith(b'{"r":'):
-                    if b'"c":' in line:
-                        obj = orjson.loads(line)
-                        codes[f"{obj['s']}:{obj['c']}"] += 1
-                elif line.startswith(b'{"i":'):
-                    requests += 1
-                    split_requests += b',"p":' in line  # a part of a split batch
-                elif line.startswith(b'{"b":'):
-                    obj = orjson.loads(line)
-                    attempts[f"{obj['s']}:{obj.get('c', '')}"] += 1
-                    if obj["s"] == "fatal":
-                        stopped = {"code": obj.get("c"), "message": obj.get("m"), "time": obj.get("t")}
-                    elif obj["s"] != "retry":
-                        stopped = None
-                    splits += obj["s"] == "split"
-                    t = obj.get("t")
-                    if t is not None:
-                        first = t if first is None else min(first, t)
-                        last = t if last is None else max(last, t)
+    for event in events(rd.ledger, recipients=False):
+        if isinstance(event, Intent):
+            requests += 1
+            split_requests += event.parent is not None  # a part of a split batch
+        elif isinstance(event, Attempt):
+            attempts[f"{event.status}:{event.code or ''}"] += 1
+            if event.status == "fatal":
+                stopped = {"code": event.code, "message": event.message, "time": event.time}
+            elif event.status not in ("retry", "throttled"):
+                stopped = None
+            splits += event.status == "split"
+            if event.time is not None:
+                first = event.time if first is None else min(first, event.time)
+                last = event.time if last is None else max(last, event.time)
+    # Final states only: a row's earlier outcomes (deferred, then sent on resume) are history.
+    finals = final_outcomes(rd.ledger, state)
+    codes = Counter({f"{status}:{code}": n for (status, code), n in finals.items() if code})
     out = status_counts(state)
     out["running"] = None if holder is None else {**vars(holder), "describe": holder.describe()}
     out["ledger_damaged_lines"] = state.bad_lines
     out["ledger_problem"] = problem
     out["codes"] = dict(codes.most_common())
+    out["outcomes"] = _outcomes(finals, state)
     out["attempts"] = dict(attempts.most_common())
     out["stopped"] = stopped
     out["requests"] = requests
@@ -98,40 +95,33 @@ def summarize(run_dir: Path) -> dict[str, Any]:
     return out
 
 
+def _outcomes(finals: Counter[tuple[str, str | None]], state: LedgerState) -> dict[str, int]:
+    """Every row read once, by its final state: ``status:code`` (or ``status``) of the settled
+    rows, ``unknown:in flight`` (the process stopped with their request out), ``pending``."""
+    out: Counter[str] = Counter()
+    for (status, code), n in finals.items():
+        out[f"{status}:{code}" if code else status] += n
+    counts = state.counts()
+    if counts["inflight"]:
+        out["unknown:in flight"] = counts["inflight"]
+    if counts["pending"]:
+        out["pending"] = counts["pending"]
+    return dict(out.most_common())
+
+
 def _final_lines(ledger: Path) -> Iterator[dict[str, Any]]:
-    """Each row's last recipient line, in ledger order, joined with its batch's id and time."""
-    remaining = bytearray()
-    batches: dict[int, tuple[str | None, float | None]] = {}
-    with ledger.open("rb") as f:
-        for line in f:
-            if line.startswith(b'{"r":'):
-                row = int(line[5 : line.index(b",", 5)])
-                if row >= len(remaining):
-                    remaining.extend(bytes(row + 1 - len(remaining) + len(remaining) // 2))
-                remaining[row] = min(255, remaining[row] + 1)
-            elif line.startswith(b'{"b":'):
-                obj = orjson.loads(line)
-                batches[obj["b"]] = (obj.get("id"), obj.get("t"))
-    with ledger.open("rb") as f:
-        for line in f:
-            if not line.startswith(b'{"r":') or not line.endswith(b"\n"):
-                continue
-            row = int(line[5 : line.index(b",", 5)])
-            remaining[row] -= 1
-            if remaining[row]:
-                continue
-            obj = orjson.loads(line)
-            batch_id, batch_time = batches.get(obj.get("b", -1), (None, None))
-            yield {
-                "row": obj["r"],
-                "key": obj.get("k", str(obj["r"])),
-                "status": obj["s"],
-                "code": obj.get("c") or obj.get("e"),
-                "provider_id": obj.get("id") or batch_id,
-                "batch": obj.get("b"),
-                "time": batch_time,
-                "message": obj.get("e"),
-            }
+    """Each settled row's final state, as ``export`` writes it."""
+    for final in final_states(ledger, replay(ledger)):
+        yield {
+            "row": final.row,
+            "key": final.key,
+            "status": final.status,
+            "code": final.code or final.reason,
+            "provider_id": final.provider_id,
+            "batch": final.batch,
+            "time": final.time,
+            "message": final.reason,
+        }
 
 
 EXPORT_FIELDS = ("row", "key", "status", "code", "provider_id", "batch", "time", "message")

@@ -284,7 +284,8 @@ class TestBreakerUnit:
 
 @pytest.mark.anyio
 class TestDurability:
-    @pytest.mark.parametrize(("mode", "min_syncs"), [("process", 0), ("batch", 10), ("interval", 1)])
+    # batch: at least one fsync; that each request waits for its intent's is tested in test_ledger_api.py
+    @pytest.mark.parametrize(("mode", "min_syncs"), [("process", 0), ("batch", 1), ("interval", 1)])
     async def test_fsync_per_mode(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str, min_syncs: int
     ) -> None:

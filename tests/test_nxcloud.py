@@ -455,7 +455,7 @@ class TestLedger:
         w = LedgerWriter(tmp_path / "ledger.jsonl")
         w.outcome(batch, result, 12.0)
         w.close()
-        lines = [orjson.loads(x) for x in (tmp_path / "ledger.jsonl").read_bytes().splitlines()]
+        _version, *lines = [orjson.loads(x) for x in (tmp_path / "ledger.jsonl").read_bytes().splitlines()]
         assert lines[0]["s"] == "mixed" and lines[0]["b"] == 7
         assert [(x["s"], x.get("c"), x.get("e")) for x in lines[1:]] == [
             ("sent", None, None),

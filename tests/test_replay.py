@@ -122,7 +122,7 @@ class TestReplayMatchesLineByLine:
         with tempfile.TemporaryDirectory() as d:
             path = Path(d) / "ledger.jsonl"
             path.write_bytes(data)
-            with patch("pipeline.ledger._BLOCK", block):
+            with patch("pipeline.ledger.state._BLOCK", block):
                 got = as_tuple(replay(path, repair=True))
             assert path.read_bytes() == data[: len(data) - got[5]]  # a torn tail is cut off
         assert got == reference(data)
