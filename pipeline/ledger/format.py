@@ -11,7 +11,7 @@ import orjson
 from pipeline.errors import SluiceError
 from providers.base import Outcome
 
-__all__ = ("VERSION", "LedgerVersionError", "header_line", "read_version")
+__all__ = ("VERSION", "LedgerVersionError", "header_line", "json_text", "parse_header", "read_version")
 
 VERSION = 2
 _HEADER_PREFIX = b'{"ledger":'
