@@ -324,6 +324,27 @@ def cmd_reconcile(args: argparse.Namespace, console: Console) -> int:
     return EXIT_OK if not result.still_unknown else EXIT_UNSETTLED
 
 
+def cmd_listen(args: argparse.Namespace, console: Console) -> int:
+    import asyncio
+
+    from pipeline.listen import print_ready, serve_listener
+
+    if not args.allow_remote and args.host not in ("127.0.0.1", "::1", "localhost"):
+        raise CampaignError("--host", "listening beyond loopback needs --allow-remote")
+    stats = asyncio.run(
+        serve_listener(
+            Path(args.run_dir),
+            host=args.host,
+            port=args.port,
+            max_body=args.max_body,
+            subhook_key=os.environ.get(args.subhook_key_env),
+            on_ready=print_ready,
+        )
+    )
+    sys.stderr.write(orjson.dumps(stats).decode() + "\n")
+    return EXIT_OK
+
+
 def cmd_report(args: argparse.Namespace, console: Console) -> int:
     from pipeline.report import build_report
 
@@ -481,6 +502,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds after which a send the provider has no record of counts as not sent",
     )
     rc.set_defaults(func=cmd_reconcile)
+
+    ls = sub.add_parser("listen", help="receive the providers' delivery receipts for a run over HTTP")
+    ls.add_argument("run_dir")
+    ls.add_argument("--host", default="127.0.0.1")
+    ls.add_argument("--port", type=int, default=0, help="0: any free port (printed on the first line)")
+    ls.add_argument("--allow-remote", action="store_true", help="allow a --host beyond loopback")
+    ls.add_argument(
+        "--max-body", type=int, default=1 << 20, help="largest request body in bytes (413 beyond)"
+    )
+    ls.add_argument(
+        "--subhook-key-env",
+        default="SUBMAIL_SUBHOOK_KEY",
+        help="environment variable holding the SUBHOOK key SUBMAIL signs its events with",
+    )
+    ls.set_defaults(func=cmd_listen)
 
     rp = sub.add_parser("report", help="an HTML page and PNG charts of a run")
     rp.add_argument("run_dir")
