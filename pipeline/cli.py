@@ -260,7 +260,9 @@ def cmd_status(args: argparse.Namespace, console: Console) -> int:
         return EXIT_OK
     out = Console()
     table = Table(title=f"run {args.run_dir}", show_header=False)
-    for k in ("sent", "failed", "rejected", "unknown", "deferred", "pending", "source_rows", "complete"):
+    keys = ("sent", "failed", "rejected", "unknown", "deferred", "pending", "source_rows", "complete")
+    delivery = ("delivered", "undelivered", "awaiting_receipt", "unmatched_receipts")
+    for k in keys + (delivery if status["delivered"] or status["undelivered"] else ()):
         v = status[k]
         table.add_row(k, f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v))
     for k in ("first_send", "last_send"):

@@ -16,6 +16,7 @@ import orjson
 
 from pipeline.errors import RunDirError
 from pipeline.ledger import LedgerState, replay
+from pipeline.receipts import delivery_counts
 from pipeline.rundir import RunDir
 
 __all__ = ("export_rows", "status_counts", "summarize")
@@ -95,6 +96,7 @@ def summarize(run_dir: Path) -> dict[str, Any]:
     out["last_send"] = last
     span = (last - first) if first is not None and last is not None else 0.0
     out["avg_rate"] = round((out["sent"] + out["failed"]) / span, 1) if span > 0 else None
+    out.update(delivery_counts(run_dir).as_status(out["sent"]))
     return out
 
 

@@ -1,0 +1,143 @@
+"""Delivery receipts end to end: the simulator pushes to `sluice listen`; crash; bad input; pull."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+
+from tests.conftest import REPO
+from tests.helpers import final_statuses, simulator, sluice, write_recipients
+from tests.test_providers_e2e import PROVIDERS, campaign
+
+SUBHOOK_KEY = "test-subhook-key"
+
+
+@dataclass
+class ListenerProcess:
+    proc: subprocess.Popen[bytes]
+    base: str
+    urls: dict[str, str]
+
+    @property
+    def receipts_to(self) -> str:
+        return self.urls["receipts-to"]
+
+    def stats(self) -> dict[str, int]:
+        answer: dict[str, int] = httpx.get(self.receipts_to + "/__stats", timeout=5).json()
+        return answer
+
+    def stop(self) -> dict[str, int]:
+        self.proc.send_signal(signal.SIGTERM)
+        _, err = self.proc.communicate(timeout=30)
+        assert self.proc.returncode == 0, err.decode()
+        last: dict[str, int] = orjson.loads(err.decode().strip().splitlines()[-1])
+        return last
+
+
+@contextmanager
+def listener(run_dir: Path, *args: str) -> Iterator[ListenerProcess]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "listen", str(run_dir), *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "SUBMAIL_SUBHOOK_KEY": SUBHOOK_KEY},
+    )
+    assert proc.stdout is not None
+    base = proc.stdout.readline().decode().strip()
+    assert base.startswith("http://127.0.0.1:"), (base, proc.stderr.read() if proc.stderr else b"")
+    urls = dict(proc.stdout.readline().decode().split() for _ in range(4))
+    try:
+        yield ListenerProcess(proc, base, urls)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def wait_for(condition: object, seconds: float) -> None:
+    """Poll ``condition()`` until true, bounded by ``seconds``."""
+    assert callable(condition)
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)  # polling a condition, bounded by the deadline
+
+
+def push_stats(sim_url: str) -> dict[str, int]:
+    stats: dict[str, int] = httpx.get(sim_url + "/__stats", timeout=5).json()["receipts_push"]
+    return stats
+
+
+def receipt_rows(run_dir: Path) -> dict[int, dict[str, object]]:
+    out: dict[int, dict[str, object]] = {}
+    for line in (run_dir / "receipts.jsonl").read_bytes().splitlines():
+        rec = orjson.loads(line)
+        assert rec["r"] not in out, "a recipient's receipt written twice"
+        out[rec["r"]] = rec
+    return out
+
+
+def status_json(run_dir: Path) -> dict[str, object]:
+    p = sluice("status", str(run_dir), "--json")
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err.decode()
+    status: dict[str, object] = orjson.loads(out)
+    return status
+
+
+PUSH = ("--undelivered-rate", "0.1", "--duplicate-rate", "0.2", "--out-of-order-rate", "0.1")
+
+
+@pytest.mark.parametrize("name", ["aliyun", "aliyun-card", "submail-batchsend", "nxcloud"])
+def test_push_end_to_end(tmp_path: Path, name: str) -> None:
+    provider, message, batch = PROVIDERS[name]
+    phones = write_recipients(tmp_path / "recipients.csv", 600)
+    run_dir = tmp_path / "run"
+    with listener(run_dir) as lis:
+        with simulator(
+            tmp_path,
+            "--receipts-to",
+            lis.receipts_to,
+            "--subhook-key",
+            SUBHOOK_KEY,
+            "--receipt-delay-ms",
+            "30",
+            "--seed",
+            "3",
+            *PUSH,
+        ) as sim:
+            c = campaign(tmp_path / "c.toml", sim.url, provider, message, batch)
+            p = sluice("run", str(c))
+            _, err = p.communicate(timeout=120)
+            assert p.returncode == 0, err.decode()
+            wait_for(lambda: push_stats(sim.url)["pending"] == 0, 60)
+            pushed = push_stats(sim.url)
+            accepted = httpx.get(sim.url + "/__stats").json()["accepted_recipients"]
+        counts = lis.stop()
+    assert accepted == len(phones) == pushed["scheduled"] == pushed["acked_unique"]
+    assert pushed["duplicates"] > 0 and pushed["undelivered"] > 0
+    rows = receipt_rows(run_dir)
+    sent = {r for r, s in final_statuses(run_dir / "ledger.jsonl").items() if s == "sent"}
+    assert set(rows) == sent, "every accepted recipient has exactly one receipt"
+    delivered = sum(1 for r in rows.values() if r["d"])
+    assert len(rows) - delivered == pushed["undelivered"]
+    assert counts["matched"] == len(phones)
+    assert counts["duplicate"] == pushed["duplicates"], "each duplicate push counted once, not stored"
+    assert counts.get("unmatched", 0) == 0
+    status = status_json(run_dir)
+    assert status["delivered"] == delivered
+    assert status["undelivered"] == pushed["undelivered"]
+    assert status["awaiting_receipt"] == 0
