@@ -141,3 +141,97 @@ def test_push_end_to_end(tmp_path: Path, name: str) -> None:
     assert status["delivered"] == delivered
     assert status["undelivered"] == pushed["undelivered"]
     assert status["awaiting_receipt"] == 0
+
+
+def test_listener_killed_mid_stream_loses_no_acknowledged_receipt(tmp_path: Path) -> None:
+    provider, message, batch = PROVIDERS["aliyun"]
+    phones = write_recipients(tmp_path / "recipients.csv", 3000)
+    run_dir = tmp_path / "run"
+    with listener(run_dir) as lis:
+        port = lis.base.rsplit(":", 1)[1]
+        with simulator(
+            tmp_path,
+            "--receipts-to",
+            lis.receipts_to,
+            "--receipt-delay-ms",
+            "400",
+            "--receipt-retries",
+            "0.5,1,1,2,2,4,4,8",
+            "--duplicate-rate",
+            "0.1",
+            "--undelivered-rate",
+            "0.05",
+            "--seed",
+            "5",
+        ) as sim:
+            c = campaign(tmp_path / "c.toml", sim.url, provider, message, batch)
+            p = sluice("run", str(c))
+            wait_for(lambda: lis.stats().get("matched", 0) >= 300, 60)
+            lis.proc.kill()  # SIGKILL: no chance to flush anything
+            lis.proc.communicate()
+            acked = httpx.get(sim.url + "/__receipts_acked").json()
+            at_kill = receipt_rows(run_dir)
+            # every receipt acknowledged before the kill is on the disk
+            ledger = run_dir / "ledger.jsonl"
+            out_id_of = {}
+            for line in ledger.read_bytes().splitlines():
+                if line.startswith(b'{"i":'):
+                    obj = orjson.loads(line)
+                    for r in obj["r"]:
+                        out_id_of[r] = obj["o"]
+            stored = {f"aliyun {out_id_of[r]}|{phones[r]}" for r in at_kill}
+            assert acked and set(acked) <= stored, "an acknowledged receipt was lost"
+            _, err = p.communicate(timeout=120)
+            assert p.returncode == 0, err.decode()
+            with listener(run_dir, "--port", port) as again:
+                wait_for(lambda: push_stats(sim.url)["pending"] == 0, 90)
+                pushed = push_stats(sim.url)
+                again.stop()
+    assert pushed["failed_pushes"] > 0, "the kill left pushes to retry"
+    assert pushed["dropped"] == 0
+    assert pushed["acked_unique"] == len(phones)
+    rows = receipt_rows(run_dir)
+    assert set(rows) == set(phones)
+    assert len(at_kill) < len(rows)
+    assert sum(1 for r in rows.values() if not r["d"]) == pushed["undelivered"]
+    print(f"crash: {len(acked)} acknowledged before the kill, {len(at_kill)} on disk, {len(rows)} after")
+
+
+def _signed(event: dict[str, str], key: str) -> dict[str, str]:
+    token = "t0k3n"
+    return {**event, "token": token, "signature": hashlib.md5((token + key).encode()).hexdigest()}
+
+
+def test_bad_input_answered_and_nothing_written(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    with listener(run_dir) as lis:
+        u = lis.urls
+        token = lis.receipts_to.rsplit("/", 1)[1]
+        event = {"events": "delivered", "address": "13900000001", "send_id": "x" * 32, "tag": "t"}
+        with httpx.Client(timeout=10) as client:
+            assert client.post(u["aliyun"], content=b"[{not json").status_code == 400
+            assert client.post(u["aliyun"], content=b'{"a":1}').status_code == 400
+            assert client.post(u["aliyun"], content=b"[]").status_code == 400
+            assert client.post(u["submail"], data=_signed(event, "wrong-key")).status_code == 403
+            assert client.post(u["submail"], data={**event, "token": "a"}).status_code == 403
+            assert client.post(u["nxcloud"], data={"phone": "1"}).status_code == 400
+            no_token = lis.base + "/aliyun"
+            assert client.post(no_token, content=b"[]").status_code == 404
+            wrong = lis.base + "/" + token[:-1] + "x/nxcloud"
+            assert client.post(wrong, data={"messageid": "m", "status": "2"}).status_code == 404
+            try:
+                big = client.post(u["aliyun"], content=b"[" + b" " * (10 << 20) + b"]")
+                assert big.status_code == 413
+            except httpx.TransportError:
+                pass  # the server may close before the client has written 10 MB; then:
+            assert client.get(lis.receipts_to + "/__stats").json()["requests"] >= 9
+            # a well-formed receipt before the run exists: 503, so the provider retries later
+            ok = [{"phone_number": "13900000001", "success": True, "out_id": "o", "biz_id": "b"}]
+            assert client.post(u["aliyun"], json=ok).status_code == 503
+            assert client.post(u["submail"], data=_signed(event, SUBHOOK_KEY)).status_code == 503
+        counts = lis.stop()
+    assert counts["bad_token"] == 2
+    assert counts["bad_signature"] == 2
+    assert counts["bad_request"] == 4
+    assert (run_dir / "receipts.jsonl").stat().st_size == 0
+    assert (run_dir / "receipts-unmatched.jsonl").stat().st_size == 0

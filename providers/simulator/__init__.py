@@ -84,6 +84,10 @@ class Simulator:
         """Recipients accepted so far."""
         return self._receipts.accepted
 
+    def acked_receipts(self) -> list[str]:
+        """``"<protocol> <identity>"`` of every receipt a listener acknowledged."""
+        return sorted(" ".join(a) for a in (self.pusher.acked if self.pusher is not None else ()))
+
     def stats(self) -> dict[str, Any]:
         s = self._stats
         return {
@@ -123,6 +127,8 @@ async def serve(config: SimulatorConfig | None = None) -> AsyncIterator[Simulato
         routes: dict[str, App] = {
             "/": aliyun,
             "/__stats": JsonEndpoint(lambda: orjson.dumps(holder[0].stats())),
+            # the receipts a listener acknowledged, "<protocol> <identity>" (tests: none lost)
+            "/__receipts_acked": JsonEndpoint(lambda: orjson.dumps(holder[0].acked_receipts())),
             **submail.routes(),
             **nxcloud.routes(),
         }
