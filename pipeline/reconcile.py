@@ -26,6 +26,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx
@@ -42,10 +43,10 @@ from pipeline.render import normalize_phone
 from pipeline.rundir import RunDir
 from pipeline.transport import HttpTransport
 from providers.aliyun import AliyunSms, CredentialsError, aliyun_phone
-from providers.aliyun_card import AliyunCardSms, parse_card_details
-from providers.aliyun_query import beijing_date, parse_query
+from providers.aliyun_card import AliyunCardSms, CardSendRecord, parse_card_details
+from providers.aliyun_query import SendRecord, beijing_date, parse_query
 from providers.base import Message, Provider
-from providers.nxcloud import NxcloudSms, parse_record
+from providers.nxcloud import NxcloudSms, RecordResult, parse_record
 from providers.submail import SubmailError, SubmailSms, parse_log
 
 __all__ = ("ReconcileResult", "reconcile_run")
@@ -213,6 +214,14 @@ Fetch = Callable[[httpx.Request], Awaitable[httpx.Response]]
 
 async def _aliyun(provider: Provider, item: _Unknown, fetch: Fetch) -> str:
     """'sent' | 'failed:<code>' | 'missing' | 'error:<code>'"""
+    rec = await aliyun_record(provider, item, fetch)
+    if isinstance(rec, str):
+        return rec
+    return f"failed:{rec.err_code or 'SendStatus2'}" if rec.send_status == 2 else "sent"
+
+
+async def aliyun_record(provider: Provider, item: _Unknown, fetch: Fetch) -> SendRecord | str:
+    """QuerySendDetails' record of ``item`` (its number, day and OutId), or 'missing' | 'error:<code>'."""
     assert isinstance(provider, AliyunSms)
     page = 1
     while True:
@@ -226,7 +235,7 @@ async def _aliyun(provider: Provider, item: _Unknown, fetch: Fetch) -> str:
             return f"error:{code}"
         for rec in records:
             if rec.out_id == item.out_id:
-                return f"failed:{rec.err_code or 'SendStatus2'}" if rec.send_status == 2 else "sent"
+                return rec
         if page * 50 >= total:
             return "missing"
         page += 1
@@ -234,6 +243,14 @@ async def _aliyun(provider: Provider, item: _Unknown, fetch: Fetch) -> str:
 
 async def _card(provider: Provider, item: _Unknown, fetch: Fetch) -> str:
     """GetCardSmsDetails by number and day, matched on the batch's OutId (2 and 4 are failures)."""
+    rec = await card_record(provider, item, fetch)
+    if isinstance(rec, str):
+        return rec
+    return f"failed:{rec.err_code or 'SendStatus'}" if rec.send_status in (2, 4) else "sent"
+
+
+async def card_record(provider: Provider, item: _Unknown, fetch: Fetch) -> CardSendRecord | str:
+    """GetCardSmsDetails' record of ``item``, or 'missing' | 'error:<code>'."""
     assert isinstance(provider, AliyunCardSms)
     day = beijing_date(item.sent_at)
     page = 1
@@ -247,21 +264,26 @@ async def _card(provider: Provider, item: _Unknown, fetch: Fetch) -> str:
             return f"error:{code}"
         for rec in records:
             if rec.out_id == item.out_id:
-                return f"failed:{rec.err_code or 'SendStatus'}" if rec.send_status in (2, 4) else "sent"
+                return rec
         if page * 50 >= total:
             return "missing"
         page += 1
 
 
 async def _nxcloud(provider: Provider, item: _Unknown, fetch: Fetch) -> str:
-    assert isinstance(provider, NxcloudSms)
-    message = Message(item.row, item.key, item.phone, {}, "")
-    found = parse_record(
-        await fetch(provider.record_query_request(provider.message_id(message), beijing_date(item.sent_at)))
-    )
+    found = await nxcloud_record(provider, item, fetch)
     if found.ok:
         return "sent"
     return "missing" if found.code == "0" else f"error:{found.code}"
+
+
+async def nxcloud_record(provider: Provider, item: _Unknown, fetch: Fetch) -> RecordResult:
+    """The record query's answer for ``item``'s ``sysMessageId`` on its day."""
+    assert isinstance(provider, NxcloudSms)
+    message = Message(item.row, item.key, item.phone, {}, "")
+    return parse_record(
+        await fetch(provider.record_query_request(provider.message_id(message), beijing_date(item.sent_at)))
+    )
 
 
 async def _submail(
@@ -270,19 +292,8 @@ async def _submail(
     """Page ``sms/log`` over the window of the unknown sends; a number found there was accepted."""
     if not todo:
         return
-    start = int(min(i.sent_at for i in todo)) - 60
-    end = int(max(i.sent_at for i in todo)) + 3600
-    seen: set[str] = set()
-    offset, rows = 0, 50
     try:
-        while True:
-            page = parse_log(
-                await fetch(provider.log_request(start_date=start, end_date=end, rows=rows, offset=offset))
-            )
-            seen.update(str(r.get("to", ""))[-11:] for r in page)
-            if len(page) < rows:
-                break
-            offset += rows
+        seen = {str(r.get("to", ""))[-11:] for r in await submail_log(provider, todo, fetch)}
     except (SubmailError, httpx.TransportError) as exc:
         code = exc.code if isinstance(exc, SubmailError) else type(exc).__name__
         for item in todo:
@@ -290,3 +301,19 @@ async def _submail(
         return
     for item in todo:
         record(item, "sent" if item.phone[-11:] in seen else "missing")
+
+
+async def submail_log(provider: SubmailSms, todo: list[_Unknown], fetch: Fetch) -> list[dict[str, Any]]:
+    """Every ``sms/log`` row over the window of ``todo``'s sends (raises SubmailError, TransportError)."""
+    start = int(min(i.sent_at for i in todo)) - 60
+    end = int(max(i.sent_at for i in todo)) + 3600
+    rows: list[dict[str, Any]] = []
+    offset, size = 0, 50
+    while True:
+        page = parse_log(
+            await fetch(provider.log_request(start_date=start, end_date=end, rows=size, offset=offset))
+        )
+        rows.extend(page)
+        if len(page) < size:
+            return rows
+        offset += size
