@@ -347,6 +347,28 @@ def cmd_listen(args: argparse.Namespace, console: Console) -> int:
     return EXIT_OK
 
 
+def cmd_receipts(args: argparse.Namespace, console: Console) -> int:
+    from pipeline.receipts_pull import PullResult, pull_receipts
+
+    def progress(r: PullResult, total: int) -> None:
+        sys.stderr.write(f"asked {r.asked:,}/{total:,}: {r.delivered:,} delivered, {r.undelivered:,} not\n")
+
+    result = anyio.run(
+        lambda: pull_receipts(
+            Path(args.run_dir),
+            queries_per_second=args.qps,
+            settle_after=args.settle_after,
+            progress=progress,
+        ),
+        backend_options=_backend_options(),
+    )
+    table = Table(title=f"receipts pulled for {args.run_dir}", show_header=False)
+    for k, v in vars(result).items():
+        table.add_row(k, str(v))
+    console.print(table)
+    return EXIT_OK if not result.waiting and not result.not_yet_settled else EXIT_UNSETTLED
+
+
 def cmd_report(args: argparse.Namespace, console: Console) -> int:
     from pipeline.report import build_report
 
@@ -519,6 +541,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="environment variable holding the SUBHOOK key SUBMAIL signs its events with",
     )
     ls.set_defaults(func=cmd_listen)
+
+    rr = sub.add_parser("receipts", help="pull delivery receipts from the provider's status API")
+    rr.add_argument("run_dir")
+    rr.add_argument(
+        "--qps", type=float, default=None, help="status queries per second (default 50; SUBMAIL: 1 a minute)"
+    )
+    rr.add_argument(
+        "--settle-after",
+        type=float,
+        default=600.0,
+        help="ask only about recipients sent at least this many seconds ago",
+    )
+    rr.set_defaults(func=cmd_receipts)
 
     rp = sub.add_parser("report", help="an HTML page and PNG charts of a run")
     rp.add_argument("run_dir")

@@ -102,7 +102,7 @@ PUSH = ("--undelivered-rate", "0.1", "--duplicate-rate", "0.2", "--out-of-order-
 
 
 @pytest.mark.parametrize("name", ["aliyun", "aliyun-card", "submail-batchsend", "nxcloud"])
-def test_push_end_to_end(tmp_path: Path, name: str) -> None:
+def test_push_end_to_end_and_pull_settles_the_same(tmp_path: Path, name: str) -> None:
     provider, message, batch = PROVIDERS[name]
     phones = write_recipients(tmp_path / "recipients.csv", 600)
     run_dir = tmp_path / "run"
@@ -117,6 +117,8 @@ def test_push_end_to_end(tmp_path: Path, name: str) -> None:
             "30",
             "--seed",
             "3",
+            "--submail-log-interval",
+            "0",
             *PUSH,
         ) as sim:
             c = campaign(tmp_path / "c.toml", sim.url, provider, message, batch)
@@ -126,7 +128,17 @@ def test_push_end_to_end(tmp_path: Path, name: str) -> None:
             wait_for(lambda: push_stats(sim.url)["pending"] == 0, 60)
             pushed = push_stats(sim.url)
             accepted = httpx.get(sim.url + "/__stats").json()["accepted_recipients"]
-        counts = lis.stop()
+            counts = lis.stop()
+            # pull mode: the same run without its receipts asks the status API instead
+            pushed_rows = receipt_rows(run_dir)
+            (run_dir / "receipts.jsonl").rename(tmp_path / "pushed.jsonl")
+            q = sluice("receipts", str(run_dir), "--settle-after", "0", "--qps", "2000")
+            out, err = q.communicate(timeout=120)
+            assert q.returncode == 0, (out + err).decode()
+        pulled_rows = receipt_rows(run_dir)
+        assert {r: v["d"] for r, v in pulled_rows.items()} == {r: v["d"] for r, v in pushed_rows.items()}
+        (run_dir / "receipts.jsonl").unlink()
+        (tmp_path / "pushed.jsonl").rename(run_dir / "receipts.jsonl")
     assert accepted == len(phones) == pushed["scheduled"] == pushed["acked_unique"]
     assert pushed["duplicates"] > 0 and pushed["undelivered"] > 0
     rows = receipt_rows(run_dir)

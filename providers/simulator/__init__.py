@@ -143,7 +143,9 @@ async def serve(config: SimulatorConfig | None = None) -> AsyncIterator[Simulato
             sim = Simulator(config, config.host, port, stats, receipts, live)
             holder.append(sim)
             if config.push is not None:
-                sim.pusher = ReceiptPusher(config.push, config.clock)
+                sim.pusher = ReceiptPusher(
+                    config.push, config.clock, undelivered_rate=config.undelivered_rate
+                )
                 receipts.on_write = sim.pusher.feed
                 sim.pusher.start()
             yield sim

@@ -185,6 +185,7 @@ def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         push=_push_config(args),
+        undelivered_rate=args.undelivered_rate,
     )
 
 
@@ -199,7 +200,6 @@ def _push_config(args: argparse.Namespace) -> PushConfig | None:
         url=args.receipts_to.rstrip("/"),
         delay_ms=args.receipt_delay_ms,
         min_delay_ms=args.receipt_min_delay_ms,
-        undelivered_rate=args.undelivered_rate,
         duplicate_rate=args.duplicate_rate,
         out_of_order_rate=args.out_of_order_rate,
         retry_s=retries,

@@ -154,6 +154,8 @@ class SimulatorConfig:
     tls_key: Path | None = None
     # Push every accepted recipient's delivery receipt to a listener (None: no pushes).
     push: PushConfig | None = None
+    # The share of accepted messages whose receipt says undelivered (pushed and queried alike).
+    undelivered_rate: float = 0.0
 
     def __post_init__(self) -> None:
         if (

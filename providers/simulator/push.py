@@ -35,7 +35,7 @@ ALIYUN_BATCH = 100
 
 
 def undelivered(identity: str, rate: float) -> bool:
-    """Whether the receipt of ``identity`` (Aliyun: out_id + phone; SUBMAIL: send_id;
+    """Whether the receipt of ``identity`` (Aliyun: out_id|last 11 digits; SUBMAIL: send_id;
     NXCloud: sysMessageId) says undelivered: a fixed hash draw, the same for push and pull."""
     if rate <= 0:
         return False
@@ -50,7 +50,7 @@ def identity_of(record: dict[str, Any]) -> tuple[str, str]:
         return provider, str(record.get("send_id", ""))
     if provider == "nxcloud":
         return provider, str(record.get("out_id", ""))
-    return provider, f"{record.get('out_id', '')}|{record.get('phone', '')}"
+    return provider, f"{record.get('out_id', '')}|{str(record.get('phone', ''))[-11:]}"
 
 
 def _bj(t: float) -> str:
@@ -62,7 +62,6 @@ class PushConfig:
     url: str  # the listener's base: <url>/aliyun, <url>/submail, <url>/nxcloud
     delay_ms: float = 200.0
     min_delay_ms: float = 0.0
-    undelivered_rate: float = 0.0
     duplicate_rate: float = 0.0
     out_of_order_rate: float = 0.0
     retry_s: tuple[float, ...] = (1.0, 5.0, 10.0)
@@ -72,7 +71,7 @@ class PushConfig:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        rates = (self.undelivered_rate, self.duplicate_rate, self.out_of_order_rate)
+        rates = (self.duplicate_rate, self.out_of_order_rate)
         if not all(0 <= r <= 1 for r in rates) or self.delay_ms < 0 or self.min_delay_ms < 0:
             raise ValueError("receipt rates must be in [0, 1] and delays non-negative")
 
@@ -90,8 +89,11 @@ class _Due:
 class ReceiptPusher:
     """Fed the receipts file's lines as they are written; pushes them from one task."""
 
-    def __init__(self, config: PushConfig, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, config: PushConfig, clock: Callable[[], float] = time.time, *, undelivered_rate: float = 0.0
+    ) -> None:
         self.config = config
+        self.undelivered_rate = undelivered_rate
         self._clock = clock
         self._rng = random.Random(None if config.seed is None else f"{config.seed}:push")
         self._heap: list[_Due] = []
@@ -128,7 +130,7 @@ class ReceiptPusher:
 
     def _schedule(self, record: dict[str, Any], now: float) -> None:
         protocol, ident = identity_of(record)
-        bad = undelivered(ident, self.config.undelivered_rate)
+        bad = undelivered(ident, self.undelivered_rate)
         self.counts["undelivered"] += bad
         copies = 2 if self.config.duplicate_rate and self._rng.random() < self.config.duplicate_rate else 1
         self.counts["duplicates"] += copies - 1
