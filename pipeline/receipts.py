@@ -388,3 +388,70 @@ def delivery_counts(run_dir: Path, receipts: Iterable[dict[str, Any]] | None = N
             out.reasons[code] = out.reasons.get(code, 0) + 1
     out.unmatched = sum(1 for _ in _lines(run_dir / UNMATCHED))
     return out
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+def delivery_report(run_dir: Path, sent: int) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """The report's delivery figures (rate, send → delivery p50/p90/p99 in seconds, undelivered
+    reasons by code) and its charts (deliveries per minute, reasons); empty without receipts."""
+    counts = delivery_counts(run_dir)
+    if not counts.delivered and not counts.undelivered:
+        return {}, {}
+    lat = sorted(counts.latencies)
+    fields: dict[str, Any] = {
+        **counts.as_status(sent),
+        "delivery_rate": round(counts.delivered / sent, 4) if sent else None,
+        **{
+            f"delivery_{q}_s": round(_percentile(lat, v), 3) if lat else None
+            for q, v in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))
+        },
+        "undelivered_reasons": dict(sorted(counts.reasons.items(), key=lambda kv: -kv[1])),
+    }
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import io
+
+    import matplotlib.pyplot as plt
+
+    def png(fig: Any) -> bytes:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        return buf.getvalue()
+
+    charts: dict[str, bytes] = {}
+    if counts.delivered_at:
+        t0 = min(counts.delivered_at)
+        minutes = np.bincount(((np.asarray(counts.delivered_at) - t0) // 60).astype(np.int64))
+        fig, ax = plt.subplots(figsize=(8, 3.2))
+        ax.plot(np.arange(len(minutes)), minutes, linewidth=1.2)
+        ax.set(title="deliveries per minute", xlabel="minutes since the first delivery", ylabel="recipients")
+        charts["deliveries_per_minute.png"] = png(fig)
+    if counts.reasons:
+        reasons = fields["undelivered_reasons"]
+        fig, ax = plt.subplots(figsize=(8, max(2.0, 0.35 * len(reasons) + 1)))
+        ax.barh(list(reasons), list(reasons.values()), color="#aa4444")
+        ax.set(title="undelivered by provider code", xlabel="recipients")
+        ax.invert_yaxis()
+        charts["undelivered_reasons.png"] = png(fig)
+    return fields, charts
+
+
+EXPORT_FIELDS = ("delivery", "delivery_code", "delivered_at")
+
+
+def with_delivery(records: Iterable[dict[str, Any]], run_dir: Path) -> Iterator[dict[str, Any]]:
+    """Export rows joined with their receipt: ``delivery`` delivered | undelivered | (empty),
+    the provider's code and the report time."""
+    receipts = final_receipts(run_dir)
+    for rec in records:
+        r = receipts.get(rec["row"])
+        if r is None:
+            yield {**rec, "delivery": None, "delivery_code": None, "delivered_at": None}
+        else:
+            state = "delivered" if r.get("d") else "undelivered"
+            yield {**rec, "delivery": state, "delivery_code": r.get("c"), "delivered_at": r.get("t")}

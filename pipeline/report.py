@@ -22,6 +22,7 @@ from typing import Any
 
 import orjson
 
+from pipeline.receipts import delivery_report
 from pipeline.rundir import RunDir
 from pipeline.summary import summarize
 
@@ -155,6 +156,9 @@ def build_report(run_dir: Path, out_dir: Path | None = None) -> Path:
     series = collect_series(rd.ledger)
     codes = {"sent": summary["sent"], **summary["codes"]}
     charts = _charts(series, codes)
+    delivery, delivery_charts = delivery_report(run_dir, summary["sent"])
+    summary.update(delivery)
+    charts.update(delivery_charts)
     for name, data in charts.items():
         (out / name).write_bytes(data)
     (out / "report.json").write_bytes(

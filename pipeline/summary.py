@@ -16,7 +16,8 @@ import orjson
 
 from pipeline.errors import RunDirError
 from pipeline.ledger import LedgerState, replay
-from pipeline.receipts import delivery_counts
+from pipeline.receipts import EXPORT_FIELDS as DELIVERY_FIELDS
+from pipeline.receipts import delivery_counts, with_delivery
 from pipeline.rundir import RunDir
 
 __all__ = ("export_rows", "status_counts", "summarize")
@@ -136,7 +137,7 @@ def _final_lines(ledger: Path) -> Iterator[dict[str, Any]]:
             }
 
 
-EXPORT_FIELDS = ("row", "key", "status", "code", "provider_id", "batch", "time", "message")
+EXPORT_FIELDS = ("row", "key", "status", "code", "provider_id", "batch", "time", "message", *DELIVERY_FIELDS)
 
 
 def export_rows(run_dir: Path, fmt: str, out: IO[bytes]) -> int:
@@ -145,7 +146,7 @@ def export_rows(run_dir: Path, fmt: str, out: IO[bytes]) -> int:
     rd.load()
     n = 0
     if fmt == "jsonl":
-        for rec in _final_lines(rd.ledger):
+        for rec in with_delivery(_final_lines(rd.ledger), run_dir):
             out.write(orjson.dumps(rec) + b"\n")
             n += 1
         return n
@@ -154,7 +155,7 @@ def export_rows(run_dir: Path, fmt: str, out: IO[bytes]) -> int:
     text = io.TextIOWrapper(out, encoding="utf-8", newline="", write_through=True)
     writer = csv.DictWriter(text, fieldnames=EXPORT_FIELDS)
     writer.writeheader()
-    for rec in _final_lines(rd.ledger):
+    for rec in with_delivery(_final_lines(rd.ledger), run_dir):
         writer.writerow(rec)
         n += 1
     text.detach()

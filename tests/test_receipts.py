@@ -247,3 +247,43 @@ def test_bad_input_answered_and_nothing_written(tmp_path: Path) -> None:
     assert counts["bad_request"] == 4
     assert (run_dir / "receipts.jsonl").stat().st_size == 0
     assert (run_dir / "receipts-unmatched.jsonl").stat().st_size == 0
+
+
+def test_export_and_report_show_delivery(tmp_path: Path) -> None:
+    provider, message, batch = PROVIDERS["nxcloud"]
+    write_recipients(tmp_path / "recipients.csv", 300)
+    run_dir = tmp_path / "run"
+    with listener(run_dir) as lis:
+        with simulator(
+            tmp_path, "--receipts-to", lis.receipts_to, "--receipt-delay-ms", "20", "--seed", "9",
+            "--undelivered-rate", "0.2",
+        ) as sim:  # fmt: skip
+            c = campaign(tmp_path / "c.toml", sim.url, provider, message, batch)
+            p = sluice("run", str(c))
+            _, err = p.communicate(timeout=120)
+            assert p.returncode == 0, err.decode()
+            wait_for(lambda: push_stats(sim.url)["pending"] == 0, 60)
+            undelivered = push_stats(sim.url)["undelivered"]
+        lis.stop()
+    rows = receipt_rows(run_dir)
+    e = sluice("export", str(run_dir), "--format", "jsonl")
+    out, err = e.communicate(timeout=60)
+    assert e.returncode == 0, err.decode()
+    exported = [orjson.loads(line) for line in out.splitlines()]
+    assert len(exported) == 300
+    for rec in exported:
+        r = rows[rec["row"]]
+        assert rec["delivery"] == ("delivered" if r["d"] else "undelivered")
+        assert rec["delivery_code"] == r["c"] and rec["delivered_at"] == r["t"]
+    assert sum(rec["delivery"] == "undelivered" for rec in exported) == undelivered > 0
+    assert {rec["delivery_code"] for rec in exported} == {"DELIVRD", "UNDELIV"}
+    rp = sluice("report", str(run_dir))
+    _, err = rp.communicate(timeout=120)
+    assert rp.returncode == 0, err.decode()
+    summary = orjson.loads((run_dir / "report" / "report.json").read_bytes())["summary"]
+    assert summary["delivered"] == 300 - undelivered
+    assert summary["delivery_rate"] == round((300 - undelivered) / 300, 4)
+    assert summary["undelivered_reasons"] == {"UNDELIV": undelivered}
+    assert 0 <= summary["delivery_p50_s"] <= summary["delivery_p90_s"] <= summary["delivery_p99_s"] < 60
+    assert (run_dir / "report" / "deliveries_per_minute.png").stat().st_size > 1000
+    assert (run_dir / "report" / "undelivered_reasons.png").exists()
