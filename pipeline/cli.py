@@ -14,6 +14,7 @@ Exit codes:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import os
 import random
@@ -242,7 +243,29 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         run_dir = Path(campaign.run.dir)
     if run_dir is None:
         raise CampaignError("run.dir", "no run directory: set [run] dir or pass --run-dir")
+    if args.listen is not None:
+        with _listening(run_dir, args.listen, console):
+            return _execute(campaign, run_dir, False, args, console)
     return _execute(campaign, run_dir, False, args, console)
+
+
+@contextlib.contextmanager
+def _listening(run_dir: Path, port: int, console: Console) -> Iterator[None]:
+    """``sluice listen RUN_DIR --port PORT`` beside the run, for as long as the run lasts."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "listen", str(run_dir), "--port", str(port)],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        lines = [proc.stdout.readline().decode().strip() for _ in range(5)]
+        if not lines[0]:
+            raise CampaignError("--listen", f"the receipts listener did not start (exit {proc.wait()})")
+        console.print("receipts: " + "; ".join(lines[1:4]))
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def cmd_resume(args: argparse.Namespace, console: Console) -> int:
@@ -501,6 +524,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="render and validate every row, count segments and cost"
     )
     r.add_argument("--json", action="store_true", help="with --dry-run: print the report as JSON")
+    r.add_argument(
+        "--listen", type=int, metavar="PORT", help="run `sluice listen` on PORT for the run's duration"
+    )
     r.set_defaults(func=cmd_run)
 
     s = sub.add_parser("resume", help="resume a run after a crash or a stop")

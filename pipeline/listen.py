@@ -146,6 +146,8 @@ class Listener:
     def __post_init__(self) -> None:
         self.group = GroupCommit(self.journal)
         self.index: RecipientIndex | None = None
+        self.index_s = self.index_cpu_s = 0.0  # time to read the source and ledger for matching
+        self.first_at = self.last_at = 0.0  # wall time of the first and last receipt stored
         self._indexing = asyncio.Lock()
 
     async def _index(self) -> RecipientIndex:
@@ -155,7 +157,10 @@ class Listener:
                 if not RunDir(self.run_dir).exists():
                     self.count("before_run")
                     raise web.HTTPServiceUnavailable(text="the run has not started")  # retried
+                started, cpu = time.perf_counter(), time.process_time()
                 self.index = await build_index(self.run_dir)
+                self.index_s = round(time.perf_counter() - started, 3)
+                self.index_cpu_s = round(time.process_time() - cpu, 3)
             return self.index
 
     def count(self, name: str, n: int = 1) -> None:
@@ -167,6 +172,8 @@ class Listener:
         for r in receipts:
             self.count(self.journal.add(r, index.match(r), now))
         await self.group.commit()
+        self.first_at = self.first_at or now
+        self.last_at = self.clock()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.count("requests")
@@ -220,7 +227,15 @@ class Listener:
         return web.Response(text="success")
 
     def stats(self) -> dict[str, Any]:
-        return {**self.counts, "fsyncs": self.group.fsyncs, "cpu_s": round(time.process_time(), 3)}
+        return {
+            **self.counts,
+            "fsyncs": self.group.fsyncs,
+            "cpu_s": round(time.process_time(), 3),
+            "index_s": self.index_s,
+            "index_cpu_s": self.index_cpu_s,
+            "first_at": self.first_at,
+            "last_at": self.last_at,
+        }
 
 
 def _form(body: bytes) -> dict[str, str]:

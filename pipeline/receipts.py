@@ -20,6 +20,7 @@ Matching (PROTOCOLS.md §1.9, §2.6, §3.6):
 from __future__ import annotations
 
 import calendar
+import functools
 import hashlib
 import os
 import time
@@ -84,6 +85,11 @@ def _beijing_time(text: object) -> float | None:
     """``yyyy-MM-dd HH:mm:ss`` in UTC+8 (how Aliyun and NXCloud write times) → epoch seconds."""
     if not isinstance(text, str) or not text:
         return None
+    return _parse_beijing(text)
+
+
+@functools.lru_cache(maxsize=4096)  # a push's reports share a few seconds: strptime is ~10 µs
+def _parse_beijing(text: str) -> float | None:
     try:
         return calendar.timegm(time.strptime(text[:19], "%Y-%m-%d %H:%M:%S")) - BEIJING
     except ValueError:
@@ -162,6 +168,12 @@ def parse_nxcloud(fields: Mapping[str, str]) -> Receipt:
     )
 
 
+@dataclass(slots=True)
+class _Batch:
+    rows: list[int]
+    by_phone: dict[int, int] | None = None  # phone_tail → row
+
+
 @dataclass
 class RecipientIndex:
     """Finds a receipt's row from the ledger (batches by out_id/BizId) and the source (numbers,
@@ -172,9 +184,9 @@ class RecipientIndex:
     phones: np.ndarray[Any, np.dtype[np.int64]]  # row → phone_tail
     message_ids: dict[str, int] = field(default_factory=dict)  # NXCloud sysMessageId → row
     sent_at: np.ndarray[Any, np.dtype[np.float64]] = field(init=False)  # row → last intent time
-    _by_ref: dict[str, list[int]] = field(default_factory=dict)  # out_id (and its 32-char tag)
-    _batch_of_id: dict[int, list[int]] = field(default_factory=dict)
-    _by_biz: dict[str, list[int]] = field(default_factory=dict)
+    _by_ref: dict[str, _Batch] = field(default_factory=dict)  # out_id (and its 32-char tag)
+    _batch_of_id: dict[int, _Batch] = field(default_factory=dict)
+    _by_biz: dict[str, _Batch] = field(default_factory=dict)
     _offset: int = 0
 
     def __post_init__(self) -> None:
@@ -192,16 +204,16 @@ class RecipientIndex:
                 self._offset += len(line)
                 if line.startswith(b'{"i":'):
                     obj = orjson.loads(line)
-                    rows = [r for r in obj["r"] if r < len(self.phones)]
-                    self._by_ref[obj["o"]] = rows
-                    self._by_ref.setdefault(obj["o"][:32], rows)
-                    self._batch_of_id[obj["i"]] = rows
-                    self.sent_at[rows] = float(obj.get("t", 0.0))
+                    batch = _Batch([r for r in obj["r"] if r < len(self.phones)])
+                    self._by_ref[obj["o"]] = batch
+                    self._by_ref.setdefault(obj["o"][:32], batch)
+                    self._batch_of_id[obj["i"]] = batch
+                    self.sent_at[batch.rows] = float(obj.get("t", 0.0))
                 elif line.startswith(b'{"b":') and b'"id":' in line:
                     obj = orjson.loads(line)
-                    batch = self._batch_of_id.get(obj["b"])
-                    if batch is not None and isinstance(obj.get("id"), str):
-                        self._by_biz[obj["id"]] = batch
+                    attempted = self._batch_of_id.get(obj["b"])
+                    if attempted is not None and isinstance(obj.get("id"), str):
+                        self._by_biz[obj["id"]] = attempted
 
     def _in_batch(self, r: Receipt) -> int | None:
         batch = self._by_ref.get(r.batch_ref) if r.batch_ref else None
@@ -209,9 +221,10 @@ class RecipientIndex:
             batch = self._by_biz.get(r.biz_id)
         if batch is None:
             return None
-        rows = np.asarray(batch, dtype=np.int64)
-        hit = rows[self.phones[rows] == phone_tail(r.phone)]
-        return int(hit[0]) if len(hit) else None
+        if batch.by_phone is None:  # built on the batch's first receipt
+            tails = self.phones[batch.rows].tolist()
+            batch.by_phone = dict(zip(reversed(tails), reversed(batch.rows), strict=True))  # first wins
+        return batch.by_phone.get(phone_tail(r.phone))
 
     def match(self, r: Receipt) -> tuple[int, float] | None:
         """(row, time sent) or None."""
