@@ -18,6 +18,7 @@ ledger, this process only reads it.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import os
 import secrets
 import signal
@@ -177,7 +178,7 @@ class Listener:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.count("requests")
-        if request.match_info["token"] != self.token:
+        if not hmac.compare_digest(request.match_info["token"].encode(), self.token.encode()):
             self.count("bad_token")
             raise web.HTTPNotFound()
         provider = request.match_info["provider"]

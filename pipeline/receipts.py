@@ -22,6 +22,7 @@ from __future__ import annotations
 import calendar
 import functools
 import hashlib
+import hmac
 import os
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -132,7 +133,7 @@ def submail_signature_ok(event: Mapping[str, str], key: str) -> bool:
     """SUBHOOK: md5(token + key) == signature (PROTOCOLS.md §2.6)."""
     expected = hashlib.md5((event.get("token", "") + key).encode()).hexdigest()
     signature = event.get("signature", "")
-    return bool(signature) and expected == signature.lower()
+    return bool(signature) and hmac.compare_digest(expected, signature.lower())
 
 
 def parse_submail(event: Mapping[str, str]) -> Receipt | None:

@@ -264,7 +264,17 @@ def test_export_and_report_show_delivery(tmp_path: Path) -> None:
             assert p.returncode == 0, err.decode()
             wait_for(lambda: push_stats(sim.url)["pending"] == 0, 60)
             undelivered = push_stats(sim.url)["undelivered"]
-        lis.stop()
+        # a DR in the query string (NXCloud's pre-2023 accounts) naming no recipient of the run:
+        # answered, kept apart, counted; its repeat only counted
+        stray = {"phone": "8613900000001", "messageid": "not-ours", "status": "2", "result": "DELIVRD"}
+        for _ in range(2):
+            answer = httpx.get(lis.urls["nxcloud"], params=stray, timeout=10)
+            assert answer.status_code == 200 and answer.text == "success"
+        counts = lis.stop()
+    assert counts["unmatched"] == 1 and counts["duplicate"] == 1
+    unmatched = (run_dir / "receipts-unmatched.jsonl").read_bytes().splitlines()
+    assert [orjson.loads(line)["id"] for line in unmatched] == ["not-ours"]
+    assert status_json(run_dir)["unmatched_receipts"] == 1
     rows = receipt_rows(run_dir)
     e = sluice("export", str(run_dir), "--format", "jsonl")
     out, err = e.communicate(timeout=60)
