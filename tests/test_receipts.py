@@ -297,3 +297,17 @@ def test_export_and_report_show_delivery(tmp_path: Path) -> None:
     assert 0 <= summary["delivery_p50_s"] <= summary["delivery_p90_s"] <= summary["delivery_p99_s"] < 60
     assert (run_dir / "report" / "deliveries_per_minute.png").stat().st_size > 1000
     assert (run_dir / "report" / "undelivered_reasons.png").exists()
+
+
+def test_run_with_listen_serves_receipts_for_the_run(tmp_path: Path) -> None:
+    provider, message, batch = PROVIDERS["aliyun"]
+    write_recipients(tmp_path / "recipients.csv", 50)
+    with simulator(tmp_path) as sim:
+        c = campaign(tmp_path / "c.toml", sim.url, provider, message, batch)
+        p = sluice("run", str(c), "--listen", "0")
+        _, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err.decode()
+    token = (tmp_path / "run" / "listen-token").read_text().strip()
+    shown = next(line for line in err.decode().splitlines() if line.startswith("receipts: "))
+    assert f"/{token}/aliyun" in shown and f"/{token}/nxcloud" in shown
+    assert (tmp_path / "run" / "receipts.jsonl").exists()
