@@ -14,6 +14,7 @@ Exit codes:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import os
 import random
@@ -262,7 +263,29 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         run_dir = Path(campaign.run.dir)
     if run_dir is None:
         raise CampaignError("run.dir", "no run directory: set [run] dir or pass --run-dir")
+    if args.listen is not None:
+        with _listening(run_dir, args.listen, console):
+            return _execute(campaign, run_dir, False, args, console)
     return _execute(campaign, run_dir, False, args, console)
+
+
+@contextlib.contextmanager
+def _listening(run_dir: Path, port: int, console: Console) -> Iterator[None]:
+    """``sluice listen RUN_DIR --port PORT`` beside the run, for as long as the run lasts."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "listen", str(run_dir), "--port", str(port)],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        lines = [proc.stdout.readline().decode().strip() for _ in range(5)]
+        if not lines[0]:
+            raise CampaignError("--listen", f"the receipts listener did not start (exit {proc.wait()})")
+        console.print("receipts: " + "; ".join(lines[1:4]))
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def cmd_resume(args: argparse.Namespace, console: Console) -> int:
@@ -280,7 +303,9 @@ def cmd_status(args: argparse.Namespace, console: Console) -> int:
         return EXIT_OK
     out = Console()
     table = Table(title=f"run {args.run_dir}", show_header=False)
-    for k in ("sent", "failed", "rejected", "unknown", "deferred", "pending", "source_rows", "complete"):
+    keys = ("sent", "failed", "rejected", "unknown", "deferred", "pending", "source_rows", "complete")
+    delivery = ("delivered", "undelivered", "awaiting_receipt", "unmatched_receipts")
+    for k in keys + (delivery if status["delivered"] or status["undelivered"] else ()):
         v = status[k]
         table.add_row(k, f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v))
     for k in ("first_send", "last_send"):
@@ -342,6 +367,49 @@ def cmd_reconcile(args: argparse.Namespace, console: Console) -> int:
             f"{result.resendable:,} recipients were not found at the provider: `sluice resume` sends them."
         )
     return EXIT_OK if not result.still_unknown else EXIT_UNSETTLED
+
+
+def cmd_listen(args: argparse.Namespace, console: Console) -> int:
+    import asyncio
+
+    from pipeline.listen import print_ready, serve_listener
+
+    if not args.allow_remote and args.host not in ("127.0.0.1", "::1", "localhost"):
+        raise CampaignError("--host", "listening beyond loopback needs --allow-remote")
+    stats = asyncio.run(
+        serve_listener(
+            Path(args.run_dir),
+            host=args.host,
+            port=args.port,
+            max_body=args.max_body,
+            subhook_key=os.environ.get(args.subhook_key_env),
+            on_ready=print_ready,
+        )
+    )
+    sys.stderr.write(orjson.dumps(stats).decode() + "\n")
+    return EXIT_OK
+
+
+def cmd_receipts(args: argparse.Namespace, console: Console) -> int:
+    from pipeline.receipts_pull import PullResult, pull_receipts
+
+    def progress(r: PullResult, total: int) -> None:
+        sys.stderr.write(f"asked {r.asked:,}/{total:,}: {r.delivered:,} delivered, {r.undelivered:,} not\n")
+
+    result = anyio.run(
+        lambda: pull_receipts(
+            Path(args.run_dir),
+            queries_per_second=args.qps,
+            settle_after=args.settle_after,
+            progress=progress,
+        ),
+        backend_options=_backend_options(),
+    )
+    table = Table(title=f"receipts pulled for {args.run_dir}", show_header=False)
+    for k, v in vars(result).items():
+        table.add_row(k, str(v))
+    console.print(table)
+    return EXIT_OK if not result.waiting and not result.not_yet_settled else EXIT_UNSETTLED
 
 
 def cmd_report(args: argparse.Namespace, console: Console) -> int:
@@ -476,6 +544,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="render and validate every row, count segments and cost"
     )
     r.add_argument("--json", action="store_true", help="with --dry-run: print the report as JSON")
+    r.add_argument(
+        "--listen", type=int, metavar="PORT", help="run `sluice listen` on PORT for the run's duration"
+    )
     r.set_defaults(func=cmd_run)
 
     s = sub.add_parser("resume", help="resume a run after a crash or a stop")
@@ -501,6 +572,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds after which a send the provider has no record of counts as not sent",
     )
     rc.set_defaults(func=cmd_reconcile)
+
+    ls = sub.add_parser("listen", help="receive the providers' delivery receipts for a run over HTTP")
+    ls.add_argument("run_dir")
+    ls.add_argument("--host", default="127.0.0.1")
+    ls.add_argument("--port", type=int, default=0, help="0: any free port (printed on the first line)")
+    ls.add_argument("--allow-remote", action="store_true", help="allow a --host beyond loopback")
+    ls.add_argument(
+        "--max-body", type=int, default=1 << 20, help="largest request body in bytes (413 beyond)"
+    )
+    ls.add_argument(
+        "--subhook-key-env",
+        default="SUBMAIL_SUBHOOK_KEY",
+        help="environment variable holding the SUBHOOK key SUBMAIL signs its events with",
+    )
+    ls.set_defaults(func=cmd_listen)
+
+    rr = sub.add_parser("receipts", help="pull delivery receipts from the provider's status API")
+    rr.add_argument("run_dir")
+    rr.add_argument(
+        "--qps", type=float, default=None, help="status queries per second (default 50; SUBMAIL: 1 a minute)"
+    )
+    rr.add_argument(
+        "--settle-after",
+        type=float,
+        default=600.0,
+        help="ask only about recipients sent at least this many seconds ago",
+    )
+    rr.set_defaults(func=cmd_receipts)
 
     rp = sub.add_parser("report", help="an HTML page and PNG charts of a run")
     rp.add_argument("run_dir")

@@ -25,6 +25,7 @@ from typing import Any
 import orjson
 
 from pipeline.ledger import Attempt, Intent, events
+from pipeline.receipts import delivery_report
 from pipeline.rundir import RunDir
 from pipeline.summary import summarize
 
@@ -149,6 +150,9 @@ def build_report(run_dir: Path, out_dir: Path | None = None) -> Path:
     summary = summarize(run_dir)
     series = collect_series(rd.ledger)
     charts = _charts(series, summary["outcomes"])
+    delivery, delivery_charts = delivery_report(run_dir, summary["sent"])
+    summary.update(delivery)
+    charts.update(delivery_charts)
     for name, data in charts.items():
         (out / name).write_bytes(data)
     (out / "report.json").write_bytes(

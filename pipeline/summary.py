@@ -16,6 +16,8 @@ import orjson
 
 from pipeline.errors import RunDirError
 from pipeline.ledger import Attempt, Intent, LedgerState, events, final_outcomes, final_states, replay
+from pipeline.receipts import EXPORT_FIELDS as DELIVERY_FIELDS
+from pipeline.receipts import delivery_counts, with_delivery
 from pipeline.rundir import RunDir
 
 __all__ = ("export_rows", "status_counts", "summarize")
@@ -92,6 +94,7 @@ def summarize(run_dir: Path) -> dict[str, Any]:
     out["last_send"] = last
     span = (last - first) if first is not None and last is not None else 0.0
     out["avg_rate"] = round((out["sent"] + out["failed"]) / span, 1) if span > 0 else None
+    out.update(delivery_counts(run_dir).as_status(out["sent"]))
     return out
 
 
@@ -124,7 +127,7 @@ def _final_lines(ledger: Path) -> Iterator[dict[str, Any]]:
         }
 
 
-EXPORT_FIELDS = ("row", "key", "status", "code", "provider_id", "batch", "time", "message")
+EXPORT_FIELDS = ("row", "key", "status", "code", "provider_id", "batch", "time", "message", *DELIVERY_FIELDS)
 
 
 def export_rows(run_dir: Path, fmt: str, out: IO[bytes]) -> int:
@@ -133,7 +136,7 @@ def export_rows(run_dir: Path, fmt: str, out: IO[bytes]) -> int:
     rd.load()
     n = 0
     if fmt == "jsonl":
-        for rec in _final_lines(rd.ledger):
+        for rec in with_delivery(_final_lines(rd.ledger), run_dir):
             out.write(orjson.dumps(rec) + b"\n")
             n += 1
         return n
@@ -142,7 +145,7 @@ def export_rows(run_dir: Path, fmt: str, out: IO[bytes]) -> int:
     text = io.TextIOWrapper(out, encoding="utf-8", newline="", write_through=True)
     writer = csv.DictWriter(text, fieldnames=EXPORT_FIELDS)
     writer.writeheader()
-    for rec in _final_lines(rd.ledger):
+    for rec in with_delivery(_final_lines(rd.ledger), run_dir):
         writer.writerow(rec)
         n += 1
     text.detach()

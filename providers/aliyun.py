@@ -17,7 +17,7 @@ from typing import Literal
 import httpx
 import orjson
 
-from providers.aliyun_query import beijing_date, parse_query, query_request
+from providers.aliyun_query import SendRecord, beijing_date, delivery_of, parse_query, query_request
 from providers.aliyun_sign import (
     API_VERSION,
     DEFAULT_ENDPOINT,
@@ -442,8 +442,9 @@ def _check_message(options: Mapping[str, object], message: Mapping[str, object])
     return None
 
 
-async def _lookup(provider: Provider, item: UnknownSend, fetch: Fetch) -> str:
-    """``QuerySendDetails`` by number and Beijing day, matched on the batch's ``OutId``."""
+async def _record(provider: Provider, item: UnknownSend, fetch: Fetch) -> SendRecord | str:
+    """``QuerySendDetails`` by number and Beijing day, matched on the batch's ``OutId``: the
+    record, or 'missing' | 'error:<code>'."""
     assert isinstance(provider, AliyunSms)
     page = 1
     while True:
@@ -457,10 +458,22 @@ async def _lookup(provider: Provider, item: UnknownSend, fetch: Fetch) -> str:
             return f"error:{code}"
         for rec in records:
             if rec.out_id == item.out_id:
-                return f"failed:{rec.err_code or 'SendStatus2'}" if rec.send_status == 2 else "sent"
+                return rec
         if page * 50 >= total:
             return "missing"
         page += 1
+
+
+async def _lookup(provider: Provider, item: UnknownSend, fetch: Fetch) -> str:
+    rec = await _record(provider, item, fetch)
+    if isinstance(rec, str):
+        return rec
+    return f"failed:{rec.err_code or 'SendStatus2'}" if rec.send_status == 2 else "sent"
+
+
+async def _delivery(provider: Provider, item: UnknownSend, fetch: Fetch) -> tuple[str, str]:
+    """``SendStatus``: 1 waiting for the receipt, 2 failed, 3 delivered."""
+    return delivery_of(await _record(provider, item, fetch), failed=(2,))
 
 
 SPEC = ProviderKind(
@@ -472,6 +485,6 @@ SPEC = ProviderKind(
     config=ALIYUN_CONFIG,
     check_message=_check_message,
     test_env=ALIYUN_TEST_ENV,
-    reconcile=ReconcileQuery(lookup=_lookup),
+    reconcile=ReconcileQuery(lookup=_lookup, delivery=_delivery),
     text_limit=lambda options, message: AliyunSms.text_limit(message.get("template_text")),
 )

@@ -63,7 +63,7 @@ from providers.aliyun import (
     signature_of,
     v3_sign_headers,
 )
-from providers.aliyun_query import beijing_date
+from providers.aliyun_query import beijing_date, delivery_of
 from providers.base import (
     Batch,
     BatchOutcome,
@@ -486,8 +486,9 @@ def _check_message(options: Mapping[str, object], message: Mapping[str, object])
     return None
 
 
-async def _lookup(provider: Provider, item: UnknownSend, fetch: Fetch) -> str:
-    """GetCardSmsDetails by number and day, matched on the batch's OutId (2 and 4 are failures)."""
+async def _record(provider: Provider, item: UnknownSend, fetch: Fetch) -> CardSendRecord | str:
+    """GetCardSmsDetails by number and day, matched on the batch's OutId: the record, or
+    'missing' | 'error:<code>'."""
     assert isinstance(provider, AliyunCardSms)
     day = beijing_date(item.sent_at)
     page = 1
@@ -501,10 +502,22 @@ async def _lookup(provider: Provider, item: UnknownSend, fetch: Fetch) -> str:
             return f"error:{code}"
         for rec in records:
             if rec.out_id == item.out_id:
-                return f"failed:{rec.err_code or 'SendStatus'}" if rec.send_status in (2, 4) else "sent"
+                return rec
         if page * 50 >= total:
             return "missing"
         page += 1
+
+
+async def _lookup(provider: Provider, item: UnknownSend, fetch: Fetch) -> str:
+    """2 and 4 (addressing failed) are failures."""
+    rec = await _record(provider, item, fetch)
+    if isinstance(rec, str):
+        return rec
+    return f"failed:{rec.err_code or 'SendStatus'}" if rec.send_status in (2, 4) else "sent"
+
+
+async def _delivery(provider: Provider, item: UnknownSend, fetch: Fetch) -> tuple[str, str]:
+    return delivery_of(await _record(provider, item, fetch), failed=(2, 4))
 
 
 SPEC = ProviderKind(
@@ -516,7 +529,7 @@ SPEC = ProviderKind(
     config=ALIYUN_CONFIG,
     check_message=_check_message,
     test_env=ALIYUN_TEST_ENV,
-    reconcile=ReconcileQuery(lookup=_lookup),
+    reconcile=ReconcileQuery(lookup=_lookup, delivery=_delivery),
     text_limit=lambda options, message: AliyunCardSms.text_limit(
         message.get("fallback_type") or "", message.get("template_text")
     ),

@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import orjson
@@ -26,7 +26,7 @@ from providers.aliyun_sign import (
     v3_sign_headers,
 )
 
-__all__ = ("SendRecord", "beijing_date", "parse_query", "query_request")
+__all__ = ("SendRecord", "beijing_date", "delivery_of", "parse_query", "query_request")
 
 BEIJING = 8 * 3600
 
@@ -101,3 +101,22 @@ def parse_query(response: httpx.Response) -> tuple[str, int, list[SendRecord]]:
     except (TypeError, ValueError):
         total = len(records)
     return code, total, records
+
+
+class _Record(Protocol):
+    @property
+    def send_status(self) -> int: ...
+    @property
+    def err_code(self) -> str: ...
+
+
+def delivery_of(rec: _Record | str, *, failed: tuple[int, ...]) -> tuple[str, str]:
+    """A send record (or 'missing' | 'error:<code>') read for delivery: (delivered |
+    undelivered | waiting | error, code); ``failed`` are the ``SendStatus`` values of a failure."""
+    if isinstance(rec, str):
+        return ("error", rec[6:]) if rec.startswith("error:") else ("waiting", "")
+    if rec.send_status == 3:
+        return "delivered", rec.err_code or "DELIVERED"
+    if rec.send_status in failed:
+        return "undelivered", rec.err_code or f"SendStatus{rec.send_status}"
+    return "waiting", ""

@@ -516,15 +516,30 @@ def _preflight(provider: Provider) -> None:
     provider.record_query_request("probe-0000000000", "20260101")
 
 
-async def _lookup(provider: Provider, item: UnknownSend, fetch: Fetch) -> str:
+async def _record(provider: Provider, item: UnknownSend, fetch: Fetch) -> RecordResult:
     """The record query for the recipient's ``sysMessageId`` (derived from its key)."""
     assert isinstance(provider, NxcloudSms)
     message = Message(item.row, item.key, item.phone, {}, "")
     request = provider.record_query_request(provider.message_id(message), beijing_date(item.sent_at))
-    found = parse_record(await fetch(request))
+    return parse_record(await fetch(request))
+
+
+async def _lookup(provider: Provider, item: UnknownSend, fetch: Fetch) -> str:
+    found = await _record(provider, item, fetch)
     if found.ok:
         return "sent"
     return "missing" if found.code == "0" else f"error:{found.code}"
+
+
+async def _delivery(provider: Provider, item: UnknownSend, fetch: Fetch) -> tuple[str, str]:
+    """The record's ``dr``: DELIVRD, another final state, or none yet."""
+    found = await _record(provider, item, fetch)
+    if not found.ok or found.row is None:
+        return ("waiting", "") if found.code == "0" else ("error", found.code)
+    dr = str(found.row.get("dr") or "")
+    if dr == "DELIVRD":
+        return "delivered", dr
+    return ("undelivered", dr) if dr else ("waiting", "")
 
 
 SPEC = ProviderKind(
@@ -549,6 +564,7 @@ SPEC = ProviderKind(
         "NXCLOUD_APP_KEY": "yourAppKey",
         "NXCLOUD_APP_SECRET": "yourAppSecret",
     },
-    reconcile=ReconcileQuery(lookup=_lookup, preflight=_preflight),
+    reconcile=ReconcileQuery(lookup=_lookup, delivery=_delivery, preflight=_preflight),
     text_limit=lambda options, message: NxcloudSms.text_limit(),
+    message_id=message_id,
 )

@@ -91,6 +91,9 @@ Fetch = Callable[[httpx.Request], Awaitable[httpx.Response]]
 Verdict = str
 """'sent' | 'failed:<code>' | 'missing' | 'error:<code>'"""
 
+Delivery = tuple[str, str]
+"""(delivered | undelivered | waiting | error, the provider's code)"""
+
 
 @dataclass(frozen=True, slots=True)
 class ReconcileQuery:
@@ -99,6 +102,12 @@ class ReconcileQuery:
 
     lookup: Callable[[Provider, UnknownSend, Fetch], Awaitable[Verdict]] | None = None
     sweep: Callable[[Provider, Sequence[UnknownSend], Fetch], Awaitable[list[Verdict]]] | None = None
+    # The same queries read for delivery (``sluice receipts``): (verdict, code), the verdict one of
+    # delivered | undelivered | waiting | error.
+    delivery: Callable[[Provider, UnknownSend, Fetch], Awaitable[Delivery]] | None = None
+    delivery_sweep: (
+        Callable[[Provider, Sequence[UnknownSend], Fetch], Awaitable[list[Delivery]]] | None
+    ) = None
     queries_per_second: float = 50.0  # the default pace
     preflight: Callable[[Provider], None] | None = None  # raises CredentialsError when unusable
 
@@ -121,6 +130,9 @@ class ProviderKind:
     """The documented test credentials the simulator accepts; None: the simulator does not speak it."""
     clock_sync: ClockSync | None = None
     reconcile: ReconcileQuery | None = None
+    message_id: Callable[[str, str], str] | None = None
+    """(run id, recipient key) → the id the provider's receipts carry for the recipient, for
+    providers whose ids sluice chooses (NXCloud's ``sysMessageId``); None: matched otherwise."""
     text_limit: Callable[[Mapping[str, Any], Mapping[str, Any]], TextLimit | None] = (
         lambda options, message: None
     )

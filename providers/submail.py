@@ -653,28 +653,59 @@ def _apply_time(provider: Provider, response: httpx.Response, local_midpoint: fl
     return provider.server_offset
 
 
-async def _sweep(provider: Provider, todo: Sequence[UnknownSend], fetch: Fetch) -> list[str]:
-    """Page ``sms/log`` over the window of the unknown sends; a number found there was accepted."""
+async def _log_rows(provider: Provider, todo: Sequence[UnknownSend], fetch: Fetch) -> list[dict[str, Any]]:
+    """Every ``sms/log`` row over the window of ``todo``'s sends (raises SubmailError,
+    httpx.TransportError)."""
     assert isinstance(provider, SubmailSms)
-    if not todo:
-        return []
     start = int(min(i.sent_at for i in todo)) - 60
     end = int(max(i.sent_at for i in todo)) + 3600
-    seen: set[str] = set()
+    out: list[dict[str, Any]] = []
     offset, rows = 0, 50
+    while True:
+        page = parse_log(
+            await fetch(provider.log_request(start_date=start, end_date=end, rows=rows, offset=offset))
+        )
+        out.extend(page)
+        if len(page) < rows:
+            return out
+        offset += rows
+
+
+async def _sweep(provider: Provider, todo: Sequence[UnknownSend], fetch: Fetch) -> list[str]:
+    """Page ``sms/log`` over the window of the unknown sends; a number found there was accepted."""
+    if not todo:
+        return []
     try:
-        while True:
-            page = parse_log(
-                await fetch(provider.log_request(start_date=start, end_date=end, rows=rows, offset=offset))
-            )
-            seen.update(str(r.get("to", ""))[-11:] for r in page)
-            if len(page) < rows:
-                break
-            offset += rows
+        seen = {str(r.get("to", ""))[-11:] for r in await _log_rows(provider, todo, fetch)}
     except (SubmailError, httpx.TransportError) as exc:
         code = exc.code if isinstance(exc, SubmailError) else type(exc).__name__
         return [f"error:{code}"] * len(todo)
     return ["sent" if item.phone[-11:] in seen else "missing" for item in todo]
+
+
+async def _delivery_sweep(
+    provider: Provider, todo: Sequence[UnknownSend], fetch: Fetch
+) -> list[tuple[str, str]]:
+    """One ``sms/log`` sweep read for delivery, matched by number (INFERENCE: no send_id filter)."""
+    if not todo:
+        return []
+    try:
+        rows = await _log_rows(provider, todo, fetch)
+    except (SubmailError, httpx.TransportError) as exc:
+        code = exc.code if isinstance(exc, SubmailError) else type(exc).__name__
+        return [("error", str(code))] * len(todo)
+    final = {str(r.get("to", ""))[-11:]: r for r in rows if r.get("status") in ("delivered", "dropped")}
+    out: list[tuple[str, str]] = []
+    for item in todo:
+        found = final.get(item.phone[-11:])
+        if found is None:
+            out.append(("waiting", ""))
+        elif found["status"] == "delivered":
+            out.append(("delivered", str(found.get("report_state") or "DELIVRD")))
+        else:
+            reason = found.get("report_state") or found.get("dropped_reason") or "dropped"
+            out.append(("undelivered", str(reason)))
+    return out
 
 
 SPEC = ProviderKind(
@@ -691,7 +722,9 @@ SPEC = ProviderKind(
     test_env={"SUBMAIL_APPID": "10001", "SUBMAIL_APPKEY": "abcdef0123456789abcdef0123456789"},
     clock_sync=ClockSync(request=_time_request, apply=_apply_time),
     # SUBMAIL answers sms/log once a minute
-    reconcile=ReconcileQuery(sweep=_sweep, queries_per_second=1 / 60),
+    reconcile=ReconcileQuery(
+        sweep=_sweep, delivery_sweep=_delivery_sweep, queries_per_second=1 / 60
+    ),
     text_limit=lambda options, message: SubmailSms.text_limit(
         options.get("mode") or "batchsend", message.get("template_text")
     ),

@@ -76,7 +76,8 @@ def test_readme_command_line_parses(line: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "command", ["run", "resume", "status", "reconcile", "report", "export", "simulate", "demo"]
+    "command",
+    ["run", "resume", "status", "reconcile", "report", "export", "simulate", "demo", "listen", "receipts"],
 )
 def test_every_subcommand_has_help(command: str) -> None:
     done = subprocess.run([SLUICE, command, "--help"], capture_output=True, text=True, timeout=60)

@@ -39,6 +39,7 @@ from pipeline.ledger.readers import (
     events,
     final_outcomes,
     final_states,
+    follow,
 )
 from pipeline.ledger.state import LedgerState, Status, StatusArray, replay
 from pipeline.ledger.writer import Durability, LedgerFault, LedgerWriter
@@ -62,5 +63,6 @@ __all__ = (
     "events",
     "final_outcomes",
     "final_states",
+    "follow",
     "replay",
 )

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from pipeline.ledger.format import RECIPIENT, parse_header
+from pipeline.ledger.format import ATTEMPT, INTENT, RECIPIENT, parse_header
 from pipeline.ledger.state import BY_NAME, LedgerState, Status, replay
 
 __all__ = (
@@ -30,6 +30,7 @@ __all__ = (
     "events",
     "final_outcomes",
     "final_states",
+    "follow",
 )
 
 
@@ -156,6 +157,27 @@ def events(path: Path, *, recipients: bool = True) -> Iterator[Event]:
         first = False
         if event is not None:
             yield event
+
+
+def follow(path: Path, offset: int) -> tuple[list[Intent | Attempt], int]:
+    """The intents and attempts of the whole lines after byte ``offset``, and the offset after
+    them: for a reader that keeps up with a ledger still being written (the receipt listener)."""
+    out: list[Intent | Attempt] = []
+    try:
+        f = path.open("rb")
+    except FileNotFoundError:
+        return out, offset
+    with f:
+        f.seek(offset)
+        for line in f:
+            if not line.endswith(b"\n"):
+                break
+            offset += len(line)
+            if line.startswith((INTENT, ATTEMPT)):
+                event = _event(line, False)
+                if isinstance(event, Intent | Attempt):
+                    out.append(event)
+    return out, offset
 
 
 @dataclass(slots=True)  # not frozen: built once per row, and a frozen __init__ costs twice as much

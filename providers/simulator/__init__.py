@@ -36,6 +36,7 @@ from providers.simulator.aliyun import AliyunGateway
 from providers.simulator.config import DEFAULT_FAULT_MIX, SimulatorConfig, default_credentials
 from providers.simulator.core import FAULT_KINDS, ReceiptLog, Stats
 from providers.simulator.nxcloud import NxcloudGateway
+from providers.simulator.push import ReceiptPusher
 from providers.simulator.server import App, Connection, JsonEndpoint, Router, start_server
 from providers.simulator.submail import SubmailGateway
 
@@ -71,6 +72,7 @@ class Simulator:
         self._receipts = receipts
         self._live = live
         self._started = time.monotonic()
+        self.pusher: ReceiptPusher | None = None
 
     @property
     def receipts(self) -> Path | None:
@@ -81,6 +83,10 @@ class Simulator:
     def accepted(self) -> int:
         """Recipients accepted so far."""
         return self._receipts.accepted
+
+    def acked_receipts(self) -> list[str]:
+        """``"<protocol> <identity>"`` of every receipt a listener acknowledged."""
+        return sorted(" ".join(a) for a in (self.pusher.acked if self.pusher is not None else ()))
 
     def stats(self) -> dict[str, Any]:
         s = self._stats
@@ -95,6 +101,7 @@ class Simulator:
             "connections": len(self._live),
             "uptime_s": round(time.monotonic() - self._started, 3),
             "cpu_s": round(time.process_time(), 4),  # the whole process, for benchmarks
+            **({"receipts_push": self.pusher.stats()} if self.pusher is not None else {}),
         }
 
 
@@ -120,6 +127,8 @@ async def serve(config: SimulatorConfig | None = None) -> AsyncIterator[Simulato
         routes: dict[str, App] = {
             "/": aliyun,
             "/__stats": JsonEndpoint(lambda: orjson.dumps(holder[0].stats())),
+            # the receipts a listener acknowledged, "<protocol> <identity>" (tests: none lost)
+            "/__receipts_acked": JsonEndpoint(lambda: orjson.dumps(holder[0].acked_receipts())),
             **submail.routes(),
             **nxcloud.routes(),
         }
@@ -133,8 +142,16 @@ async def serve(config: SimulatorConfig | None = None) -> AsyncIterator[Simulato
             port = server.sockets[0].getsockname()[1]
             sim = Simulator(config, config.host, port, stats, receipts, live)
             holder.append(sim)
+            if config.push is not None:
+                sim.pusher = ReceiptPusher(
+                    config.push, config.clock, undelivered_rate=config.undelivered_rate
+                )
+                receipts.on_write = sim.pusher.feed
+                sim.pusher.start()
             yield sim
         finally:
+            if holder and holder[0].pusher is not None:
+                await holder[0].pusher.stop()
             server.close()
             for conn in list(live):
                 conn.close()

@@ -15,6 +15,7 @@ import orjson
 
 from providers.simulator import FAULT_KINDS, Simulator, SimulatorConfig, run_forever
 from providers.simulator.config import DEFAULT_FAULT_MIX
+from providers.simulator.push import PushConfig
 
 __all__ = ("build_parser", "config_from_args", "main")
 
@@ -117,6 +118,34 @@ def build_parser(prog: str = "python -m providers.simulator") -> argparse.Argume
         help="NXCloud messages accepted per number per hour, code 13007 beyond (0: unlimited)",
     )
     p.add_argument(
+        "--receipts-to",
+        metavar="URL",
+        help="push each accepted recipient's delivery receipt to URL/aliyun, URL/submail, URL/nxcloud "
+        "(what `sluice listen` prints as receipts-to)",
+    )
+    p.add_argument(
+        "--receipt-delay-ms", type=float, default=200.0, help="mean delay of a receipt (exponential)"
+    )
+    p.add_argument("--receipt-min-delay-ms", type=float, default=0.0, help="least delay of a receipt")
+    p.add_argument("--undelivered-rate", type=float, default=0.0, help="share of receipts undelivered")
+    p.add_argument("--duplicate-rate", type=float, default=0.0, help="share of receipts pushed twice")
+    p.add_argument(
+        "--out-of-order-rate", type=float, default=0.0, help="share of receipts held back 10 mean delays"
+    )
+    p.add_argument(
+        "--receipt-retries",
+        default="1,5,10",
+        help="seconds between the attempts of an unacknowledged push (Aliyun's are 1,5,10 minutes)",
+    )
+    p.add_argument(
+        "--nxcloud-receipt-retries", type=int, default=0, help="NXCloud pushes a DR once (0 retries)"
+    )
+    p.add_argument(
+        "--subhook-key",
+        default="simulator-subhook-key",
+        help="the SUBHOOK key SUBMAIL events are signed with",
+    )
+    p.add_argument(
         "--minimal",
         action="store_true",
         help="benchmark mode: --no-verify --no-time-check --no-nonce-check --no-index",
@@ -155,6 +184,28 @@ def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
         bad_number_rate=args.bad_number_rate,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
+        push=_push_config(args),
+        undelivered_rate=args.undelivered_rate,
+    )
+
+
+def _push_config(args: argparse.Namespace) -> PushConfig | None:
+    if not args.receipts_to:
+        return None
+    try:
+        retries = tuple(float(x) for x in args.receipt_retries.split(",") if x.strip())
+    except ValueError:
+        raise ValueError("--receipt-retries: comma-separated seconds") from None
+    return PushConfig(
+        url=args.receipts_to.rstrip("/"),
+        delay_ms=args.receipt_delay_ms,
+        min_delay_ms=args.receipt_min_delay_ms,
+        duplicate_rate=args.duplicate_rate,
+        out_of_order_rate=args.out_of_order_rate,
+        retry_s=retries,
+        nxcloud_retries=args.nxcloud_receipt_retries,
+        subhook_key=args.subhook_key,
+        seed=args.seed,
     )
 
 

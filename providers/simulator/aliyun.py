@@ -34,6 +34,7 @@ from providers.simulator.core import (
     Sent,
     Stats,
 )
+from providers.simulator.push import undelivered
 from providers.simulator.server import Connection, Request, parse_urlencoded
 
 __all__ = ("API_VERSION", "MAX_NUMBERS", "SEND_ACTIONS", "AliyunGateway", "phone_key")
@@ -124,6 +125,7 @@ class AliyunGateway:
     """The dysmsapi endpoint (path ``/``); an :class:`~providers.simulator.server.App`."""
 
     def __init__(self, config: SimulatorConfig, stats: Stats, receipts: ReceiptLog) -> None:
+        self._undelivered_rate = config.undelivered_rate
         self._cfg = config
         self._stats = stats
         self._receipts = receipts
@@ -379,11 +381,11 @@ class AliyunGateway:
             if _beijing(s.t, "%Y%m%d") == date and (not biz or s.biz_id == biz)
         ]
         first = (int(page) - 1) * int(size)
+        bad = self._undelivered_rate
         dtos = [
             {
                 "PhoneNum": phone,
-                "SendStatus": 3,
-                "ErrCode": "DELIVERED",
+                **_fate(s.out_id, phone, bad),
                 "TemplateCode": s.template,
                 "Content": "",
                 "SendDate": _beijing(s.t, "%Y-%m-%d %H:%M:%S"),
@@ -414,7 +416,7 @@ class AliyunGateway:
         rows = [s for s in self._receipts.lookup(phone_key(phone))
                 if _beijing(s.t, "%Y%m%d") == date and (not biz or s.biz_id == biz)]  # fmt: skip
         records = [
-            {"OutId": s.out_id, "SendStatus": 3, "RenderStatus": 1, "ErrCode": "DELIVERED",
+            {"OutId": s.out_id, **_fate(s.out_id, phone, self._undelivered_rate), "RenderStatus": 1,
              "ReceiveDate": _beijing(s.t + 1, "%Y-%m-%d %H:%M:%S"), "PhoneNumber": phone}
             for s in rows[:50]
         ]  # fmt: skip
@@ -540,6 +542,13 @@ def _validate_send(params: dict[str, str], card: bool) -> tuple[list[str], list[
 
 def _dumps(value: str) -> str:
     return orjson.dumps(value).decode()
+
+
+def _fate(out_id: str, phone: str, rate: float) -> dict[str, int | str]:
+    """``SendStatus`` 3 delivered or 2 failed, as the pushed receipt says (:func:`undelivered`)."""
+    if undelivered(f"{out_id}|{phone[-11:]}", rate):
+        return {"SendStatus": 2, "ErrCode": "MK:0001"}
+    return {"SendStatus": 3, "ErrCode": "DELIVERED"}
 
 
 def _receipt_lines(

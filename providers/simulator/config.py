@@ -16,6 +16,7 @@ from typing import Any
 
 from providers.aliyun import TEST_CREDENTIALS, AliyunCredentials
 from providers.simulator.core import FAULT_KINDS, FaultPlan
+from providers.simulator.push import PushConfig
 
 __all__ = (
     "DEFAULT_FAULT_MIX",
@@ -151,6 +152,10 @@ class SimulatorConfig:
     # Serve HTTPS with this certificate chain and key (PEM), for TLS tests; None: plain HTTP.
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    # Push every accepted recipient's delivery receipt to a listener (None: no pushes).
+    push: PushConfig | None = None
+    # The share of accepted messages whose receipt says undelivered (pushed and queried alike).
+    undelivered_rate: float = 0.0
 
     def __post_init__(self) -> None:
         if (

@@ -164,6 +164,7 @@ class ReceiptLog:
     def __init__(self, path: Path | None, *, index: bool) -> None:
         self.path = path
         self.accepted = 0
+        self.on_write: Callable[[bytes], None] | None = None  # the receipt pusher, when pushing
         self._fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644) if path else -1
         self.index: dict[str, Sent | list[Sent]] | None = {} if index else None
         if self._fd >= 0:
@@ -187,6 +188,8 @@ class ReceiptLog:
     def write(self, data: bytes, count: int) -> None:
         """Append ``count`` recipients' lines; they reach the OS before this returns."""
         self.accepted += count
+        if self.on_write is not None:
+            self.on_write(data)
         if self._fd < 0:
             return
         view = memoryview(data)

@@ -63,6 +63,7 @@ from providers.simulator.core import (
     ReceiptLog,
     Stats,
 )
+from providers.simulator.push import undelivered
 from providers.simulator.server import App, Connection, Request, parse_urlencoded
 
 __all__ = ("MAX_ITEMS", "SEND_PATH", "NxcloudGateway")
@@ -129,7 +130,8 @@ class _Record:
         self.sender = sender
         self.t = t
 
-    def as_row(self) -> dict[str, Any]:
+    def as_row(self, undelivered_rate: float = 0.0) -> dict[str, Any]:
+        bad = undelivered(self.message_id, undelivered_rate)
         gsm = self.content.isascii()
         single, multi = (160, 153) if gsm else (70, 67)
         n = len(self.content)
@@ -140,8 +142,8 @@ class _Record:
             "senderid": self.sender,
             "date": _beijing(self.t, _STAMP),
             "dr_time": _beijing(self.t + 1, _STAMP),
-            "dr": "DELIVRD",
-            "dr_status": "Successful",
+            "dr": "UNDELIV" if bad else "DELIVRD",
+            "dr_status": "Failed" if bad else "Successful",
             "billing_size": 1 if n <= single else -(-n // multi),
             "billing_price": 0.0,
             "billing_status": "Yes",
@@ -169,6 +171,7 @@ class NxcloudGateway:
     """The NXCloud endpoints; an :class:`~providers.simulator.server.App` for both paths in :meth:`routes`."""
 
     def __init__(self, config: SimulatorConfig, stats: Stats, receipts: ReceiptLog) -> None:
+        self._undelivered_rate = config.undelivered_rate
         self._cfg = config
         self._stats = stats
         self._receipts = receipts
@@ -381,7 +384,7 @@ class NxcloudGateway:
             return _record_error("1", "the record query needs the simulator's receipt index")
         for r in self._index.get(message_id, ()):
             if _beijing(r.t, "%Y%m%d") == day:
-                return orjson.dumps({"code": "0", "row": r.as_row()})
+                return orjson.dumps({"code": "0", "row": r.as_row(self._undelivered_rate)})
         return b'{"code":"0","row":null}'
 
     # -- answers -------------------------------------------------------------------------------------------

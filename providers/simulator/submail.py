@@ -57,6 +57,7 @@ from providers.simulator.core import (
     ReceiptLog,
     Stats,
 )
+from providers.simulator.push import undelivered
 from providers.simulator.server import App, Connection, Request, parse_urlencoded
 
 __all__ = ("MAX_NUMBERS", "SEND_APIS", "SubmailGateway", "segments")
@@ -151,8 +152,9 @@ class _Row:
         self.content = content
         self.req = req
 
-    def as_log(self) -> dict[str, Any]:
+    def as_log(self, undelivered_rate: float = 0.0) -> dict[str, Any]:
         t = self.req.t
+        bad = undelivered(self.send_id, undelivered_rate)
         sign = self.content[: self.content.find("】") + 1] if self.content.startswith("【") else ""
         return {
             "sendID": self.send_id,
@@ -162,8 +164,8 @@ class _Row:
             "sms_signature": sign,
             "sms_content": self.content,
             "fee": self.fee,
-            "status": "delivered",
-            "report_state": "DELIVRD",
+            "status": "dropped" if bad else "delivered",
+            "report_state": "UNDELIV" if bad else "DELIVRD",
             "location": "",
             "mobile_type": "",
             "ip_address": "127.0.0.1",
@@ -199,6 +201,7 @@ class SubmailGateway:
     """The SUBMAIL endpoints; an :class:`~providers.simulator.server.App` for every path in :meth:`routes`."""
 
     def __init__(self, config: SimulatorConfig, stats: Stats, receipts: ReceiptLog) -> None:
+        self._undelivered_rate = config.undelivered_rate
         self._cfg = config
         self._stats = stats
         self._receipts = receipts
@@ -493,8 +496,9 @@ class SubmailGateway:
         if to:
             checks.append(lambda r: r.to == to)
         matched = [r for r in candidates if all(check(r) for check in checks)]
-        if params.get("status", "delivered") != "delivered":
-            matched = []  # every simulated message is delivered
+        if params.get("status"):
+            wanted = params["status"]
+            matched = [r for r in matched if r.as_log(self._undelivered_rate)["status"] == wanted]
         page = matched[offset : offset + rows_per_page]
         return orjson.dumps(
             {
@@ -504,7 +508,7 @@ class SubmailGateway:
                 "total": len(matched),
                 "offset": offset,
                 "results": rows_per_page,
-                "data": [r.as_log() for r in page],
+                "data": [r.as_log(self._undelivered_rate) for r in page],
             }
         )
 

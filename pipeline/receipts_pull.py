@@ -1,0 +1,168 @@
+"""``sluice receipts``: ask the provider what became of sent recipients that have no receipt yet.
+
+For providers or setups without pushes. The queries are reconciliation's
+(:mod:`pipeline.reconcile`): Aliyun ``QuerySendDetails`` (``SendStatus`` 3 delivered, 2 failed),
+card ``GetCardSmsDetails`` (3 success; 2, 4 failed), NXCloud's record query (``dr``), SUBMAIL
+``sms/log`` (``delivered`` / ``dropped``; one page a minute by default). Only rows sent at least
+``settle_after`` seconds ago are asked about; a receipt found is appended to ``receipts.jsonl``
+(fsynced every ``sync_every`` receipts), so a killed pull loses at most that many answers and the
+next pull skips every row that has one. Queries go through a rate limiter.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+import httpx
+import structlog
+
+from pipeline.account import make_provider, protocol_of, provider_kind
+from pipeline.api import pinned_campaign
+from pipeline.engine import open_source
+from pipeline.errors import CampaignError
+from pipeline.ledger import Intent, Status, events, replay
+from pipeline.limit import RateGovernor
+from pipeline.receipts import Journal, Receipt
+from pipeline.render import normalize_phone
+from pipeline.rundir import RunDir
+from pipeline.transport import HttpTransport
+from providers.spec import UnknownSend
+
+__all__ = ("PullResult", "pull_receipts")
+
+log = structlog.get_logger("sluice.receipts")
+
+
+@dataclass
+class PullResult:
+    asked: int = 0
+    delivered: int = 0
+    undelivered: int = 0
+    waiting: int = 0  # the provider has no final word yet (or no record, or the query failed)
+    not_yet_settled: int = 0  # sent less than settle_after ago: not asked
+    query_errors: dict[str, int] = field(default_factory=dict)
+
+
+def _wanted(ledger: Path, skip: set[int], cutoff: float) -> tuple[dict[int, tuple[str, float]], int]:
+    """Row → (OutId, time) of the last intent of every sent row without a receipt, sent before
+    ``cutoff``; and how many such rows were sent after it."""
+    sent = set(replay(ledger).status.rows_with(Status.SENT)) - skip
+    out: dict[int, tuple[str, float]] = {}
+    for event in events(ledger, recipients=False):
+        if isinstance(event, Intent):
+            for r in event.rows:
+                if r in sent:
+                    out[r] = (event.out_id, event.time or 0.0)
+    recent = {r for r, (_, t) in out.items() if t > cutoff}
+    return {r: v for r, v in out.items() if r not in recent}, len(recent)
+
+
+async def pull_receipts(
+    run_dir: Path,
+    *,
+    endpoint: str | None = None,
+    queries_per_second: float | None = None,
+    concurrency: int = 8,
+    settle_after: float = 600.0,
+    sync_every: int = 200,
+    transport: httpx.AsyncBaseTransport | None = None,
+    clock: Callable[[], float] = time.time,
+    progress: Callable[[PullResult, int], None] | None = None,
+) -> PullResult:
+    """Query the status API for every sent row of ``run_dir`` without a receipt; append what it says.
+
+    ``queries_per_second`` defaults to 50, and to one a minute for SUBMAIL's ``sms/log``.
+    """
+    rd = RunDir(run_dir)
+    campaign, doc = pinned_campaign(rd, strict=False)
+    provider = make_provider(campaign, run_id=doc["run_id"], endpoint=endpoint)
+    protocol = protocol_of(campaign)
+    query = provider_kind(campaign).reconcile
+    if query is None or (query.delivery is None and query.delivery_sweep is None):
+        raise CampaignError("provider.kind", f"{protocol} has no delivery status query")
+    journal = Journal(rd.path)
+    result = PullResult()
+    try:
+        wanted, result.not_yet_settled = _wanted(rd.ledger, journal.seen, clock() - settle_after)
+        todo: list[UnknownSend] = []
+        key_col = campaign.source.key
+        async for chunk in open_source(campaign).chunks():
+            for row, rec in chunk:
+                if row in wanted and not isinstance(rec, str):
+                    phone = normalize_phone(
+                        str(rec.get(campaign.source.phone, "")), campaign.source.default_country
+                    )
+                    if phone is not None:
+                        key = str(rec.get(key_col, row)) if key_col else str(row)
+                        todo.append(UnknownSend(row, key, phone, *wanted[row]))
+        rate = queries_per_second or query.queries_per_second
+        governor = RateGovernor(rate, min_rate=rate)
+        transport = transport or HttpTransport(max_connections=concurrency)
+        timeout = httpx.Timeout(campaign.provider.timeout).as_dict()
+        pending = 0
+
+        async def fetch(request: httpx.Request) -> httpx.Response:
+            await governor.acquire()
+            request.extensions["timeout"] = timeout
+            response = await transport.handle_async_request(request)
+            await response.aread()
+            return response
+
+        def settle(item: UnknownSend, verdict: str, code: str = "") -> None:
+            """verdict: delivered | undelivered | waiting | error"""
+            nonlocal pending
+            result.asked += 1
+            if verdict in ("delivered", "undelivered"):
+                delivered = verdict == "delivered"
+                setattr(result, verdict, getattr(result, verdict) + 1)
+                receipt = Receipt(protocol, item.phone, delivered, code or verdict.upper(), None)
+                journal.add(receipt, (item.row, item.sent_at), clock())
+                pending += 1
+                if pending >= sync_every:
+                    journal.sync()
+                    pending = 0
+            else:
+                result.waiting += 1
+                if verdict == "error":
+                    result.query_errors[code] = result.query_errors.get(code, 0) + 1
+            if progress is not None and result.asked % 100 == 0:
+                progress(result, len(todo))
+
+        async with transport:
+            if query.delivery_sweep is not None:
+                for item, (verdict, code) in zip(
+                    todo, await query.delivery_sweep(provider, todo, fetch), strict=True
+                ):
+                    settle(item, verdict, code)
+            else:
+                ask = query.delivery
+                assert ask is not None
+                send, recv = anyio.create_memory_object_stream[UnknownSend](concurrency)
+
+                async def worker(stream: anyio.abc.ObjectReceiveStream[UnknownSend]) -> None:
+                    async with stream:
+                        async for item in stream:
+                            try:
+                                verdict, code = await ask(provider, item, fetch)
+                            except httpx.TransportError as exc:
+                                verdict, code = "error", type(exc).__name__
+                            settle(item, verdict, code)
+
+                async with anyio.create_task_group() as tg:
+                    for _ in range(concurrency):
+                        tg.start_soon(worker, recv.clone())
+                    recv.close()
+                    async with send:
+                        for item in todo:
+                            await send.send(item)
+        journal.sync()
+    finally:
+        journal.close()
+    if progress is not None:
+        progress(result, result.asked)
+    log.info("receipts pulled", **{k: v for k, v in vars(result).items() if k != "query_errors"})
+    return result
