@@ -57,7 +57,7 @@ class SourceSpec:
     key: str | None = None
     delimiter: str = ","
     default_country: str = "86"
-    # sqlite and postgres (see pipeline/dbsource.py)
+    # sqlite and postgres (see pipeline/db/)
     table: str | None = None
     query: str | None = None
     dsn_env: str | None = None  # the name of the environment variable holding the DSN
@@ -378,7 +378,7 @@ def _check_message(protocol: str, mode: str, msg: dict[str, Any]) -> None:
 
 
 def _check_source(src: dict[str, Any]) -> None:
-    """Kind-specific [source] keys; database sources are described in pipeline/dbsource.py."""
+    """Kind-specific [source] keys; database sources are described in pipeline/db/."""
     kind = src["kind"]
     if kind == "postgres":
         if src.get("path"):

@@ -18,10 +18,9 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import gc
-import itertools
 import random
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,21 +33,20 @@ import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from pipeline._logging import on_log_fault
+from pipeline.admit import Admission, open_source, skip_table
 from pipeline.batch import Batcher
-from pipeline.campaign import DB_KINDS, Campaign
+from pipeline.campaign import Campaign
 from pipeline.dispatch import CircuitBreaker, Dispatcher, EndpointGuard, RetryPolicy, server_clock
 from pipeline.errors import RunDirError, SourceError
-from pipeline.keys import KeySet
 from pipeline.ledger import Durability, LedgerFault, LedgerState, LedgerWriter, Status, replay
 from pipeline.limit import RateGovernor
-from pipeline.render import Renderer, Template, campaign_text_limit, normalize_phone
 from pipeline.rundir import RunDir
 from pipeline.schedule import SendGate
-from pipeline.source import Chunk, Columns, CsvSource, JsonlSource, Source
+from pipeline.source import Chunk
 from pipeline.transport import HttpTransport
-from providers.base import ENDPOINT_STOP_CODES, Batch, BatchOutcome, Message, Provider
+from providers.base import ENDPOINT_STOP_CODES, Batch, BatchOutcome, Provider
 
-__all__ = ("Progress", "RunResult", "open_source", "run_campaign")
+__all__ = ("Progress", "RunResult", "run_campaign")
 
 log = structlog.get_logger("sluice.engine")
 
@@ -87,42 +85,6 @@ class RunResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def open_source(
-    campaign: Campaign,
-    *,
-    run_dir: Path | None = None,
-    state: LedgerState | None = None,
-    skip: bytes | None = None,
-    columnar: bool = False,
-) -> Source:
-    """The campaign's source. A database source given the run directory, its ledger state and
-    the statuses a resume skips starts after the last settled checkpoint (pipeline/dbsource.py)."""
-    spec = campaign.source
-    if spec.kind in DB_KINDS:
-        from pipeline.dbsource import open_db_source
-
-        return open_db_source(campaign, run_dir=run_dir, state=state, skip=skip)
-    if spec.kind == "csv":
-        settled = None
-        prefix = 0
-        if state is not None and skip is not None:
-            # Rows a resume skips only need what de-duplication reads: the key and the phone.
-            keep = tuple(c for c in (spec.key, spec.phone if spec.dedupe_phone else None) if c)
-            settled = (state.status, skip, keep)
-            if not keep and len(state.status) > 1:
-                # Nothing is read from settled rows: the leading run of them is not even parsed.
-                end = state.status.first(bytes(not flag for flag in skip), 1)
-                prefix = (len(state.status) if end < 0 else end) - 1
-        return CsvSource(
-            Path(spec.path),
-            delimiter=spec.delimiter,
-            settled=settled,
-            columnar=columnar,
-            skip_records=prefix,
-        )
-    return JsonlSource(Path(spec.path))
-
-
 class _Run:
     """State shared by the tasks of one run."""
 
@@ -141,25 +103,8 @@ class _Run:
         self.writer = writer
         self.provider = provider
         self.run_id = run_id
-        self.skip = bytearray(256)  # indexed by a row's status byte: 1 = do not send
-        for st in (Status.SENT, Status.FAILED, Status.REJECTED):
-            self.skip[st] = 1
-        if not resend_unknown:
-            self.skip[Status.UNKNOWN] = 1
-        sign, params = campaign.templates()
-        content = campaign.message.content
-        self.renderer = Renderer(
-            phone_column=campaign.source.phone,
-            sign_name=sign,
-            params=params,
-            content=Template.compile(content) if content is not None else None,
-            default_country=campaign.source.default_country,
-            text_limit=campaign_text_limit(campaign),
-        )
-        self.keys = KeySet() if campaign.source.key else None
-        self.phones = KeySet() if campaign.source.dedupe_phone else None
-        self.suppressed = _load_suppression(campaign) if campaign.source.suppress else None
-        self.rows_read = 0
+        self.skip = skip_table(resend_unknown=resend_unknown)
+        self.admission = Admission(campaign, writer.rejected, status=state.status, skip=self.skip)
         self.stop_reason: str | None = None
         self.stop_code: str | None = None
         self.stop_event = anyio.Event()
@@ -174,125 +119,6 @@ class _Run:
             self.dispatcher.stopping = True
         self.stop_event.set()
 
-    # -- prepare: skip, de-duplicate, render ------------------------------
-    def prepare(self, chunk: Chunk) -> list[Message]:
-        if isinstance(chunk, Columns):
-            out = self._prepare_columns(chunk)
-            if out is not None:
-                self.rows_read += len(chunk)
-                return out
-            chunk = chunk.records()
-        status = self.state.status
-        n_status = len(status)
-        skip = self.skip
-        key_col = self.campaign.source.key
-        dup: list[bool] | None = None
-        keys: list[str]
-        if key_col is None:
-            keys = [str(row) for row, _ in chunk]
-        else:
-            keys = []
-            for row, rec in chunk:
-                value = rec.get(key_col) if not isinstance(rec, str) else None
-                keys.append(str(row) if value is None or value == "" else str(value))
-            assert self.keys is not None
-            dup = self.keys.add(keys)
-        rejects: list[tuple[int, str, str]] = []
-        todo: list[tuple[int, str, Mapping[str, object]]] = []
-        skipped_phones: list[str] = []
-        for i, (row, rec) in enumerate(chunk):
-            if row < n_status and skip[status[row]]:
-                # A settled row holds its number unless it was rejected (then it never took it).
-                if self.phones is not None and not isinstance(rec, str) and status[row] != Status.REJECTED:
-                    raw = str(rec.get(self.campaign.source.phone, ""))
-                    phone = normalize_phone(raw, self.campaign.source.default_country)
-                    if phone is not None:
-                        skipped_phones.append(phone)  # settled earlier: still taken
-                continue
-            key = keys[i]
-            if isinstance(rec, str):
-                rejects.append((row, key, rec))
-            elif key_col is not None and rec.get(key_col) in (None, ""):
-                rejects.append((row, key, f"missing key column {key_col!r}"))
-            elif not key.isascii() and not _valid_text(key):
-                rejects.append((row, key, f"invalid UTF-8 in key column {key_col!r}"))
-            elif dup is not None and dup[i]:
-                rejects.append((row, key, "duplicate key"))
-            else:
-                todo.append((row, key, rec))
-        out, bad = self.renderer.render_rows(todo)
-        rejects.extend(bad)
-        if self.suppressed is not None and out:
-            by_phone = self.suppressed.contains([m.phone for m in out])
-            by_key = self.suppressed.contains([m.key for m in out])
-            kept = []
-            for m, p, k in zip(out, by_phone, by_key, strict=True):
-                if p or k:
-                    rejects.append((m.row, m.key, "suppressed"))
-                else:
-                    kept.append(m)
-            out = kept
-        if self.phones is not None:
-            self.phones.add(skipped_phones)
-            dup_phone = self.phones.add([m.phone for m in out])
-            pairs = list(zip(out, dup_phone, strict=True))
-            rejects.extend((m.row, m.key, "duplicate phone") for m, d in pairs if d)
-            out = [m for m, d in pairs if not d]
-        if rejects:
-            self.writer.rejected(rejects)
-        self.rows_read += len(chunk)
-        return out
-
-    def _prepare_columns(self, chunk: Columns) -> list[Message] | None:
-        """:meth:`prepare` for a chunk of columns, with no dict per row; None (before any
-        side effect) when the chunk is not the common case, which the row path then takes."""
-        if self.phones is not None or self.suppressed is not None:
-            return None
-        first, n = chunk.first, len(chunk)
-        status = self.state.status
-        key_col = self.campaign.source.key
-        rows = range(first, first + n)
-        if first < len(status):
-            skipped = status.flags(self.skip, first, first + n)
-            if 1 in skipped:  # rows settled earlier (a resume)
-                if len(skipped) < n or 0 in skipped:
-                    return None  # some still to send: the row path sorts them out
-                if key_col is not None:  # all settled: only their keys still count
-                    column = chunk.column(key_col)
-                    if column is None:
-                        return None
-                    assert self.keys is not None
-                    self.keys.note([v or str(r) for r, v in zip(rows, column, strict=True)])
-                return []
-        if key_col is None:
-            keys = list(map(str, rows))
-            dup = None
-        else:
-            column = chunk.column(key_col)
-            if column is None or "" in column or not "".join(column).isascii():
-                return None
-            keys = list(column)
-            assert self.keys is not None
-            dup = self.keys.add(keys)
-        rejects: list[tuple[int, str, str]] = []
-        values = chunk.values
-        if dup is not None and any(dup):
-            rejects = [(r, k, "duplicate key") for r, k, d in zip(rows, keys, dup, strict=True) if d]
-            keep = [not d for d in dup]
-            rows = list(itertools.compress(rows, keep))  # type: ignore[assignment]
-            keys = list(itertools.compress(keys, keep))
-            values = [tuple(itertools.compress(v, keep)) for v in values]
-        out = self.renderer.render_columns(rows, keys, chunk.header, values, rejects)
-        if out is None:  # not all rows of the common shape: render them one by one
-            by_row = dict(chunk.records())
-            out, bad = self.renderer.render_rows(
-                [(r, k, by_row[r]) for r, k in zip(rows, keys, strict=True)]  # type: ignore[misc]
-            )
-            rejects.extend(bad)
-        if rejects:
-            self.writer.rejected(rejects)
-        return out
-
 
 async def _aclose(iterator: object) -> None:
     """Close an async generator now, so that a database connection it holds is closed."""
@@ -300,33 +126,6 @@ async def _aclose(iterator: object) -> None:
     if aclose is not None:
         with anyio.move_on_after(10, shield=True):
             await aclose()
-
-
-def _load_suppression(campaign: Campaign) -> KeySet:
-    """The suppression file: one phone number (any common format) or key per line."""
-    entries: list[str] = []
-    path = Path(campaign.source.suppress or "")
-    with path.open(encoding="utf-8", errors="replace") as f:
-        for line in f:
-            entry = line.strip()
-            if not entry or entry.startswith("#"):
-                continue
-            entries.append(entry)
-            phone = normalize_phone(entry, campaign.source.default_country)
-            if phone is not None:
-                entries.append(phone)
-    suppressed = KeySet()
-    suppressed.add(entries)
-    log.info("suppression_loaded", entries=suppressed.size)
-    return suppressed
-
-
-def _valid_text(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 async def _prepare_task(
@@ -363,7 +162,7 @@ async def _prepare_loop(
             for b in batcher.drain():
                 await send.send(b)
             continue
-        for b in batcher.add(run.prepare(chunk)):
+        for b in batcher.add(run.admission.admit(chunk)):
             await send.send(b)
     if not run.stop_event.is_set():
         for b in batcher.drain():
@@ -510,7 +309,7 @@ async def run_campaign(
     timeout = httpx.Timeout(campaign.provider.timeout, connect=campaign.provider.connect_timeout, pool=None)
     if transport is None:
         transport = HttpTransport(max_connections=limits.concurrency, verify=campaign.provider.verify_tls)
-    source = open_source(campaign, run_dir=run_dir.path, state=state, skip=bytes(run.skip), columnar=True)
+    source = open_source(campaign, run_dir=run_dir.path, status=state.status, skip=run.skip, columnar=True)
     batcher = Batcher(limits.batch_size, provider.batch_key, first_id=state.next_batch)
 
     def counts() -> dict[str, int]:
@@ -522,7 +321,7 @@ async def run_campaign(
     def snapshot(done: bool = False) -> Progress:
         return Progress(
             counts=counts(),
-            rows_read=run.rows_read,
+            rows_read=run.admission.rows_read,
             total=state.eof_rows or total_hint,
             elapsed=time.monotonic() - started,
             requests=dispatcher.requests,
@@ -617,7 +416,7 @@ async def run_campaign(
                         await _prepare_task(run, rows_recv, batch_send, batcher, limits.linger_ms / 1000)
                         if run_eof.is_set() and not run.stop_event.is_set():
                             # A database source resumed past its settled rows did not read them again.
-                            writer.eof(run.rows_read + getattr(source, "rows_before", 0))
+                            writer.eof(run.admission.rows_read + getattr(source, "rows_before", 0))
 
                     async def workers() -> None:
                         async with batch_recv, anyio.create_task_group() as wg:
