@@ -1,16 +1,14 @@
-"""The engine: wires Source → Render → Batch → Limit → Dispatch → Ledger.
+"""The engine: one run of a campaign, Source → Admission → Batch → Dispatch → Ledger.
 
-::
+:func:`run_campaign` checks and replays the ledger (a resume), opens the ledger writer,
+the source (:func:`pipeline.admit.open_source`), the rate governor and the dispatcher,
+then runs the tasks of :class:`pipeline.tasks.Run`::
 
-    source task ──chunks of rows──▶ prepare task ──batches──▶ N dispatch workers
-                                    (skip done rows,            (rate limit, send,
-                                     reject duplicates,          classify, retry)
-                                     render, batch, linger)            │
-                                                                       ▼
-                                                                 ledger writer
+    read_source ──chunks──▶ admit_and_batch ──batches──▶ send_batches (N workers) ──▶ ledger
+                                                          flush_ledger, watch_stop beside them
 
-Streams between tasks are small and bounded, so the source reads only as fast
-as the dispatchers send and memory stays flat at any number of recipients.
+and returns the counts once every row is settled, the source is exhausted, or the run
+stopped.
 """
 
 from __future__ import annotations
@@ -30,47 +28,27 @@ import anyio
 import httpx
 import orjson
 import structlog
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from pipeline._logging import on_log_fault
-from pipeline.admit import Admission, open_source, skip_table
+from pipeline.admit import open_source
 from pipeline.batch import Batcher
 from pipeline.campaign import Campaign
 from pipeline.dispatch import CircuitBreaker, Dispatcher, EndpointGuard, RetryPolicy, server_clock
-from pipeline.errors import RunDirError, SourceError
+from pipeline.errors import RunDirError
 from pipeline.ledger import Durability, LedgerFault, LedgerState, LedgerWriter, Status, replay
 from pipeline.limit import RateGovernor
 from pipeline.rundir import RunDir
 from pipeline.schedule import SendGate
-from pipeline.source import Chunk
+from pipeline.tasks import Progress, Run
 from pipeline.transport import HttpTransport
-from providers.base import ENDPOINT_STOP_CODES, Batch, BatchOutcome, Provider
+from providers.base import ENDPOINT_STOP_CODES, BatchOutcome, Provider
 
-__all__ = ("Progress", "RunResult", "run_campaign")
+__all__ = ("Progress", "RunResult", "run_campaign")  # Progress: from pipeline.tasks
 
 log = structlog.get_logger("sluice.engine")
 
 DISK_FAULT = "DiskFault"  # the stop code when the run directory cannot be written
 LEDGER_RESERVE = 4 << 20  # bytes set aside for the in-flight results should the disk fill
-
-
-@dataclass
-class Progress:
-    """A snapshot for progress displays, counted from ledger outcomes."""
-
-    counts: dict[str, int]
-    rows_read: int
-    total: int | None
-    elapsed: float
-    requests: int
-    throttles: int
-    rate_limit: float
-    done: bool = False
-    paused: str | None = None
-
-    @property
-    def settled(self) -> int:
-        return sum(self.counts.values())
 
 
 @dataclass
@@ -83,104 +61,6 @@ class RunResult:
     requests: int = 0
     throttles: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-class _Run:
-    """State shared by the tasks of one run."""
-
-    def __init__(
-        self,
-        campaign: Campaign,
-        state: LedgerState,
-        writer: LedgerWriter,
-        provider: Provider,
-        run_id: str,
-        *,
-        resend_unknown: bool,
-    ) -> None:
-        self.campaign = campaign
-        self.state = state
-        self.writer = writer
-        self.provider = provider
-        self.run_id = run_id
-        self.skip = skip_table(resend_unknown=resend_unknown)
-        self.admission = Admission(campaign, writer.rejected, status=state.status, skip=self.skip)
-        self.stop_reason: str | None = None
-        self.stop_code: str | None = None
-        self.stop_event = anyio.Event()
-        self.dispatcher: Dispatcher | None = None
-
-    def stop(self, reason: str, code: str | None = None) -> None:
-        if self.stop_reason is None:
-            self.stop_reason = reason
-            self.stop_code = code
-            log.warning("run_stopping", reason=reason, code=code)
-        if self.dispatcher is not None:
-            self.dispatcher.stopping = True
-        self.stop_event.set()
-
-
-async def _aclose(iterator: object) -> None:
-    """Close an async generator now, so that a database connection it holds is closed."""
-    aclose = getattr(iterator, "aclose", None)
-    if aclose is not None:
-        with anyio.move_on_after(10, shield=True):
-            await aclose()
-
-
-async def _prepare_task(
-    run: _Run,
-    recv: MemoryObjectReceiveStream[Chunk],
-    send: MemoryObjectSendStream[Batch],
-    batcher: Batcher,
-    linger: float,
-) -> None:
-    async with recv, send:
-        try:
-            await _prepare_loop(run, recv, send, batcher, linger)
-        except anyio.BrokenResourceError:
-            return  # every worker has stopped
-
-
-async def _prepare_loop(
-    run: _Run,
-    recv: MemoryObjectReceiveStream[Chunk],
-    send: MemoryObjectSendStream[Batch],
-    batcher: Batcher,
-    linger: float,
-) -> None:
-    while True:
-        chunk: Chunk | None = None
-        with anyio.move_on_after(linger if batcher.pending else None):
-            try:
-                chunk = await recv.receive()
-            except anyio.EndOfStream:
-                break
-        if run.stop_event.is_set():
-            return
-        if chunk is None:  # lingered: flush partial batches
-            for b in batcher.drain():
-                await send.send(b)
-            continue
-        for b in batcher.add(run.admission.admit(chunk)):
-            await send.send(b)
-    if not run.stop_event.is_set():
-        for b in batcher.drain():
-            await send.send(b)
-
-
-async def _worker(run: _Run, dispatcher: Dispatcher, recv: MemoryObjectReceiveStream[Batch]) -> None:
-    async with recv:
-        async for batch in recv:
-            if dispatcher.stopping:
-                return
-            await dispatcher.send(batch)
-
-
-def _pause_text(gate: SendGate | None) -> str | None:
-    if gate is None or gate.paused_until is None:
-        return None
-    return f"paused until {gate.paused_until:%Y-%m-%d %H:%M %Z}: {gate.pause_reason}"
 
 
 def _send_gate(campaign: Campaign, ledger: Path) -> SendGate | None:
@@ -287,20 +167,30 @@ async def run_campaign(
         log.warning("resume_repaired", interrupted=interrupted, torn_bytes=state.torn_tail)
     replayed = state.counts()
     base_counts = {k: replayed[k] for k in writer.counts}
-    run = _Run(campaign, state, writer, provider, run_id, resend_unknown=resend_unknown)
+    # Outcomes already in the ledger are not counted again; a row re-sent on
+    # resume (deferred, or unknown with --resend-unknown) moves between counts.
+    resent = {Status.DEFERRED} | ({Status.UNKNOWN} if resend_unknown else set())
+    for st in resent:
+        base_counts[st.name.lower()] = 0
+    run = Run(
+        campaign,
+        state,
+        writer,
+        resend_unknown=resend_unknown,
+        started=started,
+        base_counts=base_counts,
+        total_hint=total_hint,
+    )
 
     def disk_fault(fault: LedgerFault | OSError, path: str = "") -> None:
         text = str(fault) if isinstance(fault, LedgerFault) else f"cannot write {path}: {fault.strerror}"
         run.stop(text, DISK_FAULT)
 
     writer.on_fault = disk_fault
-    # Outcomes already in the ledger are not counted again; a row re-sent on
-    # resume (deferred, or unknown with --resend-unknown) moves between counts.
-    resent = {Status.DEFERRED} | ({Status.UNKNOWN} if resend_unknown else set())
-    for st in resent:
-        base_counts[st.name.lower()] = 0
     limits = campaign.limits
-    governor = RateGovernor(limits.requests_per_second, recipients_rate=limits.recipients_per_second)
+    governor = run.governor = RateGovernor(
+        limits.requests_per_second, recipients_rate=limits.recipients_per_second
+    )
     policy = RetryPolicy(
         max_attempts=limits.max_attempts,
         backoff_base=limits.backoff_base_ms / 1000,
@@ -311,25 +201,6 @@ async def run_campaign(
         transport = HttpTransport(max_connections=limits.concurrency, verify=campaign.provider.verify_tls)
     source = open_source(campaign, run_dir=run_dir.path, status=state.status, skip=run.skip, columnar=True)
     batcher = Batcher(limits.batch_size, provider.batch_key, first_id=state.next_batch)
-
-    def counts() -> dict[str, int]:
-        c = dict(base_counts)
-        for k, v in writer.counts.items():
-            c[k] = c.get(k, 0) + v
-        return c
-
-    def snapshot(done: bool = False) -> Progress:
-        return Progress(
-            counts=counts(),
-            rows_read=run.admission.rows_read,
-            total=state.eof_rows or total_hint,
-            elapsed=time.monotonic() - started,
-            requests=dispatcher.requests,
-            throttles=governor.throttles,
-            rate_limit=governor.current,
-            done=done,
-            paused=_pause_text(dispatcher.gate),
-        )
 
     def on_fatal(result: BatchOutcome) -> None:
         if result.code == "CircuitBreaker":
@@ -357,7 +228,7 @@ async def run_campaign(
                 offset = await server_clock(provider, transport, writer, limits.connect_failures, policy)
                 if offset is not None:
                     log.info("server_clock", provider=provider.name, offset_s=round(offset, 3))
-                dispatcher = Dispatcher(
+                dispatcher = run.dispatcher = Dispatcher(
                     provider=provider,
                     transport=transport,
                     timeout=timeout,
@@ -381,83 +252,18 @@ async def run_campaign(
                         log.warning(
                             "daily_cap_spans_days", recipients_left=left, daily_cap=gate.daily_cap, days=days
                         )
-                run.dispatcher = dispatcher
-                rows_send, rows_recv = anyio.create_memory_object_stream[Chunk](2)
-                batch_send, batch_recv = anyio.create_memory_object_stream[Batch](limits.concurrency)
-                async with anyio.create_task_group() as tg:
-
-                    async def source_task() -> None:
-                        chunks = source.chunks()
-                        sent = 0
-                        async with rows_send:
-                            try:
-                                async for chunk in chunks:
-                                    if run.stop_event.is_set():
-                                        return
-                                    await rows_send.send(chunk)
-                                    sent += 1
-                            except anyio.BrokenResourceError:
-                                return
-                            except SourceError as exc:
-                                if not sent:
-                                    raise  # nothing was read: an error like any before the run
-                                # A source failing mid-run (a lost database connection) stops the
-                                # run like a provider refusal; a resume continues.
-                                run.stop(f"the source failed: {exc}", "SourceError")
-                                return
-                            finally:
-                                await _aclose(chunks)
-                        if not run.stop_event.is_set():
-                            run_eof.set()
-
-                    run_eof = anyio.Event()
-
-                    async def prepare_and_eof() -> None:
-                        await _prepare_task(run, rows_recv, batch_send, batcher, limits.linger_ms / 1000)
-                        if run_eof.is_set() and not run.stop_event.is_set():
-                            # A database source resumed past its settled rows did not read them again.
-                            writer.eof(run.admission.rows_read + getattr(source, "rows_before", 0))
-
-                    async def workers() -> None:
-                        async with batch_recv, anyio.create_task_group() as wg:
-                            for _ in range(limits.concurrency):
-                                wg.start_soon(_worker, run, dispatcher, batch_recv.clone())
-
-                    async def watch_stop(scope: anyio.CancelScope) -> None:
-                        if stop is not None:
-                            async with anyio.create_task_group() as inner:
-
-                                async def external() -> None:
-                                    await stop.wait()
-                                    run.stop("stop requested")
-
-                                inner.start_soon(external)
-                                await run.stop_event.wait()
-                                inner.cancel_scope.cancel()
-                        else:
-                            await run.stop_event.wait()
-                        # Let in-flight requests finish, up to the deadline.
-                        await anyio.sleep(campaign.run.stop_deadline_s)
-                        scope.cancel()
-
-                    async def ticker() -> None:
-                        while True:
-                            await anyio.sleep(progress_interval)
-                            writer.flush()
-                            if on_progress is not None:
-                                on_progress(snapshot())
-
-                    async with anyio.create_task_group() as main:
-                        main.start_soon(source_task)
-                        main.start_soon(prepare_and_eof)
-                        main.start_soon(workers)
-                        tg.start_soon(watch_stop, main.cancel_scope)
-                        tg.start_soon(ticker)
-                    tg.cancel_scope.cancel()
+                await run.run_tasks(
+                    source,
+                    batcher,
+                    dispatcher,
+                    stop=stop,
+                    on_progress=on_progress,
+                    progress_interval=progress_interval,
+                )
     finally:
         structlog.contextvars.unbind_contextvars("run_id", "provider")
         writer.close()
-    final = snapshot(done=True)
+    final = run.snapshot(done=True)
     if on_progress is not None:
         on_progress(final)
     result_counts = state.counts()
@@ -475,6 +281,6 @@ async def run_campaign(
         stopped=run.stop_reason,
         stop_code=run.stop_code,
         elapsed=final.elapsed,
-        requests=dispatcher.requests,
+        requests=final.requests,
         throttles=governor.throttles,
     )
