@@ -21,11 +21,12 @@ import pytest
 
 from pipeline.admit import columns_needed, source_columns
 from pipeline.api import check_source, start_run
-from pipeline.campaign import Campaign, parse_campaign
+from pipeline.campaign import Campaign, load_campaign, parse_campaign
 from pipeline.dryrun import dry_run
 from pipeline.errors import CampaignError
 from pipeline.render import reason_group
-from tests.helpers import simulator
+from pipeline.tasks import Progress
+from tests.helpers import simulator, write_campaign, write_recipients
 from tests.pg import PgServer, pg_fixture  # noqa: F401  (the session-wide server)
 
 DSN_ENV = "SLUICE_ADMIT_TEST_DSN"
@@ -177,3 +178,60 @@ def test_columns_needed_include_the_content_template(tmp_path: Path) -> None:
     with pytest.raises(CampaignError) as err:
         check_source(c)
     assert err.value.field == "message.content" and "'code'" in str(err.value)
+
+
+# -- the run's streams in progress snapshots ---------------------------------------------------
+
+
+def test_bottleneck_from_the_streams_fill() -> None:
+    def snap(chunks: int, batches: int) -> Progress:
+        return Progress(
+            counts={},
+            rows_read=0,
+            total=None,
+            elapsed=1.0,
+            requests=0,
+            throttles=0,
+            rate_limit=1.0,
+            chunks_queued=chunks,
+            chunks_capacity=2,
+            batches_queued=batches,
+            batches_capacity=4,
+        )
+
+    assert snap(2, 4).bottleneck == "provider"  # batches wait for a worker
+    assert snap(0, 0).bottleneck == "source"  # the workers wait for rows
+    assert snap(1, 2).bottleneck is None
+    assert (
+        Progress(
+            counts={}, rows_read=0, total=None, elapsed=0, requests=0, throttles=0, rate_limit=0
+        ).bottleneck
+        is None
+    )  # no streams known
+
+
+def test_a_slow_provider_shows_as_the_bottleneck(tmp_path: Path) -> None:
+    """With a provider slower than the source, snapshots show full batch and chunk streams."""
+    write_recipients(tmp_path / "recipients.csv", 3000)
+    seen: list[Progress] = []
+    stop = anyio.Event()
+
+    def on_progress(p: Progress) -> None:
+        seen.append(p)
+        if p.bottleneck == "provider" or len(seen) >= 200:  # bounded either way
+            stop.set()
+
+    with simulator(tmp_path, "--latency-ms", "200") as sim:
+        write_campaign(tmp_path / "c.toml", sim.url, concurrency=2, batch_size=10)
+        campaign = load_campaign(tmp_path / "c.toml")
+
+        async def main() -> None:
+            with anyio.fail_after(60):
+                await start_run(campaign, tmp_path / "run", on_progress=on_progress, stop=stop)
+
+        anyio.run(main)
+    provider_bound = [p for p in seen if p.bottleneck == "provider"]
+    assert provider_bound, [(p.chunks_queued, p.batches_queued) for p in seen]
+    p = provider_bound[0]
+    assert p.batches_queued == p.batches_capacity == 2  # the stream holds `concurrency` batches
+    assert p.chunks_capacity == 2 and p.rows_read < 3000  # the source waits: memory stays flat
