@@ -46,8 +46,6 @@ def read_checkpoints(path: Path) -> list[Checkpoint]:
     return out
 
 
-
-
 def compare_fingerprints(
     pinned: Mapping[str, Any], current: Mapping[str, Any]
 ) -> tuple[str | None, str | None]:
