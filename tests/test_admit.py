@@ -8,6 +8,7 @@ a real run against the simulator must agree row for row, on the figures worked o
 
 from __future__ import annotations
 
+import ast
 import csv
 import json
 import sqlite3
@@ -235,3 +236,16 @@ def test_a_slow_provider_shows_as_the_bottleneck(tmp_path: Path) -> None:
     p = provider_bound[0]
     assert p.batches_queued == p.batches_capacity == 2  # the stream holds `concurrency` batches
     assert p.chunks_capacity == 2 and p.rows_read < 3000  # the source waits: memory stays flat
+
+
+def test_sources_do_not_import_the_ledger() -> None:
+    """Sources yield rows; what a resume skips is admission's decision, from the ledger."""
+    repo = Path(__file__).resolve().parent.parent
+    for path in [repo / "pipeline" / "source.py", *sorted((repo / "pipeline" / "db").glob("*.py"))]:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        imported = {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        later = {
+            m for m in imported if m.startswith(("pipeline.ledger", "pipeline.admit", "pipeline.engine"))
+        }
+        assert not later, (path.name, later)
