@@ -347,9 +347,7 @@ class TestSqlitePaging:
                 {"kind": "sqlite", "path": "r.db", "table": "people", "key": "id", "phone": "phone", **extra},
             )
             seen += [
-                str(rec["first_name"])
-                for _, rec in await read_all(db_source(c))
-                if not isinstance(rec, str)
+                str(rec["first_name"]) for _, rec in await read_all(db_source(c)) if not isinstance(rec, str)
             ]
         assert sorted(seen) == sorted(f"n{i}" for i in range(1, len(self.KEYS) + 1))
         seen = []
@@ -360,9 +358,7 @@ class TestSqlitePaging:
                 {"kind": "sqlite", "path": "r.db", "table": "people", "key": "id", "phone": "phone", **extra},
             )
             seen += [
-                str(rec["first_name"])
-                for _, rec in await read_all(db_source(c))
-                if not isinstance(rec, str)
+                str(rec["first_name"]) for _, rec in await read_all(db_source(c)) if not isinstance(rec, str)
             ]
         assert sorted(seen) == sorted(f"n{i}" for i in range(1, len(self.KEYS) + 1))
 
