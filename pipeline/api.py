@@ -24,8 +24,9 @@ import httpx
 import structlog
 
 from pipeline.account import make_provider
+from pipeline.admit import columns_needed, open_source
 from pipeline.campaign import DB_KINDS, Campaign, parse_campaign
-from pipeline.engine import Progress, RunResult, open_source, run_campaign
+from pipeline.engine import Progress, RunResult, run_campaign
 from pipeline.errors import CampaignError, RunDirError
 from pipeline.ledger import replay
 from pipeline.rundir import RunDir
@@ -55,16 +56,9 @@ def check_source(campaign: Campaign) -> dict[str, Any]:
     header = source.columns()
     where = "CSV header" if campaign.source.kind == "csv" else "columns of the source"
     if header is not None:
-        sign, params = campaign.templates()
-        needed = {"source.phone": [campaign.source.phone], "message.sign_name": list(sign.columns)}
-        if campaign.source.key:
-            needed["source.key"] = [campaign.source.key]
-        for name, t in params.items():
-            needed[f"message.params.{name}"] = list(t.columns)
-        for field_name, cols in needed.items():
-            for col in cols:
-                if col not in header:
-                    raise CampaignError(field_name, f"column {col!r} is not in the {where} {header}")
+        for col, field_name in columns_needed(campaign).items():
+            if col not in header:
+                raise CampaignError(field_name, f"column {col!r} is not in the {where} {header}")
     return fingerprint
 
 
@@ -84,7 +78,7 @@ def _check_same_source(
     """Refuse (unless ``force``) or warn about a source that changed since the run started;
     True when the run goes on with a changed source (run.json is then pinned to it anew)."""
     if campaign.source.kind in DB_KINDS:
-        from pipeline.dbsource import compare_fingerprints
+        from pipeline.db import compare_fingerprints
 
         refusal, warning = compare_fingerprints(pinned, current)
         if refusal is not None and not force:

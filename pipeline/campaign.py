@@ -56,7 +56,7 @@ class SourceSpec:
     key: str | None = None
     delimiter: str = ","
     default_country: str = "86"
-    # sqlite and postgres (see pipeline/dbsource.py)
+    # sqlite and postgres (see pipeline/db/)
     table: str | None = None
     query: str | None = None
     dsn_env: str | None = None  # the name of the environment variable holding the DSN
@@ -409,7 +409,7 @@ def parse_campaign(data: Mapping[str, Any], base_dir: Path) -> Campaign:
 
 
 def _check_source(src: dict[str, Any]) -> None:
-    """Kind-specific [source] keys; database sources are described in pipeline/dbsource.py."""
+    """Kind-specific [source] keys; database sources are described in pipeline/db/."""
     kind = src["kind"]
     if kind == "postgres":
         if src.get("path"):

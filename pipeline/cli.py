@@ -51,6 +51,8 @@ __all__ = (
     "cmd_demo",
     "cmd_dry_run",
     "cmd_export",
+    "cmd_listen",
+    "cmd_receipts",
     "cmd_reconcile",
     "cmd_report",
     "cmd_resume",

@@ -13,8 +13,9 @@ The text counted is the one the provider's text limit counts (see
 batchsend/multisend; for a template held by the provider (Aliyun, SUBMAIL multixsend),
 ``【sign】`` + the template text with ``${param}`` filled in (``message.template_text``, the
 approved template as the provider shows it), and without it only the signature and the
-parameters, which the report says. Rows are rendered and rejected by the engine's render
-stage itself, so the reject reasons (text too long, not a mobile number...) are the run's.
+parameters, which the report says. Rows go through the run's admission stage
+(:mod:`pipeline.admit`: keys, rendering, suppression, phone dedupe), so what a dry run
+counts as sendable and its reject reasons are exactly what a run would admit.
 """
 
 from __future__ import annotations
@@ -22,10 +23,9 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from pipeline.admit import Admission, Rejects, open_source
 from pipeline.campaign import Campaign
-from pipeline.engine import open_source
-from pipeline.keys import KeySet
-from pipeline.render import Rejection, Renderer, Template, campaign_text_limit, reason_group
+from pipeline.render import campaign_text_limit, reason_group
 from providers.base import fill_template, sign_and_params
 
 __all__ = ("DryRunReport", "dry_run", "segments")
@@ -77,57 +77,37 @@ class DryRunReport:
 
 async def dry_run(campaign: Campaign, *, max_examples: int = 20) -> DryRunReport:
     """Read the whole source as a run would, without a ledger or a request."""
-    sign, params = campaign.templates()
-    content = campaign.message.content
     limit = campaign_text_limit(campaign)
-    renderer = Renderer(
-        phone_column=campaign.source.phone,
-        sign_name=sign,
-        params=params,
-        content=Template.compile(content) if content is not None else None,
-        default_country=campaign.source.default_country,
-        text_limit=limit,
-    )
     template = campaign.message.template_text
     # counted_template: the whole text is counted, not only the signature and parameters
     report = DryRunReport(counted_template=limit.whole if limit is not None else template is not None)
-    keys = KeySet() if campaign.source.key else None
-    key_col = campaign.source.key
-    price = campaign.message.price_per_segment
 
-    def reject(row: int, key: str, reason: str) -> None:
-        report.rejected += 1
-        report.reasons[reason_group(reason)] += 1
-        if len(report.examples) < max_examples:
-            report.examples.append((row, key, reason))
+    def rejected(rejects: Rejects) -> None:
+        report.rejected += len(rejects)
+        for row, key, reason in sorted(rejects):  # examples in row order
+            report.reasons[reason_group(reason)] += 1
+            if len(report.examples) < max_examples:
+                report.examples.append((row, key, reason))
 
-    async for chunk in open_source(campaign).chunks():
-        report.rows += len(chunk)
-        chunk_keys = [
-            str(rec.get(key_col) or row) if key_col and not isinstance(rec, str) else str(row)
-            for row, rec in chunk
-        ]
-        dups = keys.add(chunk_keys) if keys is not None else [False] * len(chunk)
-        for (row, rec), key, dup in zip(chunk, chunk_keys, dups, strict=True):
-            if isinstance(rec, str):
-                reject(row, key, rec)
-                continue
-            if dup:
-                reject(row, key, "duplicate key")
-                continue
-            m = renderer.render(row, key, rec)
-            if isinstance(m, Rejection):
-                reject(row, key, m.reason)
-                continue
-            if limit is not None:
-                text = limit.text(m)
-            elif template is not None:
-                text = f"【{m.sign_name}】" + fill_template(template, m.params)
-            else:
-                text = sign_and_params(m)
-            n = segments(text, domestic_cn=m.phone.startswith("861"))
-            report.sendable += 1
-            report.segments += n
-            report.by_segments[n] += 1
-    report.estimated_cost = report.segments * price
+    admission = Admission(campaign, rejected)
+    chunks = open_source(campaign, columnar=True).chunks()
+    try:
+        async for chunk in chunks:
+            for m in admission.admit(chunk):
+                if limit is not None:
+                    text = limit.text(m)
+                elif template is not None:
+                    text = f"【{m.sign_name}】" + fill_template(template, m.params)
+                else:
+                    text = sign_and_params(m)
+                n = segments(text, domestic_cn=m.phone.startswith("861"))
+                report.sendable += 1
+                report.segments += n
+                report.by_segments[n] += 1
+    finally:
+        aclose = getattr(chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()
+    report.rows = admission.rows_read
+    report.estimated_cost = report.segments * campaign.message.price_per_segment
     return report

@@ -35,8 +35,8 @@ import orjson
 from aiohttp import web
 
 from pipeline.account import protocol_of
+from pipeline.admit import open_source
 from pipeline.api import pinned_campaign
-from pipeline.engine import open_source
 from pipeline.receipts import (
     BadReceipt,
     Journal,
@@ -52,7 +52,16 @@ from pipeline.render import normalize_phone
 from pipeline.rundir import RunDir
 from providers import registry
 
-__all__ = ("DEFAULT_MAX_BODY", "Listener", "build_index", "serve_listener")
+__all__ = (
+    "DEFAULT_MAX_BODY",
+    "GroupCommit",
+    "Listener",
+    "build_index",
+    "make_app",
+    "print_ready",
+    "run_token",
+    "serve_listener",
+)
 
 DEFAULT_MAX_BODY = 1 << 20
 TOKEN_FILE = "listen-token"

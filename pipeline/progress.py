@@ -104,6 +104,8 @@ class ProgressReporter:
             notes.append(p.paused)
         if p.throttles:
             notes.append(f"throttled {p.throttles}×, rate now {p.rate_limit:,.0f} req/s")
+        if p.bottleneck is not None and not p.done:
+            notes.append(f"waiting on the {p.bottleneck}")
         if notes:
             table.caption = "; ".join(notes)
         return table
@@ -127,5 +129,8 @@ class ProgressReporter:
                 requests=p.requests,
                 throttles=p.throttles,
                 paused=p.paused,
+                chunks_queued=p.chunks_queued,
+                batches_queued=p.batches_queued,
+                bottleneck=p.bottleneck,
                 done=p.done,
             )

@@ -40,15 +40,18 @@ __all__ = (
     "UNMATCHED",
     "BadReceipt",
     "DeliveryCounts",
+    "Journal",
     "Receipt",
     "RecipientIndex",
     "delivery_counts",
+    "delivery_report",
     "final_receipts",
     "parse_aliyun",
     "parse_nxcloud",
     "parse_submail",
     "phone_tail",
     "submail_signature_ok",
+    "with_delivery",
 )
 
 RECEIPTS = "receipts.jsonl"

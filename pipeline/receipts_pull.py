@@ -21,13 +21,12 @@ import httpx
 import structlog
 
 from pipeline.account import make_provider, protocol_of, provider_kind
+from pipeline.admit import recipients
 from pipeline.api import pinned_campaign
-from pipeline.engine import open_source
 from pipeline.errors import CampaignError
 from pipeline.ledger import Intent, Status, events, replay
 from pipeline.limit import RateGovernor
 from pipeline.receipts import Journal, Receipt
-from pipeline.render import normalize_phone
 from pipeline.rundir import RunDir
 from pipeline.transport import HttpTransport
 from providers.spec import UnknownSend
@@ -89,16 +88,8 @@ async def pull_receipts(
     try:
         wanted, result.not_yet_settled = _wanted(rd.ledger, journal.seen, clock() - settle_after)
         todo: list[UnknownSend] = []
-        key_col = campaign.source.key
-        async for chunk in open_source(campaign).chunks():
-            for row, rec in chunk:
-                if row in wanted and not isinstance(rec, str):
-                    phone = normalize_phone(
-                        str(rec.get(campaign.source.phone, "")), campaign.source.default_country
-                    )
-                    if phone is not None:
-                        key = str(rec.get(key_col, row)) if key_col else str(row)
-                        todo.append(UnknownSend(row, key, phone, *wanted[row]))
+        async for row, key, phone in recipients(campaign, wanted):
+            todo.append(UnknownSend(row, key, phone, *wanted[row]))
         rate = queries_per_second or query.queries_per_second
         governor = RateGovernor(rate, min_rate=rate)
         transport = transport or HttpTransport(max_connections=concurrency)

@@ -33,12 +33,11 @@ import httpx
 import structlog
 
 from pipeline.account import make_provider, provider_kind
+from pipeline.admit import recipients
 from pipeline.api import pinned_campaign
-from pipeline.engine import open_source
 from pipeline.errors import CampaignError
 from pipeline.ledger import Intent, LedgerWriter, Status, events, replay
 from pipeline.limit import RateGovernor
-from pipeline.render import normalize_phone
 from pipeline.rundir import RunDir
 from pipeline.transport import HttpTransport, Proxy
 from providers.base import CredentialsError
@@ -118,17 +117,9 @@ async def _reconcile(
     if not intents:
         return result
     todo: list[UnknownSend] = []
-    key_col = campaign.source.key
-    async for chunk in open_source(campaign).chunks():
-        for row, rec in chunk:
-            if row in intents and not isinstance(rec, str):
-                raw = str(rec.get(campaign.source.phone, ""))
-                phone = normalize_phone(raw, campaign.source.default_country)
-                if phone is None:
-                    continue
-                key = str(rec.get(key_col, row)) if key_col else str(row)
-                out_id, t = intents[row]
-                todo.append(UnknownSend(row, key, phone, out_id, t))
+    async for row, key, phone in recipients(campaign, intents):
+        out_id, t = intents[row]
+        todo.append(UnknownSend(row, key, phone, out_id, t))
     rate = queries_per_second or query.queries_per_second
     governor = RateGovernor(rate, min_rate=rate)
     transport = transport or HttpTransport(
@@ -186,7 +177,7 @@ async def _reconcile(
                 async with send:
                     for item in todo:
                         await send.send(item)
-    writer = LedgerWriter(rd.ledger, keyed=key_col is not None, checkpoint=rd.record_ledger_bytes)
+    writer = LedgerWriter(rd.ledger, keyed=campaign.source.key is not None, checkpoint=rd.record_ledger_bytes)
     try:
         writer.settle(settled)
     finally:

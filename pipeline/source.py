@@ -14,7 +14,7 @@ import csv
 import hashlib
 import io
 import sys
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -24,7 +24,6 @@ import numpy as np
 import orjson
 
 from pipeline.errors import SourceError
-from pipeline.ledger import StatusArray
 
 __all__ = (
     "Chunk",
@@ -150,9 +149,11 @@ class CsvSource:
 
     path: Path
     delimiter: str = ","
-    # (statuses by row, skip table, columns to keep): rows whose status the table
-    # skips are yielded with only those columns, sparing a dict of every column.
-    settled: tuple[StatusArray, bytes, tuple[str, ...]] | None = None
+    # settled(first, stop): a flag per row first..stop-1 (shorter past the last one known),
+    # 1 for a row settled earlier (admission's decision): yielded with only the ``keep``
+    # columns, sparing a dict of every column.
+    settled: Callable[[int, int], bytes] | None = None
+    keep: tuple[str, ...] = ()
     # True: a chunk whose records all have the header's width comes as Columns (the engine's
     # choice); any other chunk, and every chunk when False, as rows.
     columnar: bool = False
@@ -198,8 +199,7 @@ class CsvSource:
                 f = io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape", newline="")
                 reader = csv.reader(f, delimiter=self.delimiter)
                 row = self.rows_before = self.skip_records
-            status, skip, keep = self.settled or (StatusArray(), bytes(256), ())
-            keep_at = [(c, header.index(c)) for c in keep if c in header]
+            keep_at = [(c, header.index(c)) for c in self.keep if c in header]
             width = len(header)
             while True:
                 block: list[list[str]] = []
@@ -217,7 +217,8 @@ class CsvSource:
                 if self.columnar and error is None and set(map(len, block)) == {width}:
                     yield Columns(row + 1, header, list(zip(*block, strict=True)))
                 else:
-                    chunk = self._as_rows(block, header, row, keep_at, status, skip)
+                    flags = self.settled(row + 1, row + 1 + len(block)) if self.settled else b""
+                    chunk = self._as_rows(block, header, row, keep_at, flags)
                     if error is not None:
                         chunk.append((row + len(block) + 1, error))
                     yield chunk
@@ -232,15 +233,15 @@ class CsvSource:
         header: list[str],
         row: int,
         keep_at: list[tuple[str, int]],
-        status: StatusArray,
-        skip: bytes,
+        settled: bytes,
     ) -> Rows:
-        """Records after row ``row`` as rows (settled ones with only the kept columns)."""
+        """Records after row ``row`` as rows (those flagged in ``settled``, from the first of
+        them on, with only the kept columns)."""
         out: Rows = []
-        n_status = len(status)
-        for values in block:
+        n_flags = len(settled)
+        for i, values in enumerate(block):
             row += 1
-            if row < n_status and skip[status[row]]:
+            if i < n_flags and settled[i]:
                 out.append((row, {c: values[i] for c, i in keep_at if i < len(values)}))
             else:
                 # zip stops at the shorter side: extra cells dropped, missing absent

@@ -22,18 +22,17 @@ from typing import Any, ClassVar
 import orjson
 import pytest
 
-from pipeline import dbsource
+from pipeline.admit import open_source, resume_checkpoint
 from pipeline.api import check_source
 from pipeline.campaign import Campaign, parse_campaign
-from pipeline.dbsource import (
+from pipeline.db import (
     CHECKPOINTS,
     Checkpoint,
     DbSource,
     compare_fingerprints,
-    open_db_source,
     read_checkpoints,
-    resume_checkpoint,
 )
+from pipeline.db import source as db_source_module
 from pipeline.errors import CampaignError, SourceError
 from pipeline.ledger import Status, StatusArray
 from pipeline.source import Rows
@@ -102,6 +101,13 @@ def make_campaign(tmp: Path, source: Mapping[str, object]) -> Campaign:
         },
         tmp,
     )
+
+
+def db_source(campaign: Campaign, **kwargs: Any) -> DbSource:
+    """The campaign's database source, opened as a run opens it (admission's open_source)."""
+    source = open_source(campaign, **kwargs)
+    assert isinstance(source, DbSource)
+    return source
 
 
 async def read_all(source: DbSource) -> Rows:
@@ -287,7 +293,7 @@ class TestSqlitePaging:
 
     @pytest.fixture
     def db(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-        monkeypatch.setattr(dbsource, "PAGE_ROWS", 3)
+        monkeypatch.setattr(db_source_module, "PAGE_ROWS", 3)
         rows = [(k, phone(i), f"n{i}", str(i)) for i, k in enumerate(self.KEYS, 1)]
         make_sqlite(tmp_path / "r.db", list(reversed(rows)))
         return tmp_path / "r.db"
@@ -306,7 +312,7 @@ class TestSqlitePaging:
                 "snapshot": snapshot,
             },
         )
-        source = open_db_source(c, run_dir=tmp_path)
+        source = db_source(c, run_dir=tmp_path)
         rows = await read_all(source)
         assert [r for r, _ in rows] == list(range(1, len(self.KEYS) + 1))
         got = [(rec["id"], str(rec["first_name"])) for _, rec in rows if not isinstance(rec, str)]
@@ -322,9 +328,9 @@ class TestSqlitePaging:
         c = make_campaign(
             tmp_path, {"kind": "sqlite", "path": "r.db", "table": "people", "key": "id", "phone": "phone"}
         )
-        await read_all(open_db_source(c, run_dir=tmp_path))
+        await read_all(db_source(c, run_dir=tmp_path))
         st = statuses(*((r, Status.SENT) for r in range(1, 13)))  # rows 1..12 settled
-        source = open_db_source(c, run_dir=tmp_path, state=_state(st), skip=SKIP)
+        source = db_source(c, run_dir=tmp_path, status=st, skip=SKIP)
         assert source.start is not None and source.rows_before == source.start.n <= 12
         rows = await read_all(source)
         assert rows[0][0] == source.rows_before + 1
@@ -341,9 +347,7 @@ class TestSqlitePaging:
                 {"kind": "sqlite", "path": "r.db", "table": "people", "key": "id", "phone": "phone", **extra},
             )
             seen += [
-                str(rec["first_name"])
-                for _, rec in await read_all(open_db_source(c))
-                if not isinstance(rec, str)
+                str(rec["first_name"]) for _, rec in await read_all(db_source(c)) if not isinstance(rec, str)
             ]
         assert sorted(seen) == sorted(f"n{i}" for i in range(1, len(self.KEYS) + 1))
         seen = []
@@ -354,17 +358,9 @@ class TestSqlitePaging:
                 {"kind": "sqlite", "path": "r.db", "table": "people", "key": "id", "phone": "phone", **extra},
             )
             seen += [
-                str(rec["first_name"])
-                for _, rec in await read_all(open_db_source(c))
-                if not isinstance(rec, str)
+                str(rec["first_name"]) for _, rec in await read_all(db_source(c)) if not isinstance(rec, str)
             ]
         assert sorted(seen) == sorted(f"n{i}" for i in range(1, len(self.KEYS) + 1))
-
-
-def _state(status: StatusArray) -> Any:
-    from pipeline.ledger import LedgerState
-
-    return LedgerState(status=status)
 
 
 class TestSqliteChecks:
@@ -835,7 +831,7 @@ async def test_million_rows_source_alone(pg: PgServer, tmp_path: Path, dsn_env: 
     if not exists or not exists[0]:
         pg_table(pg, "big", 1_000_000)
     c = make_campaign(tmp_path, pg_src("big"))
-    source = open_db_source(c, run_dir=tmp_path)
+    source = db_source(c, run_dir=tmp_path)
     base = _reset_peak_rss()
     t0 = time.monotonic()
     n = 0

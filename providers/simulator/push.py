@@ -28,7 +28,7 @@ from typing import Any
 import httpx
 import orjson
 
-__all__ = ("PushConfig", "ReceiptPusher", "undelivered")
+__all__ = ("PushConfig", "ReceiptPusher", "identity_of", "undelivered")
 
 BEIJING = 8 * 3600
 ALIYUN_BATCH = 100
