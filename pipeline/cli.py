@@ -41,9 +41,10 @@ from pipeline.campaign import Campaign, load_campaign
 from pipeline.engine import DISK_FAULT, RunResult
 from pipeline.errors import CampaignError, RunDirError, RunStopped, SluiceError, SourceError
 from pipeline.progress import ProgressReporter
+from pipeline.proxy import proxy_secrets
 from pipeline.rundir import RunDir
 from pipeline.summary import export_rows, summarize
-from pipeline.transport import TLS_NOT_VERIFIED, proxy_secrets
+from pipeline.transport import TLS_NOT_VERIFIED
 from providers import registry
 
 __all__ = (

@@ -36,10 +36,11 @@ from pipeline.dispatch import CircuitBreaker, Dispatcher, EndpointGuard, RetryPo
 from pipeline.errors import RunDirError
 from pipeline.ledger import Durability, Intent, LedgerFault, LedgerState, LedgerWriter, Status, events, replay
 from pipeline.limit import RateGovernor
+from pipeline.proxy import Proxy
 from pipeline.rundir import RunDir
 from pipeline.schedule import SendGate
 from pipeline.tasks import Progress, Run
-from pipeline.transport import TLS_NOT_VERIFIED, HttpTransport, Proxy
+from pipeline.transport import TLS_NOT_VERIFIED, HttpTransport
 from providers.base import ENDPOINT_STOP_CODES, BatchOutcome, Provider
 
 __all__ = ("Progress", "RunResult", "run_campaign")  # Progress: from pipeline.tasks

@@ -38,8 +38,9 @@ from pipeline.api import pinned_campaign
 from pipeline.errors import CampaignError
 from pipeline.ledger import Intent, LedgerWriter, Status, events, replay
 from pipeline.limit import RateGovernor
+from pipeline.proxy import Proxy
 from pipeline.rundir import RunDir
-from pipeline.transport import HttpTransport, Proxy
+from pipeline.transport import HttpTransport
 from providers.base import CredentialsError
 from providers.spec import UnknownSend
 

@@ -34,30 +34,24 @@ request is written to it; one idle longer than ``keepalive_seconds`` is not reus
 from __future__ import annotations
 
 import asyncio
-import base64
-import os
 import socket
 import ssl
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from types import TracebackType
 from typing import Protocol
-from urllib.parse import unquote
 
 import httptools
 import httpx
 
+from pipeline.proxy import DIRECT_ROUTE, Proxy, Route, authority, bypasses_proxy, environment_proxies
 from providers.base import Response, WireRequest, WireResponse
 
-__all__ = (
-    "HttpTransport",
-    "HttpxWireTransport",
-    "Proxy",
-    "WireTransport",
-    "bypasses_proxy",
-    "environment_proxies",
-    "proxy_secrets",
-    "wire_transport",
+__all__ = ("TLS_NOT_VERIFIED", "HttpTransport", "HttpxWireTransport", "WireTransport", "wire_transport")
+
+TLS_NOT_VERIFIED = (
+    "verify_tls = false: the provider's certificate is not checked; anyone on the path can read "
+    "and change the requests, credentials and signatures included"
 )
 
 _MAX_HEAD = 64 * 1024
@@ -328,122 +322,6 @@ def _head(
     return "\r\n".join(lines).encode("latin-1")
 
 
-class _Route:
-    """How requests to one origin go: straight, or through a proxy (``proxy`` is (host, port))."""
-
-    __slots__ = ("connect_request", "proxy", "proxy_headers", "target_prefix")
-
-    def __init__(
-        self,
-        proxy: tuple[str, int] | None = None,
-        *,
-        target_prefix: str = "",
-        proxy_headers: Sequence[tuple[str, str]] = (),
-        connect_request: bytes = b"",
-    ) -> None:
-        self.proxy = proxy
-        self.target_prefix = target_prefix  # http through a proxy: the request target in absolute form
-        self.proxy_headers = list(proxy_headers)  # on every request (http) or on the CONNECT (https)
-        self.connect_request = connect_request  # https through a proxy: the CONNECT to send first
-
-
-_DIRECT = _Route()
-
-
-class Proxy:
-    """A forward HTTP proxy: ``http://[user:password@]host[:port]`` (port 80 when absent).
-
-    The credentials are a secret: ``str()`` and ``repr()`` show ``host:port`` only, and so does
-    every error message.
-    """
-
-    __slots__ = ("authorization", "host", "port")
-
-    def __init__(self, url: str, *, credentials: tuple[str, str] | None = None) -> None:
-        if "://" not in url:
-            url = "http://" + url  # as httpx reads HTTPS_PROXY=proxy:3128
-        try:
-            parsed = httpx.URL(url)
-        except httpx.InvalidURL:
-            raise ValueError("the proxy is not a valid URL") from None
-        if parsed.scheme != "http" or not parsed.host:
-            raise ValueError(
-                f"the proxy must be an http:// URL (a {parsed.scheme}:// proxy is not supported)"
-            )
-        self.host = parsed.host
-        self.port = parsed.port or 80
-        if parsed.username or parsed.password:
-            credentials = (unquote(parsed.username), unquote(parsed.password))
-        self.authorization: str | None = None
-        if credentials is not None:
-            token = base64.b64encode(f"{credentials[0]}:{credentials[1]}".encode()).decode("ascii")
-            self.authorization = f"Basic {token}"
-
-    @classmethod
-    def configured(cls, url: str | None) -> Proxy | None:
-        """The campaign's ``[provider] proxy``, its credentials from ``SLUICE_PROXY_AUTH`` (user:password)."""
-        if url is None:
-            return None
-        auth = os.environ.get(PROXY_AUTH_VAR)
-        user, _, password = auth.partition(":") if auth else ("", "", "")
-        return cls(url, credentials=(user, password) if auth else None)
-
-    def __str__(self) -> str:
-        return _authority(self.host, self.port)
-
-    __repr__ = __str__
-
-
-PROXY_AUTH_VAR = "SLUICE_PROXY_AUTH"
-TLS_NOT_VERIFIED = (
-    "verify_tls = false: the provider's certificate is not checked; anyone on the path can read "
-    "and change the requests, credentials and signatures included"
-)
-
-
-def proxy_secrets(env: Mapping[str, str] | None = None) -> list[str]:
-    """What logs must never show of the proxy settings: their passwords (and user:password)."""
-    env = os.environ if env is None else env
-    found = []
-    auth = env.get(PROXY_AUTH_VAR)
-    if auth:
-        found += [auth, auth.partition(":")[2]]
-    for url in environment_proxies(env).values():
-        userinfo = url.split("://", 1)[-1].rpartition("@")[0]
-        if userinfo:
-            found += [userinfo, unquote(userinfo.partition(":")[2]), userinfo.partition(":")[2]]
-    return [s for s in found if s]
-
-
-def environment_proxies(env: Mapping[str, str] | None = None) -> dict[str, str]:
-    """``{"http": url, "https": url, "all": url, "no": hosts}`` from the environment, as httpx reads
-    it (``trust_env``): ``HTTP_PROXY``, ``HTTPS_PROXY``, ``ALL_PROXY``, ``NO_PROXY``, the lower-case
-    name winning over the upper-case one."""
-    env = os.environ if env is None else env
-    found: dict[str, str] = {}
-    for key in ("http", "https", "all", "no"):
-        value = env.get(f"{key}_proxy") or env.get(f"{key.upper()}_PROXY")
-        if value:
-            found[key] = value
-    return found
-
-
-def bypasses_proxy(host: str, no_proxy: str) -> bool:
-    """Whether ``host`` is in ``NO_PROXY`` (comma-separated): ``*`` for every host, a host name (its
-    subdomains too; a leading dot or ``*.`` allowed), an IP address."""
-    host = host.lower().strip("[]")
-    for raw in no_proxy.split(","):
-        entry = raw.strip().lower()
-        if entry == "*":
-            return True
-        if "://" in entry:
-            entry = entry.split("://", 1)[1]
-        entry = entry.strip("[]").lstrip("*").lstrip(".")
-        if entry and (host == entry or host.endswith("." + entry)):
-            return True
-    return False
-
-
 class HttpTransport(httpx.AsyncBaseTransport):
     """A pool of kept-alive HTTP/1.1 connections, at most ``max_connections`` open at once.
 
@@ -475,7 +353,7 @@ class HttpTransport(httpx.AsyncBaseTransport):
         self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
         self._slots: asyncio.Semaphore | None = None
         self._origins: dict[str, tuple[str, str, int]] = {}
-        self._routes: dict[tuple[str, str, int], _Route] = {}
+        self._routes: dict[tuple[str, str, int], Route] = {}
         self._proxy = Proxy(proxy) if isinstance(proxy, str) else proxy
         self._env = environment_proxies() if trust_env and self._proxy is None else {}
         self._closed = False
@@ -509,7 +387,7 @@ class HttpTransport(httpx.AsyncBaseTransport):
             origin = self._origins[base] = (parsed.scheme, parsed.host, port)
         return origin, target
 
-    def _route(self, origin: tuple[str, str, int]) -> _Route:
+    def _route(self, origin: tuple[str, str, int]) -> Route:
         """How to reach ``origin`` (worked out once per origin)."""
         scheme, host, port = origin
         proxy = self._proxy
@@ -521,19 +399,17 @@ class HttpTransport(httpx.AsyncBaseTransport):
                 except ValueError as exc:
                     raise httpx.ProxyError(f"{scheme.upper()}_PROXY: {exc}") from None
         if proxy is None:
-            route = _DIRECT
+            route = DIRECT_ROUTE
         else:
             auth = [("Proxy-Authorization", proxy.authorization)] if proxy.authorization else []
-            authority = _authority(host, port)
+            target = authority(host, port)
             if scheme == "http":
-                route = _Route(
-                    (proxy.host, proxy.port), target_prefix=f"http://{authority}", proxy_headers=auth
-                )
+                route = Route((proxy.host, proxy.port), target_prefix=f"http://{target}", proxy_headers=auth)
             else:
-                lines = [f"CONNECT {authority} HTTP/1.1", f"Host: {authority}"]
+                lines = [f"CONNECT {target} HTTP/1.1", f"Host: {target}"]
                 lines += [f"{name}: {value}" for name, value in auth]
                 connect = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-                route = _Route((proxy.host, proxy.port), connect_request=connect)
+                route = Route((proxy.host, proxy.port), connect_request=connect)
         self._routes[origin] = route
         return route
 
@@ -613,12 +489,12 @@ class HttpTransport(httpx.AsyncBaseTransport):
                 else:
                     conn = await self._through_proxy(route, host, port, tls)
         except TimeoutError:
-            via = f" through the proxy {_authority(*route.proxy)}" if route.proxy else ""
+            via = f" through the proxy {authority(*route.proxy)}" if route.proxy else ""
             raise httpx.ConnectTimeout(
                 f"connecting to {host}:{port}{via} took over {connect_timeout} s"
             ) from None
         except (OSError, ssl.SSLError) as exc:
-            via = f" through the proxy {_authority(*route.proxy)}" if route.proxy else ""
+            via = f" through the proxy {authority(*route.proxy)}" if route.proxy else ""
             raise httpx.ConnectError(f"cannot connect to {host}:{port}{via}: {exc}") from exc
         return conn
 
@@ -635,21 +511,21 @@ class HttpTransport(httpx.AsyncBaseTransport):
         return conn
 
     async def _through_proxy(
-        self, route: _Route, host: str, port: int, tls: ssl.SSLContext | None
+        self, route: Route, host: str, port: int, tls: ssl.SSLContext | None
     ) -> _Connection:
         assert route.proxy is not None
         proxy_host, proxy_port = route.proxy
         try:
             conn = await self._open(proxy_host, proxy_port, None, proxy_host)
         except OSError as exc:
-            raise OSError(f"cannot reach the proxy {_authority(proxy_host, proxy_port)}: {exc}") from exc
+            raise OSError(f"cannot reach the proxy {authority(proxy_host, proxy_port)}: {exc}") from exc
         if tls is None:
             return conn  # plain http: requests go to the proxy in absolute form
         try:
             status = await conn.open_tunnel(route.connect_request)
             if status != 200:
                 raise ConnectionRefusedError(
-                    f"the proxy {_authority(proxy_host, proxy_port)} refused CONNECT with {status}"
+                    f"the proxy {authority(proxy_host, proxy_port)} refused CONNECT with {status}"
                     f" {_REASONS.get(status, '')}".rstrip()
                 )
             assert conn.transport is not None
@@ -700,10 +576,6 @@ _REASONS = {
     502: "Bad Gateway",
     503: "Service Unavailable",
 }
-
-
-def _authority(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class WireTransport(Protocol):

@@ -21,7 +21,8 @@ import httpx
 import pytest
 import trustme
 
-from pipeline.transport import HttpTransport, Proxy, bypasses_proxy, environment_proxies, proxy_secrets
+from pipeline.proxy import Proxy, bypasses_proxy, environment_proxies, proxy_secrets
+from pipeline.transport import HttpTransport
 from providers.base import Outcome, classify_transport_error
 from tests.helpers import simulator, sluice, write_campaign, write_recipients
 from tests.test_endpoint_e2e import tls_files
