@@ -10,7 +10,7 @@ For each R: starts ``python -m providers.simulator --qps R --latency-ms 50 --por
 latency but skips the signature, timestamp and nonce checks so that the simulator is
 never the bottleneck; ``--full-simulator`` keeps them), writes a CSV of
 ``R × seconds × batch`` recipients (about ``seconds`` of sending at R), and runs sluice
-(``pipeline.api.start_run``, ``requests_per_second = R``) in a child pinned to core 0.
+(``pipeline.app.api.start_run``, ``requests_per_second = R``) in a child pinned to core 0.
 
 Reported per R, from the ledger: requests per second over the steady part (every intent
 line's ``t`` between one second after the first and one second before the last), as a

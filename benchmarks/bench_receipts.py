@@ -63,7 +63,9 @@ def main() -> None:
             w.writerows([f"c{i}", f"139{i:08d}", f"{i % 1000000:06d}"] for i in range(1, n + 1))
         run_dir = tmp / "run"
         listener = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", "listen", str(run_dir)], cwd=REPO, stdout=subprocess.PIPE
+            [sys.executable, "-m", "pipeline.app.cli", "listen", str(run_dir)],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
         )
         assert listener.stdout is not None
         lines = [listener.stdout.readline().decode().split() for _ in range(5)]
@@ -87,7 +89,7 @@ def main() -> None:
             )
             started = time.monotonic()
             run = subprocess.run(
-                [sys.executable, "-m", "pipeline.cli", "run", str(tmp / "c.toml")],
+                [sys.executable, "-m", "pipeline.app.cli", "run", str(tmp / "c.toml")],
                 cwd=REPO, capture_output=True, timeout=args.timeout,
             )  # fmt: skip
             if run.returncode != 0:

@@ -11,14 +11,14 @@ takes about 2.5 minutes at ~70 000 recipients/s; writing the 10M-row CSVs and th
 1.5 GB in the work directory (a temp dir, removed at the end, unless ``--workdir``).
 
 1. **Runs**: for each size, a CSV of that many synthetic recipients and one sluice run
-   (``pipeline.api.start_run``, V3, batches of 100, 64 in flight, 100 000 requests/s
+   (``pipeline.app.api.start_run``, V3, batches of 100, 64 in flight, 100 000 requests/s
    allowed) in a child process against :mod:`benchmarks.responder`; peak RSS (the child's
    ``ru_maxrss``), recipients/s, CPU µs per recipient; growth of the peak RSS from the
    smallest size to the largest. A 1 000-recipient run gives the fixed cost (imports).
 2. **Resume**: a run directory for a CSV of N+1 rows whose ledger already holds N sent
    recipients (written directly, in the format of ``pipeline/ledger.py``: per batch of
    100 an intent line, an attempt line and 100 recipient lines, then ``{"eof":N+1}``), so
-   exactly the last row is left. ``pipeline.api.resume_run`` runs in a child; reported:
+   exactly the last row is left. ``pipeline.app.api.resume_run`` runs in a child; reported:
    the time from spawning the child (and from the API call) to the first request reaching
    the responder, the whole resume's time, its peak RSS. It must send exactly one
    recipient and end complete.
@@ -162,9 +162,9 @@ def bench_runs(
 def bench_resume(
     resp: Responder, n: int, work: Path, core: int | None, max_wait_quiet: float
 ) -> dict[str, Any]:
-    from pipeline.api import check_source
-    from pipeline.campaign import parse_campaign
-    from pipeline.rundir import RunDir
+    from pipeline.app.api import check_source
+    from pipeline.app.campaign import parse_campaign
+    from pipeline.app.rundir import RunDir
 
     t0 = time.monotonic()
     csv_path = write_csv(work / f"resume-{n + 1}.csv", n + 1)

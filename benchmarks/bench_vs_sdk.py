@@ -9,7 +9,7 @@
 Starts :mod:`benchmarks.responder` (its own process, pinned to the last core), writes a CSV
 of N synthetic recipients once, then for K rounds runs each client in a fresh child process
 (pinned to core 0) in a rotating order: the official SDK (32 threads), sluice
-(``pipeline.api.start_run``, V3, batches of 100, 64 in flight, 100 000 requests/s allowed,
+(``pipeline.app.api.start_run``, V3, batches of 100, 64 in flight, 100 000 requests/s allowed,
 fresh run directory), a sequential httpx loop and aiohttp behind a semaphore of 64
 (:mod:`benchmarks.peers`). Every run must deliver: the responder must count exactly N
 recipients in ceil(N/100) requests and the client must report N accepted, or the

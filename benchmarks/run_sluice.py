@@ -9,7 +9,7 @@
                                            [--profile-out FILE]
     python -m benchmarks.run_sluice resume --url URL --run-dir DIR
 
-It goes through the Python API (``pipeline.api.start_run`` / ``resume_run``) with the
+It goes through the Python API (``pipeline.app.api.start_run`` / ``resume_run``) with the
 campaign of :func:`benchmarks.common.campaign_data`, logs to ``DIR/log.jsonl`` as the
 CLI does, and prints one JSON line: counts, wall and CPU seconds of the call, peak RSS,
 and ``t_main`` / ``t_call`` (``time.monotonic()`` when the process began its work and when
@@ -39,9 +39,9 @@ from typing import Any  # noqa: E402
 import anyio  # noqa: E402
 
 from benchmarks.common import campaign_data, child_result  # noqa: E402
-from pipeline._logging import configure_logging  # noqa: E402
-from pipeline.api import resume_run, start_run  # noqa: E402
-from pipeline.campaign import parse_campaign  # noqa: E402
+from pipeline.app._logging import configure_logging  # noqa: E402
+from pipeline.app.api import resume_run, start_run  # noqa: E402
+from pipeline.app.campaign import parse_campaign  # noqa: E402
 from pipeline.engine import RunResult  # noqa: E402
 
 __all__ = ("main", "top_self_cprofile", "top_self_pyinstrument")

@@ -1,26 +1,30 @@
 """sluice's engine: Source → Render → Batch → Limit → Dispatch → Ledger.
 
-Modules, in the order data flows through them:
+The stages, in the order data flows through them (this folder)::
 
-- ``campaign``: load and validate a campaign file
-- ``source``: stream rows from CSV / JSONL
-- ``render``: templates and phone numbers → messages or rejections
-- ``keys``: compact duplicate-key detection
-- ``batch``: group messages into provider requests
-- ``limit``: requests per second, adaptive to throttling (aiolimiter)
-- ``dispatch``: send over httpx with retries, classify outcomes
-- ``transport``: HTTP/1.1 keep-alive connections on asyncio protocols, behind httpx's transport API
-- ``ledger``: the append-only JSONL ledger, replay and repair
-- ``rundir``: run.json and the run directory
-- ``engine``: the tasks wired together
-- ``api``: start / resume / status from Python
-- ``cli``: the ``sluice`` command
+    source.py, db/      rows from CSV / JSONL files, or SQLite / PostgreSQL (db/)
+    admit.py            which rows become messages: resume skip, keys, suppression,
+                        phone dedupe, render, checks, reject reasons (also the dry run's count)
+    render.py, keys.py  templates, phone numbers and text limits; compact duplicate keys
+    batch.py            messages grouped into provider requests
+    limit.py,           requests per second, adaptive to throttling (aiolimiter);
+      schedule.py       the send window and the daily cap
+    dispatch.py         sign, write the intent, send, classify, retry, split refused batches
+    transport.py,       HTTP/1.1 keep-alive connections on asyncio protocols (llhttp);
+      proxy.py          forward proxies and how each origin is reached
+    ledger/             the append-only JSONL ledger: its format, writer, replay and readers
+    engine.py, tasks.py a run set up, and its tasks with the bounded streams between them
+    errors.py           the exception tree
+
+Apart from them: ``app/``, the run's plumbing (campaign file, run directory, provider set-up,
+Python API, the ``sluice`` command, logging, the live display), and ``ops/``, the operator's
+tools (status and export, report, reconcile, dry run, delivery receipts).
 """
 
 from __future__ import annotations
 
-from pipeline.api import resume_run, run_status, start_run
-from pipeline.campaign import Campaign, load_campaign, parse_campaign
+from pipeline.app.api import resume_run, run_status, start_run
+from pipeline.app.campaign import Campaign, load_campaign, parse_campaign
 from pipeline.engine import Progress, RunResult
 from pipeline.errors import CampaignError, RunDirError, RunStopped, SluiceError, SourceError
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from pipeline.campaign import DB_KINDS, Campaign
+from pipeline.app.campaign import DB_KINDS, Campaign
 from pipeline.keys import KeySet
 from pipeline.ledger import Status, StatusArray
 from pipeline.render import Renderer, Template, campaign_text_limit, normalize_phone

@@ -23,8 +23,8 @@ import anyio
 import httpx
 import structlog
 
-from pipeline.account import sync_server_clock
-from pipeline.campaign import ON_REFUSAL
+from pipeline.app.account import sync_server_clock
+from pipeline.app.campaign import ON_REFUSAL
 from pipeline.errors import RunStopped, SluiceError
 from pipeline.ledger import LedgerFault, LedgerWriter
 from pipeline.limit import RateGovernor

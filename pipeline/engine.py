@@ -28,16 +28,16 @@ import anyio
 import httpx
 import structlog
 
-from pipeline._logging import on_log_fault
 from pipeline.admit import open_source
+from pipeline.app._logging import on_log_fault
+from pipeline.app.campaign import Campaign
+from pipeline.app.rundir import RunDir
 from pipeline.batch import Batcher
-from pipeline.campaign import Campaign
 from pipeline.dispatch import CircuitBreaker, Dispatcher, EndpointGuard, RetryPolicy, server_clock
 from pipeline.errors import RunDirError
 from pipeline.ledger import Durability, Intent, LedgerFault, LedgerState, LedgerWriter, Status, events, replay
 from pipeline.limit import RateGovernor
 from pipeline.proxy import Proxy
-from pipeline.rundir import RunDir
 from pipeline.schedule import SendGate
 from pipeline.tasks import Progress, Run
 from pipeline.transport import TLS_NOT_VERIFIED, HttpTransport
@@ -129,7 +129,7 @@ async def run_campaign(
     """Run (or resume) ``campaign`` into ``run_dir``; returns when every row is settled,
     the source is exhausted, or the run was stopped.
 
-    The run directory must have been created (``pipeline.api.start_run`` does it). A ledger
+    The run directory must have been created (``pipeline.app.api.start_run`` does it). A ledger
     shorter than recorded, or damaged before its last line, is refused unless ``force``.
     """
     if not run_dir.exists():

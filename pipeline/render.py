@@ -21,7 +21,7 @@ from providers import registry
 from providers.base import Message, TextLimit
 
 if TYPE_CHECKING:
-    from pipeline.campaign import Campaign
+    from pipeline.app.campaign import Campaign
 
 __all__ = (
     "Rejection",

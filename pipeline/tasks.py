@@ -28,8 +28,8 @@ import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from pipeline.admit import Admission, skip_table
+from pipeline.app.campaign import Campaign
 from pipeline.batch import Batcher
-from pipeline.campaign import Campaign
 from pipeline.dispatch import Dispatcher
 from pipeline.errors import SourceError
 from pipeline.ledger import LedgerState, LedgerWriter

@@ -21,10 +21,10 @@ import orjson
 import pytest
 
 from pipeline.admit import columns_needed, source_columns
-from pipeline.api import check_source, start_run
-from pipeline.campaign import Campaign, load_campaign, parse_campaign
-from pipeline.dryrun import dry_run
+from pipeline.app.api import check_source, start_run
+from pipeline.app.campaign import Campaign, load_campaign, parse_campaign
 from pipeline.errors import CampaignError
+from pipeline.ops.dryrun import dry_run
 from pipeline.render import reason_group
 from pipeline.tasks import Progress
 from tests.helpers import simulator, write_campaign, write_recipients

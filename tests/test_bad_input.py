@@ -70,7 +70,7 @@ class TestGarbageRows:
 
 class TestJsonl:
     def test_bad_lines_are_rejected_with_reasons(self, tmp_path: Path) -> None:
-        from pipeline.campaign import parse_campaign
+        from pipeline.app.campaign import parse_campaign
 
         (tmp_path / "r.jsonl").write_bytes(
             b'{"id": "a", "phone": "13800000001", "first": "Li"}\n'

@@ -20,8 +20,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.campaign import parse_campaign
-from pipeline.dryrun import dry_run
+from pipeline.app.campaign import parse_campaign
+from pipeline.ops.dryrun import dry_run
 from pipeline.render import (
     _CN_MOBILE,
     _MOBILES,

@@ -23,8 +23,8 @@ import orjson
 import pytest
 
 from pipeline.admit import open_source, resume_checkpoint
-from pipeline.api import check_source
-from pipeline.campaign import Campaign, parse_campaign
+from pipeline.app.api import check_source
+from pipeline.app.campaign import Campaign, parse_campaign
 from pipeline.db import (
     CHECKPOINTS,
     Checkpoint,
@@ -755,7 +755,7 @@ class TestPostgresEndToEnd:
 # pytest process would report the parent's peak instead of its own.
 RUNNER = (
     "import sys\n"
-    "from pipeline.cli import main\n"
+    "from pipeline.app.cli import main\n"
     "code = main(sys.argv[1:])\n"
     "hwm = next(l for l in open('/proc/self/status') if l.startswith('VmHWM:')).split()[1]\n"
     "sys.stderr.write('PEAK_RSS_KB %s\\n' % hwm)\n"

@@ -15,12 +15,12 @@ import orjson
 import pytest
 
 from pipeline import source as source_module
-from pipeline.api import run_status
-from pipeline.campaign import Campaign, parse_campaign
+from pipeline.app.api import run_status
+from pipeline.app.campaign import Campaign, parse_campaign
+from pipeline.app.rundir import RunDir
 from pipeline.engine import run_campaign
 from pipeline.ledger import Status, replay
-from pipeline.rundir import RunDir
-from pipeline.summary import summarize
+from pipeline.ops.summary import summarize
 from providers.base import Batch, BatchOutcome, Message, Outcome, WireRequest
 from tests.helpers import cut_ledger
 
@@ -202,7 +202,7 @@ class TestStatusAndExport:
     async def test_codes_timing_and_final_outcomes(self, tmp_path: Path) -> None:
         import io
 
-        from pipeline.summary import export_rows, summarize
+        from pipeline.ops.summary import export_rows, summarize
 
         data = rows(30)
         data[2]["phone"] = "1"
@@ -235,7 +235,7 @@ class TestStatusAndExport:
     async def test_export_keeps_only_the_last_outcome(self, tmp_path: Path) -> None:
         import io
 
-        from pipeline.summary import export_rows
+        from pipeline.ops.summary import export_rows
 
         c = make_campaign(tmp_path, rows(10), max_attempts=1)
 
@@ -293,7 +293,7 @@ class TestDurability:
     ) -> None:
         import os
 
-        import pipeline.campaign as pc
+        import pipeline.app.campaign as pc
 
         c = make_campaign(tmp_path, rows(100))
         c = pc.Campaign(
@@ -342,7 +342,7 @@ class TestDryRun:
 
         import anyio
 
-        from pipeline.dryrun import dry_run
+        from pipeline.ops.dryrun import dry_run
 
         data = rows(10)
         data[0]["first"] = "x" * 80  # long parameter: 2 segments
@@ -369,7 +369,7 @@ class TestScheduleInTheEngine:
 
         import anyio
 
-        from pipeline.campaign import RunSpec, ScheduleSpec
+        from pipeline.app.campaign import RunSpec, ScheduleSpec
 
         now = dt.datetime.now(dt.UTC)
         start = (now + dt.timedelta(hours=2)).strftime("%H:00")
@@ -403,7 +403,7 @@ class TestScheduleInTheEngine:
 @pytest.mark.anyio
 class TestReport:
     async def test_files_and_series(self, tmp_path: Path) -> None:
-        from pipeline.report import build_report
+        from pipeline.ops.report import build_report
 
         c = make_campaign(tmp_path, rows(60), max_attempts=3)
         state = {"n": 0}

@@ -22,10 +22,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.api import pinned_campaign
+from pipeline.app.api import pinned_campaign
+from pipeline.app.rundir import RunDir
 from pipeline.engine import run_campaign
 from pipeline.errors import RunDirError
-from pipeline.rundir import RunDir
 from tests.helpers import final_statuses, simulator, sluice, write_campaign, write_recipients
 from tests.test_engine import FakeProvider, make_campaign
 

@@ -16,7 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pipeline.ledger as ledger_api
-from pipeline.campaign import Campaign, RunSpec
+from pipeline.app.campaign import Campaign, RunSpec
+from pipeline.app.rundir import RunDir
 from pipeline.ledger import (
     VERSION,
     Attempt,
@@ -32,9 +33,8 @@ from pipeline.ledger import (
     final_states,
     replay,
 )
-from pipeline.report import build_report
-from pipeline.rundir import RunDir
-from pipeline.summary import summarize
+from pipeline.ops.report import build_report
+from pipeline.ops.summary import summarize
 from providers.base import Batch, BatchOutcome, Message, Outcome
 from tests.conftest import REPO
 from tests.test_engine import make_campaign, ok, rows, run

@@ -7,8 +7,8 @@ import io
 from rich.console import Console
 from structlog.testing import capture_logs
 
+from pipeline.app.progress import ProgressReporter, format_duration
 from pipeline.engine import Progress
-from pipeline.progress import ProgressReporter, format_duration
 
 
 def snapshot(sent: int, elapsed: float, *, done: bool = False, paused: str | None = None) -> Progress:

@@ -284,7 +284,7 @@ def test_campaign_reaches_an_https_endpoint_through_an_authenticating_proxy(
 
 
 def test_campaign_proxy_with_credentials_is_refused_without_echoing_them(tmp_path: Path) -> None:
-    from pipeline.campaign import load_campaign
+    from pipeline.app.campaign import load_campaign
     from pipeline.errors import CampaignError
 
     write_recipients(tmp_path / "recipients.csv", 1)

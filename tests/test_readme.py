@@ -13,7 +13,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from pipeline.cli import build_parser, main
+from pipeline.app.cli import build_parser, main
 from providers.simulator.__main__ import build_parser as simulator_parser
 from tests.conftest import REPO
 from tests.helpers import write_recipients

@@ -49,7 +49,7 @@ class ListenerProcess:
 @contextmanager
 def listener(run_dir: Path, *args: str) -> Iterator[ListenerProcess]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "listen", str(run_dir), *args],
+        [sys.executable, "-m", "pipeline.app.cli", "listen", str(run_dir), *args],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
-from pipeline.account import make_provider
-from pipeline.api import start_run
-from pipeline.campaign import Campaign, parse_campaign
+from pipeline.app.account import make_provider
+from pipeline.app.api import start_run
+from pipeline.app.campaign import Campaign, parse_campaign
 from pipeline.errors import CampaignError
-from pipeline.reconcile import reconcile_run
+from pipeline.ops.reconcile import reconcile_run
 from providers import registry
 from providers.aliyun import AliyunCredentials, AliyunSms
 from providers.base import CredentialsError
@@ -111,7 +111,7 @@ class TestDeclarations:
 class TestNoProviderNamedInPipeline:
     def test_pipeline_imports_only_the_contract_and_the_registry(self) -> None:
         allowed = {"providers", "providers.base", "providers.spec", "providers.simulator.__main__"}
-        for path in sorted((REPO / "pipeline").glob("*.py")):
+        for path in sorted((REPO / "pipeline").rglob("*.py")):
             tree = ast.parse(path.read_text(encoding="utf-8"))
             for node in ast.walk(tree):
                 if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("providers"):

@@ -12,9 +12,9 @@ import orjson
 import pytest
 import structlog
 
-from pipeline import cli
-from pipeline._logging import Redactor, configure_logging
-from pipeline.campaign import parse_campaign
+from pipeline.app import cli
+from pipeline.app._logging import Redactor, configure_logging
+from pipeline.app.campaign import parse_campaign
 from pipeline.errors import CampaignError
 from providers import registry
 from tests.helpers import simulator, sluice, write_campaign, write_recipients
@@ -79,7 +79,7 @@ class TestSecrets:
         from tests.conftest import REPO
 
         r = subprocess.run(
-            [sys.executable, "-m", "pipeline.cli", "run", str(c)],
+            [sys.executable, "-m", "pipeline.app.cli", "run", str(c)],
             cwd=REPO,
             env=env,
             capture_output=True,

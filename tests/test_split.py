@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.campaign import parse_campaign
+from pipeline.app.campaign import parse_campaign
 from pipeline.dispatch import Dispatcher, RetryPolicy
 from pipeline.errors import CampaignError
 from pipeline.ledger import LedgerWriter, Status, replay

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pipeline.app.campaign import load_campaign, parse_campaign
 from pipeline.batch import Batcher
-from pipeline.campaign import load_campaign, parse_campaign
 from pipeline.errors import CampaignError
 from pipeline.keys import KeySet
 from pipeline.ledger import LedgerWriter, Status, replay
@@ -467,7 +467,7 @@ class TestSegments:
         ],
     )
     def test_rules(self, text: str, domestic: bool, want: int) -> None:
-        from pipeline.dryrun import segments
+        from pipeline.ops.dryrun import segments
 
         assert segments(text, domestic_cn=domestic) == want
 

@@ -71,7 +71,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipeline.campaign import SourceSpec
+from pipeline.app.campaign import SourceSpec
 from pipeline.db.checkpoints import CHECKPOINTS, Checkpoint, compare_fingerprints, read_checkpoints
 from pipeline.db.postgres import PostgresSource
 from pipeline.db.source import DbSource

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from pipeline.campaign import SourceSpec
+from pipeline.app.campaign import SourceSpec
 from pipeline.db.source import DbSource
 from pipeline.db.sql import Page, Session, Sql, Stats, require_key
 from pipeline.errors import CampaignError, SourceError

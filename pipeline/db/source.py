@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 import orjson
 
-from pipeline.campaign import SourceSpec
+from pipeline.app.campaign import SourceSpec
 from pipeline.db.checkpoints import Checkpoint
 from pipeline.db.sql import Session, Sql, Stats, Values, json_key
 from pipeline.errors import CampaignError, SourceError

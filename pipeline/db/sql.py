@@ -6,7 +6,7 @@ from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from pipeline.campaign import SourceSpec
+from pipeline.app.campaign import SourceSpec
 from pipeline.errors import CampaignError, SourceError
 
 __all__ = ("Page", "Session", "Sql", "Stats", "Values", "json_key", "require_key")

@@ -10,7 +10,7 @@ from typing import Any
 
 import anyio
 
-from pipeline.campaign import SourceSpec
+from pipeline.app.campaign import SourceSpec
 from pipeline.db.source import DbSource
 from pipeline.db.sql import Page, Session, Sql, Stats, require_key
 from pipeline.errors import CampaignError, SourceError

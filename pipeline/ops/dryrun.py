@@ -24,7 +24,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from pipeline.admit import Admission, Rejects, open_source
-from pipeline.campaign import Campaign
+from pipeline.app.campaign import Campaign
 from pipeline.render import campaign_text_limit, reason_group
 from providers.base import fill_template, sign_and_params
 

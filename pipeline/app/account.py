@@ -16,7 +16,7 @@ from collections.abc import Mapping
 
 import httpx
 
-from pipeline.campaign import Campaign
+from pipeline.app.campaign import Campaign
 from pipeline.errors import CampaignError
 from providers import registry
 from providers.base import CredentialsError, Provider

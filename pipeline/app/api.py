@@ -23,13 +23,13 @@ import anyio
 import httpx
 import structlog
 
-from pipeline.account import make_provider
 from pipeline.admit import columns_needed, open_source
-from pipeline.campaign import DB_KINDS, Campaign, parse_campaign
+from pipeline.app.account import make_provider
+from pipeline.app.campaign import DB_KINDS, Campaign, parse_campaign
+from pipeline.app.rundir import RunDir
 from pipeline.engine import Progress, RunResult, run_campaign
 from pipeline.errors import CampaignError, RunDirError
 from pipeline.ledger import replay
-from pipeline.rundir import RunDir
 from pipeline.source import compare_file_fingerprints
 from providers.base import Provider
 
@@ -225,7 +225,7 @@ def _rows(fingerprint: dict[str, Any], default: int | None) -> int | None:
 
 def run_status(run_dir: Path) -> dict[str, Any]:
     """Counts by status for a run directory, read from its ledger (see ``sluice status``)."""
-    from pipeline.summary import status_counts
+    from pipeline.ops.summary import status_counts
 
     rd = RunDir(run_dir)
     rd.load(strict=False)

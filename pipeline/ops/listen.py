@@ -9,7 +9,7 @@ token kept in the run directory (``listen-token``) so a restart answers the same
     /<token>/nxcloud   DR: form body or query string → success
 
 A request to any other path is answered 404 and counted. Each receipt is matched, de-duplicated
-and appended to ``receipts.jsonl`` (:mod:`pipeline.receipts`); the answer that makes the
+and appended to ``receipts.jsonl`` (:mod:`pipeline.ops.receipts`); the answer that makes the
 provider stop retrying leaves only after the lines were fsynced. Requests arriving during one
 fsync share the next (group commit). The run's lock is not taken: ``sluice run`` writes the
 ledger, this process only reads it.
@@ -34,10 +34,11 @@ import numpy as np
 import orjson
 from aiohttp import web
 
-from pipeline.account import protocol_of
 from pipeline.admit import open_source
-from pipeline.api import pinned_campaign
-from pipeline.receipts import (
+from pipeline.app.account import protocol_of
+from pipeline.app.api import pinned_campaign
+from pipeline.app.rundir import RunDir
+from pipeline.ops.receipts import (
     BadReceipt,
     Journal,
     Receipt,
@@ -49,7 +50,6 @@ from pipeline.receipts import (
     submail_signature_ok,
 )
 from pipeline.render import normalize_phone
-from pipeline.rundir import RunDir
 from providers import registry
 
 __all__ = (

@@ -32,14 +32,14 @@ import anyio
 import httpx
 import structlog
 
-from pipeline.account import make_provider, provider_kind
 from pipeline.admit import recipients
-from pipeline.api import pinned_campaign
+from pipeline.app.account import make_provider, provider_kind
+from pipeline.app.api import pinned_campaign
+from pipeline.app.rundir import RunDir
 from pipeline.errors import CampaignError
 from pipeline.ledger import Intent, LedgerWriter, Status, events, replay
 from pipeline.limit import RateGovernor
 from pipeline.proxy import Proxy
-from pipeline.rundir import RunDir
 from pipeline.transport import HttpTransport
 from providers.base import CredentialsError
 from providers.spec import UnknownSend

@@ -1,7 +1,7 @@
 """``sluice receipts``: ask the provider what became of sent recipients that have no receipt yet.
 
 For providers or setups without pushes. The queries are reconciliation's
-(:mod:`pipeline.reconcile`): Aliyun ``QuerySendDetails`` (``SendStatus`` 3 delivered, 2 failed),
+(:mod:`pipeline.ops.reconcile`): Aliyun ``QuerySendDetails`` (``SendStatus`` 3 delivered, 2 failed),
 card ``GetCardSmsDetails`` (3 success; 2, 4 failed), NXCloud's record query (``dr``), SUBMAIL
 ``sms/log`` (``delivered`` / ``dropped``; one page a minute by default). Only rows sent at least
 ``settle_after`` seconds ago are asked about; a receipt found is appended to ``receipts.jsonl``
@@ -20,14 +20,14 @@ import anyio
 import httpx
 import structlog
 
-from pipeline.account import make_provider, protocol_of, provider_kind
 from pipeline.admit import recipients
-from pipeline.api import pinned_campaign
+from pipeline.app.account import make_provider, protocol_of, provider_kind
+from pipeline.app.api import pinned_campaign
+from pipeline.app.rundir import RunDir
 from pipeline.errors import CampaignError
 from pipeline.ledger import Intent, Status, events, replay
 from pipeline.limit import RateGovernor
-from pipeline.receipts import Journal, Receipt
-from pipeline.rundir import RunDir
+from pipeline.ops.receipts import Journal, Receipt
 from pipeline.transport import HttpTransport
 from providers.spec import UnknownSend
 

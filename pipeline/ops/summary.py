@@ -14,11 +14,11 @@ from typing import IO, Any
 
 import orjson
 
+from pipeline.app.rundir import RunDir
 from pipeline.errors import RunDirError
 from pipeline.ledger import Attempt, Intent, LedgerState, events, final_outcomes, final_states, replay
-from pipeline.receipts import EXPORT_FIELDS as DELIVERY_FIELDS
-from pipeline.receipts import delivery_counts, with_delivery
-from pipeline.rundir import RunDir
+from pipeline.ops.receipts import EXPORT_FIELDS as DELIVERY_FIELDS
+from pipeline.ops.receipts import delivery_counts, with_delivery
 
 __all__ = ("export_rows", "status_counts", "summarize")
 

@@ -34,16 +34,16 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from pipeline._logging import configure_logging
-from pipeline.account import check_credentials
-from pipeline.api import resume_run, start_run
-from pipeline.campaign import Campaign, load_campaign
+from pipeline.app._logging import configure_logging
+from pipeline.app.account import check_credentials
+from pipeline.app.api import resume_run, start_run
+from pipeline.app.campaign import Campaign, load_campaign
+from pipeline.app.progress import ProgressReporter
+from pipeline.app.rundir import RunDir
 from pipeline.engine import DISK_FAULT, RunResult
 from pipeline.errors import CampaignError, RunDirError, RunStopped, SluiceError, SourceError
-from pipeline.progress import ProgressReporter
+from pipeline.ops.summary import export_rows, summarize
 from pipeline.proxy import proxy_secrets
-from pipeline.rundir import RunDir
-from pipeline.summary import export_rows, summarize
 from pipeline.transport import TLS_NOT_VERIFIED
 from providers import registry
 
@@ -217,8 +217,8 @@ def _execute(
 
 
 def cmd_dry_run(campaign: Campaign, args: argparse.Namespace, console: Console) -> int:
-    from pipeline.api import check_source
-    from pipeline.dryrun import dry_run
+    from pipeline.app.api import check_source
+    from pipeline.ops.dryrun import dry_run
 
     check_source(campaign)
     report = anyio.run(dry_run, campaign)
@@ -276,7 +276,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
 def _listening(run_dir: Path, port: int, console: Console) -> Iterator[None]:
     """``sluice listen RUN_DIR --port PORT`` beside the run, for as long as the run lasts."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "listen", str(run_dir), "--port", str(port)],
+        [sys.executable, "-m", "pipeline.app.cli", "listen", str(run_dir), "--port", str(port)],
         stdout=subprocess.PIPE,
     )
     try:
@@ -292,7 +292,7 @@ def _listening(run_dir: Path, port: int, console: Console) -> Iterator[None]:
 
 
 def cmd_resume(args: argparse.Namespace, console: Console) -> int:
-    from pipeline.api import pinned_campaign
+    from pipeline.app.api import pinned_campaign
 
     run_dir = Path(args.run_dir)
     campaign, _ = pinned_campaign(RunDir(run_dir))
@@ -351,7 +351,7 @@ def cmd_status(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_reconcile(args: argparse.Namespace, console: Console) -> int:
-    from pipeline.reconcile import reconcile_run
+    from pipeline.ops.reconcile import reconcile_run
 
     rd = RunDir(Path(args.run_dir))
     rd.load()
@@ -375,7 +375,7 @@ def cmd_reconcile(args: argparse.Namespace, console: Console) -> int:
 def cmd_listen(args: argparse.Namespace, console: Console) -> int:
     import asyncio
 
-    from pipeline.listen import print_ready, serve_listener
+    from pipeline.ops.listen import print_ready, serve_listener
 
     if not args.allow_remote and args.host not in ("127.0.0.1", "::1", "localhost"):
         raise CampaignError("--host", "listening beyond loopback needs --allow-remote")
@@ -394,7 +394,7 @@ def cmd_listen(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_receipts(args: argparse.Namespace, console: Console) -> int:
-    from pipeline.receipts_pull import PullResult, pull_receipts
+    from pipeline.ops.receipts_pull import PullResult, pull_receipts
 
     def progress(r: PullResult, total: int) -> None:
         sys.stderr.write(f"asked {r.asked:,}/{total:,}: {r.delivered:,} delivered, {r.undelivered:,} not\n")
@@ -416,7 +416,7 @@ def cmd_receipts(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_report(args: argparse.Namespace, console: Console) -> int:
-    from pipeline.report import build_report
+    from pipeline.ops.report import build_report
 
     path = build_report(Path(args.run_dir), Path(args.output) if args.output else None)
     console.print(f"report: {path} (charts and report.json beside it)")

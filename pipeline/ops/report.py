@@ -24,10 +24,10 @@ from typing import Any
 
 import orjson
 
+from pipeline.app.rundir import RunDir
 from pipeline.ledger import Attempt, Intent, events
-from pipeline.receipts import delivery_report
-from pipeline.rundir import RunDir
-from pipeline.summary import summarize
+from pipeline.ops.receipts import delivery_report
+from pipeline.ops.summary import summarize
 
 __all__ = ("build_report", "collect_series")
 
