@@ -121,7 +121,9 @@ def write_realistic_csv(path: Path, n: int, seed: int = 16) -> int:
         w.writerow(["id", "phone", "name", "code"])
         for i in range(1, n + 1):
             if i % 100 == 0:
-                key = f"u{rng.randrange(1, i):08d}"  # an earlier id again: 1 % duplicates
+                earlier = rng.randrange(1, i)
+                earlier -= earlier % 100 == 0  # a row that has its own id
+                key = f"u{earlier:08d}"  # an earlier id again: 1 % duplicates
             else:
                 key = f"u{i:08d}"
                 distinct += 1
