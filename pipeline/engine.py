@@ -38,7 +38,7 @@ from pipeline.batch import Batcher
 from pipeline.campaign import DB_KINDS, Campaign
 from pipeline.dispatch import CircuitBreaker, Dispatcher, EndpointGuard, RetryPolicy, server_clock
 from pipeline.errors import RunDirError, SourceError
-from pipeline.keys import KeySet
+from pipeline.keys import KeySet, plain_keys
 from pipeline.ledger import Durability, LedgerFault, LedgerState, LedgerWriter, Status, replay
 from pipeline.limit import RateGovernor
 from pipeline.render import Renderer, Template, campaign_text_limit, normalize_phone
@@ -269,7 +269,7 @@ class _Run:
             dup = None
         else:
             column = chunk.column(key_col)
-            if column is None or "" in column or not "".join(column).isascii():
+            if column is None or not plain_keys(column):
                 return None
             keys = list(column)
             assert self.keys is not None
