@@ -40,6 +40,7 @@ Any other ``code`` applies to the whole request (the seed's error examples carry
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 import hmac
 import os
@@ -180,8 +181,14 @@ def message_id(run_tag: str, key: str) -> str:
     digest), so the id is 32-49 characters of ``[0-9a-zA-Z-]`` as NXCloud requires.
     """
     digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:32]
-    tag = _TAG_DROP.sub("", run_tag)[:16]
+    tag = _clean_tag(run_tag)
     return f"{tag}-{digest}" if tag else digest
+
+
+@functools.lru_cache(maxsize=64)
+def _clean_tag(run_tag: str) -> str:
+    """The id's prefix (one per run: cached, not cleaned again for every recipient)."""
+    return _TAG_DROP.sub("", run_tag)[:16]
 
 
 # -- outcome classes (the seed's code table; PROTOCOLS.md §3.5) --------------------------------
