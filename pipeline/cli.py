@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import orjson
@@ -34,13 +34,13 @@ from rich.markup import escape
 from rich.table import Table
 
 from pipeline._logging import configure_logging
-from pipeline.api import resume_run, start_run
-from pipeline.campaign import Campaign, load_campaign
-from pipeline.engine import DISK_FAULT, RunResult
 from pipeline.errors import CampaignError, RunDirError, RunStopped, SluiceError, SourceError
-from pipeline.progress import ProgressReporter
 from pipeline.rundir import RunDir
 from pipeline.summary import export_rows, summarize
+
+if TYPE_CHECKING:  # imported by the commands that need them: `status` reads no campaign
+    from pipeline.campaign import Campaign
+    from pipeline.engine import RunResult
 
 __all__ = ("main",)
 
@@ -93,6 +93,8 @@ def _count_rows(campaign: Campaign) -> int | None:
 def _exit_code(result: RunResult, signalled: int | None) -> int:
     if signalled is not None:
         return SIGNAL_EXIT.get(signal.Signals(signalled), 130)
+    from pipeline.engine import DISK_FAULT
+
     if result.stop_code == DISK_FAULT:
         return EXIT_DISK
     if result.stopped is not None:
@@ -138,6 +140,8 @@ async def _drive(fn: Any, kwargs: dict[str, Any], console: Console) -> tuple[Run
 
         tg.start_soon(watch)
         failure: SluiceError | None = None
+        from pipeline.progress import ProgressReporter
+
         try:
             with ProgressReporter(console) as reporter:
                 result = await fn(**kwargs, stop=stop, on_progress=reporter)
@@ -174,6 +178,8 @@ def _open_log(run_dir: Path, echo: bool) -> None:
 def _execute(
     campaign: Campaign, run_dir: Path, resume: bool, args: argparse.Namespace, console: Console
 ) -> int:
+    from pipeline.api import resume_run, start_run
+
     kwargs: dict[str, Any] = {"force": args.force, "total_hint": _count_rows(campaign)}
     if resume:
         fn: Any = resume_run
@@ -234,6 +240,8 @@ def cmd_dry_run(campaign: Campaign, args: argparse.Namespace, console: Console) 
 
 
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
+    from pipeline.campaign import load_campaign
+
     campaign = load_campaign(Path(args.campaign))
     if args.dry_run:
         return cmd_dry_run(campaign, args, console)
@@ -404,6 +412,8 @@ dir = "run"
 """,
         encoding="utf-8",
     )
+    from pipeline.campaign import load_campaign
+
     campaign = load_campaign(campaign_file)
     run_dir = Path(campaign.run.dir or base / "run")
     n = 1
@@ -420,6 +430,8 @@ dir = "run"
         "--qps",
         str(args.rps),
     ]
+    from pipeline.api import start_run
+
     with embedded_simulator(*sim_args) as url:
         console.print(f"simulator at {url}; sending…")
         result, signalled = _run_async(
