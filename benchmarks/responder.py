@@ -1,14 +1,23 @@
-"""A minimal, cheap HTTP/1.1 responder standing in for Aliyun's SendBatchSms.
+"""A minimal, cheap HTTP/1.1 responder standing in for the providers' batch APIs.
 
 ``python -m benchmarks.responder [--port 0]`` listens on 127.0.0.1 only and prints its
-base URL as the first line of stdout. Every POST is answered with SendBatchSms's success
-body; the recipients in its ``PhoneNumberJson`` form field are counted (a JSON list of
-digit strings: its commas, percent-encoded as ``%2C``, plus one). No signature check, no JSON
-parse, no per-request allocation beyond the slices of the buffer: its CPU per request
-must stay far below the clients measured against it (the benchmarks report the figure).
+base URL as the first line of stdout. A POST is answered by its path:
+
+* ``/sms/multixsend`` (SUBMAIL): a JSON array of one ``{"status":"success",...}`` per
+  recipient, matched by position; recipients counted as the ``%22to%22`` in the form body;
+* ``/v1/sms/multi/mt`` (NXCloud): ``{"code":0,...,"data":[...]}``, one ``Success`` item per
+  request item (the body is parsed with orjson for the items' numbers and ids);
+* anything else (Aliyun SendBatchSms): its success body; the recipients in its
+  ``PhoneNumberJson`` form field are counted (a JSON list of digit strings: its commas,
+  percent-encoded as ``%2C``, plus one). No signature check, no JSON parse.
+
+Its CPU per request must stay far below the clients measured against it (the benchmarks
+report the figure). ``GET /service/timestamp`` answers SUBMAIL's ``{"timestamp": now}``.
 
 ``GET /__stats`` returns the counters as JSON; ``GET /__reset`` zeroes them (not the
-CPU clock). Timestamps are ``time.monotonic()``, the system-wide CLOCK_MONOTONIC, so
+CPU clock); ``GET /__watch?pid=N`` makes the next first POST record process N's CPU time
+so far (``first_post_client_cpu_s``, from ``/proc/N/stat``): a client's CPU to its first
+request. Timestamps are ``time.monotonic()``, the system-wide CLOCK_MONOTONIC, so
 another process on the machine can compare them with its own. On SIGTERM or SIGINT the
 final counters go to stderr as one JSON line.
 """
@@ -18,12 +27,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
 import signal
 import sys
 import time
 from collections.abc import Sequence
 from typing import cast
+
+import orjson
 
 __all__ = ("Counters", "ResponderProtocol", "count_recipients", "main")
 
@@ -36,6 +48,11 @@ OK_RESPONSE = (
 )
 _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)", re.IGNORECASE)
 _CONNECTION_CLOSE = re.compile(rb"\r\nconnection:[ \t]*close", re.IGNORECASE)
+_SUBMAIL_PATH = b"POST /sms/multixsend "
+_NXCLOUD_PATH = b"POST /v1/sms/multi/mt "
+_SUBMAIL_TO = b"%22to%22"  # each multi entry's "to", percent-encoded
+_SUBMAIL_ENTRY = b'{"status":"success","send_id":"0123456789abcdef0123456789abcdef","fee":1}'
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
 _FIELD = b"PhoneNumberJson="
 _SEPARATOR = b"%2C"  # the commas of a JSON list of digit strings
 MAX_HEAD = 64 * 1024
@@ -55,26 +72,57 @@ def count_recipients(body: bytes) -> int:
     return body.count(_SEPARATOR, start, end) + 1
 
 
+def _json_response(body: bytes) -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (
+        len(body),
+        body,
+    )
+
+
+def nxcloud_answer(body: bytes) -> tuple[int, bytes]:
+    """(items, the success answer) for an NXCloud ``multi/mt`` body; (0, an error) if unreadable."""
+    try:
+        items = orjson.loads(body)["items"]
+        data = [{"phone": i["phone"], "messageid": i["sysMessageId"], "status": "Success"} for i in items]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return 0, b'{"code":9000,"message":"Request parameter error","data":null}'
+    return len(data), orjson.dumps({"code": 0, "message": "Success", "data": data})
+
+
 class Counters:
     """What the responder saw since the last reset."""
 
-    __slots__ = ("first_post", "last_post", "posts", "recipients")
+    __slots__ = ("first_post", "first_post_client_cpu_s", "last_post", "posts", "recipients", "watch_pid")
 
     def __init__(self) -> None:
         self.posts = 0
         self.recipients = 0
         self.first_post = 0.0
         self.last_post = 0.0
+        self.watch_pid = 0
+        self.first_post_client_cpu_s: float | None = None
 
     def reset(self) -> None:
         self.posts = self.recipients = 0
         self.first_post = self.last_post = 0.0
+        self.watch_pid = 0
+        self.first_post_client_cpu_s = None
 
-    def as_dict(self, connections: int) -> dict[str, float | int]:
+    def on_first_post(self) -> None:
+        """The watched client's CPU time (user + sys, every thread) as its first request arrives."""
+        if self.watch_pid:
+            try:
+                fields = open(f"/proc/{self.watch_pid}/stat").read().rsplit(")", 1)[1].split()
+                self.first_post_client_cpu_s = (int(fields[11]) + int(fields[12])) / _CLK_TCK
+            except (OSError, IndexError, ValueError):
+                self.first_post_client_cpu_s = None
+
+    def as_dict(self, connections: int) -> dict[str, float | int | None]:
         return {
             "posts": self.posts,
             "recipients": self.recipients,
             "first_post": self.first_post,
+            "first_post_client_cpu_s": self.first_post_client_cpu_s,
             "last_post": self.last_post,
             "cpu_s": time.process_time(),
             "now": time.monotonic(),
@@ -129,10 +177,20 @@ class ResponderProtocol(asyncio.Protocol):
                 now = time.monotonic()
                 if not c.posts:
                     c.first_post = now
+                    c.on_first_post()
                 c.last_post = now
                 c.posts += 1
-                c.recipients += count_recipients(buf[head_end + 4 : end])
-                out.append(OK_RESPONSE)
+                body = buf[head_end + 4 : end]
+                if head.startswith(_SUBMAIL_PATH):
+                    n = body.count(_SUBMAIL_TO)
+                    out.append(_json_response(b"[" + b",".join([_SUBMAIL_ENTRY] * n) + b"]"))
+                elif head.startswith(_NXCLOUD_PATH):
+                    n, answer = nxcloud_answer(body)
+                    out.append(_json_response(answer))
+                else:
+                    n = count_recipients(body)
+                    out.append(OK_RESPONSE)
+                c.recipients += n
             else:
                 out.append(self._get(head))
             if _CONNECTION_CLOSE.search(head):
@@ -150,6 +208,10 @@ class ResponderProtocol(asyncio.Protocol):
         target = head.split(b" ", 2)[1] if head.count(b" ") >= 2 else b"/"
         if target.startswith(b"/__reset"):
             self._counters.reset()
+        elif target.startswith(b"/__watch?pid="):
+            self._counters.watch_pid = int(target.split(b"=", 1)[1])
+        elif target.startswith(b"/service/timestamp"):
+            return _json_response(b'{"timestamp":%d}' % int(time.time()))
         body = json.dumps(self._counters.as_dict(len(self._live))).encode()
         return (
             b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
@@ -159,7 +221,7 @@ class ResponderProtocol(asyncio.Protocol):
         )
 
 
-async def serve(port: int) -> dict[str, float | int]:
+async def serve(port: int) -> dict[str, float | int | None]:
     loop = asyncio.get_running_loop()
     counters = Counters()
     live: set[ResponderProtocol] = set()

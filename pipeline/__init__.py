@@ -23,10 +23,38 @@ tools (status and export, report, reconcile, dry run, delivery receipts).
 
 from __future__ import annotations
 
-from pipeline.app.api import resume_run, run_status, start_run
-from pipeline.app.campaign import Campaign, load_campaign, parse_campaign
-from pipeline.engine import Progress, RunResult
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from pipeline.errors import CampaignError, RunDirError, RunStopped, SluiceError, SourceError
+
+if TYPE_CHECKING:
+    from pipeline.app.api import resume_run, run_status, start_run
+    from pipeline.app.campaign import Campaign, load_campaign, parse_campaign
+    from pipeline.engine import Progress, RunResult
+
+# Imported on first use: ``import pipeline.app.cli`` (``sluice status``, ``--dry-run``) must not
+# pull in the engine and the HTTP stack through this package.
+_LAZY = {
+    "resume_run": "pipeline.app.api",
+    "run_status": "pipeline.app.api",
+    "start_run": "pipeline.app.api",
+    "Campaign": "pipeline.app.campaign",
+    "load_campaign": "pipeline.app.campaign",
+    "parse_campaign": "pipeline.app.campaign",
+    "Progress": "pipeline.engine",
+    "RunResult": "pipeline.engine",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = (
     "Campaign",

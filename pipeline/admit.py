@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from pipeline.app.campaign import DB_KINDS, Campaign
-from pipeline.keys import KeySet
+from pipeline.keys import KeySet, plain_keys
 from pipeline.ledger import Status, StatusArray
 from pipeline.render import Renderer, Template, campaign_text_limit, normalize_phone
 from pipeline.source import Chunk, Columns, CsvSource, JsonlSource, Source
@@ -291,7 +291,7 @@ class Admission:
             dup = None
         else:
             column = chunk.column(key_col)
-            if column is None or "" in column or not "".join(column).isascii():
+            if column is None or not plain_keys(column):
                 return None
             keys = list(column)
             assert self.keys is not None

@@ -16,9 +16,25 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ("KeySet",)
+__all__ = ("KeySet", "plain_keys")
 
 _NOTE_BATCH = 1 << 20  # noted keys sorted into a run at a time
+
+
+def plain_keys(column: Sequence[str]) -> bool:
+    """True when every key of a chunk's key column is non-empty text that encodes as UTF-8
+    (ASCII or not: the column path takes them); False sends the chunk row by row, where
+    each bad key is rejected with its reason."""
+    if "" in column:
+        return False
+    joined = "".join(column)
+    if joined.isascii():
+        return True
+    try:
+        joined.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes (surrogate escapes) in some key
+        return False
+    return True
 
 
 class KeySet:

@@ -200,6 +200,8 @@ class Renderer:
     __slots__ = (
         "_columns_only",
         "_content",
+        "_content_columns",
+        "_content_format",
         "_country",
         "_limit",
         "_params",
@@ -231,17 +233,27 @@ class Renderer:
         self._country = default_country
         self._limit = text_limit
         # The common campaign, rendered by render_rows without a call per row: a literal
-        # sign name with clean text, every parameter exactly one column, no free text.
+        # sign name with clean text, every parameter exactly one column, free text (if any)
+        # with clean literals between its columns.
         literal_sign = len(sign_name.parts) == 1 and "\x00" not in sign_name.parts[0]
         self._columns_only: tuple[tuple[str, str], ...] | None = None
+        self._content_columns: tuple[str, ...] = ()
+        self._content_format = ""  # the content as a str.format pattern of its columns, in order
+        literals = "".join(content.parts[0::2]) if content is not None else ""
         if (
             literal_sign
             and _clean(sign_name.parts[0])
-            and content is None
+            and "\x00" not in literals
+            and _clean(literals)
             and all(column for _, column, _ in self._params_compiled)
             and default_country == "86"
         ):
             self._columns_only = tuple((name, column) for name, column, _ in self._params_compiled)
+            if content is not None:
+                self._content_columns = content.columns
+                self._content_format = "{}".join(
+                    p.replace("{", "{{").replace("}", "}}") for p in content.parts[0::2]
+                )
 
     @property
     def columns(self) -> set[str]:
@@ -320,7 +332,10 @@ class Renderer:
             rows = [row for row, _, _ in items]
             keys = [key for _, key, _ in items]
             raws = [record.get(phone_column) for _, _, record in items]
-            values = [[record.get(column) for _, _, record in items] for _, column in columns]
+            values = [
+                [record.get(column) for _, _, record in items]
+                for column in (*(c for _, c in columns), *self._content_columns)
+            ]
             fast = self._render_common(rows, keys, raws, values)
             if fast is None:
                 fast = self._render_mostly_common(rows, keys, raws, values, lambda i: items[i][2], rejects)
@@ -352,7 +367,11 @@ class Renderer:
         if columns is None:
             return None
         index = {name: i for i, name in enumerate(header)}  # the last of a name, as a dict has it
-        at = [index.get(self._phone), *(index.get(column) for _, column in columns)]
+        at = [
+            index.get(self._phone),
+            *(index.get(column) for _, column in columns),
+            *(index.get(column) for column in self._content_columns),
+        ]
         if None in at:
             return None
         raws, params = values[at[0]], [values[i] for i in at[1:]]  # type: ignore[index]
@@ -421,16 +440,39 @@ class Renderer:
             phones.isascii()
             and set(map(len, raws)) <= {11}
             and _MOBILES.fullmatch(phones)
-            and all(t.isascii() and "\x00" not in t for t in texts)
+            and all("\x00" not in t and (t.isascii() or _clean(t)) for t in texts)
             and all("" not in v for v in values)
         ):
             return None
         sign = self._sign.parts[0]
         names = [name for name, _ in self._columns_only]
+        values, content_values = values[: len(names)], values[len(names) :]
+        content = self._content
         if self._limit is not None:  # the longest value of each column: no row can be longer
             longest = {n: "x" * max(map(len, v), default=0) for n, v in zip(names, values, strict=True)}
-            if self._limit.problem(Message(0, "", "", longest, sign)) is not None:
+            longest_content = None
+            if content is not None:
+                columns = zip(content.columns, content_values, strict=True)
+                widest = {c: "x" * max(map(len, v), default=1) for c, v in columns}
+                longest_content = content.render(widest)
+            if self._limit.problem(Message(0, "", "", longest, sign, longest_content)) is not None:
                 return None  # some row may be too long: row by row
+        if content is not None:
+            contents = (
+                list(map(self._content_format.format, *content_values))
+                if content_values
+                else [content.parts[0]] * len(rows)
+            )
+            if not names:  # free text only (NXCloud, SUBMAIL batchsend)
+                return [
+                    Message(r, k, "86" + p, {}, sign, c)
+                    for r, k, p, c in zip(rows, keys, raws, contents, strict=True)
+                ]
+            by_row = zip(*values, strict=True)
+            return [
+                Message(r, k, "86" + p, dict(zip(names, params, strict=True)), sign, c)
+                for r, k, p, params, c in zip(rows, keys, raws, by_row, contents, strict=True)
+            ]
         # A dict display per row is 3x cheaper than dict(zip(...)): spelled out for up to 3.
         if len(names) == 1:
             (n0,) = names

@@ -10,7 +10,6 @@ import base64
 import hashlib
 import hmac
 import os
-import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -63,12 +62,16 @@ TEST_CREDENTIALS = AliyunCredentials("testid", "testsecret")
 _UNRESERVED = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.~"
 _ESCAPES = [(bytes([c]), b"%%%02X" % c) for c in range(128)]
 _ASCII_TABLE = [chr(c) if c in _UNRESERVED else f"%{c:02X}" for c in range(128)]
+# Every byte's encoding, for text with non-ASCII bytes (Chinese): one str.translate over the
+# bytes read as Latin-1 (a character per byte) encodes a whole batch in C, 1.5-2x faster than
+# urllib's quote_from_bytes, which looks each byte up in Python.
+_BYTE_TABLE = [chr(c) if c in _UNRESERVED else f"%{c:02X}" for c in range(256)]
 
 
 def _encode_bytes(raw: bytes) -> str:
     """``percent_encode`` of UTF-8 bytes."""
     if not raw.isascii():
-        return urllib.parse.quote_from_bytes(raw, "-_.~")
+        return raw.decode("latin-1").translate(_BYTE_TABLE)
     unsafe = raw.translate(None, _UNRESERVED)  # the bytes that need an escape
     if not unsafe:
         return raw.decode("ascii")

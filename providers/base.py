@@ -34,9 +34,10 @@ import re
 import ssl
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import httpx
+if TYPE_CHECKING:  # httpx is imported where a request or headers are built: not on import
+    import httpx
 
 __all__ = (
     "CERTIFICATE_CODE",
@@ -191,6 +192,8 @@ class WireRequest:
         return cls(request.method, str(request.url), headers, request.content)
 
     def to_httpx(self) -> httpx.Request:
+        import httpx
+
         return httpx.Request(
             self.method, httpx.URL(self.url), headers=list(self.headers), content=self.content
         )
@@ -224,6 +227,8 @@ class WireResponse:
     @property
     def headers(self) -> httpx.Headers:
         if self._headers is None:
+            import httpx
+
             self._headers = httpx.Headers(self._raw)
         return self._headers
 
@@ -289,6 +294,8 @@ def classify_transport_error(exc: httpx.TransportError) -> BatchOutcome:
     library does not accept (untrusted, expired, for another host) is FATAL: no retry
     can change it, and every request would fail the same way.
     """
+    import httpx
+
     name = type(exc).__name__
     cert = certificate_error(exc)
     if cert is not None:

@@ -40,13 +40,14 @@ Any other ``code`` applies to the whole request (the seed's error examples carry
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 import hmac
 import os
 import re
 import time
 import urllib.parse
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -192,8 +193,14 @@ def message_id(run_tag: str, key: str) -> str:
     digest), so the id is 32-49 characters of ``[0-9a-zA-Z-]`` as NXCloud requires.
     """
     digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:32]
-    tag = _TAG_DROP.sub("", run_tag)[:16]
+    tag = _clean_tag(run_tag)
     return f"{tag}-{digest}" if tag else digest
+
+
+@functools.lru_cache(maxsize=64)
+def _clean_tag(run_tag: str) -> str:
+    """The id's prefix (one per run: cached, not cleaned again for every recipient)."""
+    return _TAG_DROP.sub("", run_tag)[:16]
 
 
 # -- outcome classes (the seed's code table; PROTOCOLS.md §3.5) --------------------------------
@@ -218,6 +225,7 @@ _CLASSES: dict[Outcome, tuple[str, ...]] = {
 }  # fmt: skip
 CODE_CLASSES: Mapping[str, Outcome] = {code: kind for kind, codes in _CLASSES.items() for code in codes}
 
+_PENDING_IDS = 100_000  # ids remembered between a request and its answer (~10 MB at most)
 ITEM_FAILURE = "Failure"  # an item's status, also the code a failed item is recorded with
 # Top-level codes whose data[] items are read: 0 (processed) and -1 (unless items say otherwise).
 _PER_ITEM = frozenset({"0", "-1"})
@@ -364,10 +372,32 @@ class NxcloudSms:
         self._record_url = record_url
         self._clock = clock
         self._id_for = id_for or message_id
+        # key -> sysMessageId of recipients sent and not yet answered: body() hashes each key
+        # once and the answer is read with the same ids (a SHA-256 per recipient, not two)
+        self._pending_ids: dict[str, str] = {}
+        self._pending_tag = run_tag
 
     def message_id(self, message: Message) -> str:
         """The ``sysMessageId`` sent for ``message``."""
         return self._id_for(self.run_tag, message.key)
+
+    def _ids(self, messages: Sequence[Message], *, keep: bool) -> list[str]:
+        """The ``sysMessageId`` of each message: remembered when sent (``keep``), taken back
+        when the answer is read. At most ``_PENDING_IDS`` are remembered; any other is hashed."""
+        pending = self._pending_ids
+        if self._pending_tag != self.run_tag or len(pending) > _PENDING_IDS:
+            pending.clear()
+            self._pending_tag = self.run_tag
+        remembered = pending.get if keep else pending.pop
+        out: list[str] = []
+        for m in messages:
+            mid = remembered(m.key, None)
+            if mid is None:
+                mid = self._id_for(self.run_tag, m.key)
+                if keep:
+                    pending[m.key] = mid
+            out.append(mid)
+        return out
 
     def batch_key(self, message: Message) -> Hashable:
         return ACTION  # every item carries its own number and text
@@ -375,10 +405,10 @@ class NxcloudSms:
     def body(self, batch: Batch) -> bytes:
         """The JSON body for ``batch``, exactly as sent and signed."""
         items: list[dict[str, str]] = []
-        for m in batch.messages:
+        for m, mid in zip(batch.messages, self._ids(batch.messages, keep=True), strict=True):
             if m.content is None:
                 raise ValueError("NXCloud needs rendered content (a content template)")
-            item = {"phone": m.phone, "content": m.content, "sysMessageId": self.message_id(m)}
+            item = {"phone": m.phone, "content": m.content, "sysMessageId": mid}
             if self._source:
                 item["sourceAddress"] = self._source
             items.append(item)
@@ -452,7 +482,7 @@ class NxcloudSms:
 
     def _per_item(self, batch: Batch, items: list[object], code: str, message: str | None) -> BatchOutcome:
         """Each recipient's item, matched by ``messageid``, else by a number unique in the batch."""
-        ids = [self.message_id(m) for m in batch.messages]
+        ids = self._ids(batch.messages, keep=False)
         if _all_sent(items, ids):  # the common answer, without an outcome object per recipient
             return BatchOutcome(Outcome.SENT, code=code, message=message)
         by_id: dict[str, int] = {}

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
-import httpx
+from typing import TYPE_CHECKING, Any
 
 from providers.base import Provider, TextLimit
+
+if TYPE_CHECKING:  # only in annotations: `sluice status` imports no HTTP stack
+    import httpx
 
 __all__ = (
     "MIN_SECRET_LENGTH",
@@ -85,7 +86,7 @@ class UnknownSend:
     sent_at: float  # when its last attempt was sent
 
 
-Fetch = Callable[[httpx.Request], Awaitable[httpx.Response]]
+Fetch = Callable[["httpx.Request"], Awaitable["httpx.Response"]]
 """Sends a request (rate-limited by the caller) and returns the read response."""
 
 Verdict = str

@@ -167,6 +167,41 @@ class TestColumnarPrepare:
         }
         assert sorted(sent) == sorted(f"861380000{i:04d}" for i in range(7) if i != 3)
 
+    def test_chinese_keys_and_names_take_the_column_path(self, tmp_path: Path) -> None:
+        """Real data (CJK keys and names, a duplicate key) never goes row by row; a key of
+        undecodable bytes sends its chunk row by row, where it is rejected with its reason."""
+        rows = [
+            {"id": f"客户{i % 9}", "phone": f"1380000{i:04d}", "first": "王小明"[: i % 3 + 1]}
+            for i in range(10)
+        ]
+        campaign = make_campaign(tmp_path, rows)
+        sent: list[str] = []
+
+        def handler(request: httpx.Request) -> httpx.Response:
+            sent.extend(orjson.loads(request.content)["phones"])
+            return ok(request)
+
+        with (
+            patch("pipeline.render.Renderer.render", side_effect=AssertionError("row by row")),
+            patch("pipeline.source.Columns.records", side_effect=AssertionError("a dict per row")),
+        ):
+            anyio.run(run, campaign, tmp_path, handler)
+        lines = [orjson.loads(x) for x in (tmp_path / "run" / "ledger.jsonl").read_bytes().splitlines()]
+        assert {x["r"]: x["e"] for x in lines if x.get("s") == "rejected"} == {10: "duplicate key"}
+        assert sorted(sent) == [f"861380000{i:04d}" for i in range(9)]
+
+        bad = tmp_path / "bad"
+        bad.mkdir()
+        campaign = make_campaign(bad, [])
+        (bad / "r.csv").write_bytes(
+            "id,phone,first\n客1,13800000001,王\n".encode() + b"k\xff,13800000002,Li\n"
+        )
+        anyio.run(run, campaign, bad, ok)
+        lines = [orjson.loads(x) for x in (bad / "run" / "ledger.jsonl").read_bytes().splitlines()]
+        assert {x["r"]: x["e"] for x in lines if x.get("s") == "rejected"} == {
+            2: "invalid UTF-8 in key column 'id'"
+        }
+
 
 class TestRecordOffset:
     """A resume passes over settled records by counting lines: it must land where the CSV

@@ -464,3 +464,25 @@ class TestLedger:
         ]
         state = replay(tmp_path / "ledger.jsonl")
         assert [state.get(r) for r in (1, 2, 3)] == [Status.SENT, Status.FAILED, Status.DEFERRED]
+
+
+def test_each_id_is_hashed_once_per_send_and_forgotten_when_answered() -> None:
+    """body() hashes each recipient's key once; reading the answer reuses those ids, which are
+    then forgotten; ids are the same as message_id's either way."""
+    hashed: list[str] = []
+
+    def id_for(tag: str, key: str) -> str:
+        hashed.append(key)
+        return message_id(tag, key)
+
+    p = NxcloudSms(credentials=CREDS, run_tag="run1", id_for=id_for)
+    batch = Batch(1, [Message(i, f"k{i}", f"861380000{i:04d}", {}, "S", "你好") for i in range(3)])
+    items = orjson.loads(p.body(batch))["items"]
+    assert [i["sysMessageId"] for i in items] == [message_id("run1", f"k{i}") for i in range(3)]
+    answer = {"code": 0, "data": [{"messageid": i["sysMessageId"], "status": "Success"} for i in items]}
+    assert p.parse_response(batch, _response(200, answer)).outcome is Outcome.SENT
+    assert hashed == ["k0", "k1", "k2"]
+    assert p.parse_response(batch, _response(200, answer)).outcome is Outcome.SENT  # forgotten: hashed again
+    assert hashed == ["k0", "k1", "k2"] * 2
+    p.run_tag = "run2"  # a new tag: nothing remembered under the old one is used
+    assert orjson.loads(p.body(batch))["items"][0]["sysMessageId"] == message_id("run2", "k0")

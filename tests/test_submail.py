@@ -551,3 +551,21 @@ class TestCredentials:
         assert SubmailCredentials.from_env({"SUBMAIL_APPID": "a", "SUBMAIL_APPKEY": "b"}) == (
             SubmailCredentials("a", "b")
         )
+
+
+@given(
+    st.lists(
+        st.fixed_dictionaries({"name": st.text(st.characters(exclude_categories=("Cs",)), max_size=6)}),
+        min_size=1,
+        max_size=5,
+    )
+)
+def test_form_body_is_urlencode_with_quote(vars_: list[dict[str, str]]) -> None:
+    """The form body (encoded a value at a time in C) is byte for byte urllib's
+    ``urlencode(params, quote_via=quote)``, for any text in the vars (Chinese names...)."""
+    sender = SubmailSms(
+        credentials=SubmailCredentials("10001", "key"), mode="multixsend", project="p1", sign_type="normal"
+    )
+    batch = Batch(1, [Message(i, str(i), f"861380000{i:04d}", v, "Acme") for i, v in enumerate(vars_)], "t1")
+    expected = urllib.parse.urlencode(sender.params(batch), quote_via=urllib.parse.quote).encode()
+    assert sender.build_request(batch).content == expected

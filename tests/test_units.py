@@ -129,6 +129,14 @@ class TestRenderRows:
                 content=Template.compile("Hi {first}"),
                 text_limit=dataclasses.replace(NxcloudSms.text_limit(), max_length=15),
             ),
+            # free text of several columns, braces and CJK in its literals (NXCloud, SUBMAIL)
+            Renderer(**common, params={}, content=Template.compile("【签】{{x}} {first}的码{code}，{first}")),
+            Renderer(
+                **common,
+                params={"c": Template.compile("{code}")},
+                content=Template.compile("尊敬的{first}"),
+                text_limit=dataclasses.replace(NxcloudSms.text_limit(), max_length=8),
+            ),
             Renderer(phone_column="phone", sign_name=Template.compile("{sign}"), params={}),
         ]
 
@@ -224,6 +232,33 @@ class TestRenderRows:
         for renderer in self.renderers()[:-1]:  # 0 to 4 parameters: the chunk path, same as row by row
             one_by_one = [renderer.render(row, key, rec) for row, key, rec in items]
             assert renderer.render_rows(items) == (one_by_one, [])
+
+    def test_chinese_text_takes_the_column_path(self) -> None:
+        """Chinese names in parameters and in free text are rendered a chunk at a time (not
+        row by row), and the same as row by row."""
+        header = ["phone", "first", "code"]
+        cells = [(f"139{i:08d}", "王" + "小明"[: i % 2 + 1], f"{i:06d}") for i in range(1, 40)]
+        columns = [tuple(c) for c in zip(*cells, strict=True)]
+        rows, keys = list(range(1, 40)), [f"u{i}" for i in range(1, 40)]
+        for i, renderer in enumerate(self.renderers()[:-1]):
+            out = renderer.render_columns(rows, keys, header, columns)
+            one_by_one = [
+                renderer.render(r, k, dict(zip(header, c, strict=True)))
+                for r, k, c in zip(rows, keys, cells, strict=True)
+            ]
+            if i == 5:  # "Dear {first}": a parameter that is not just a column goes row by row
+                assert out is None
+            else:
+                assert out == one_by_one
+        nx = self.renderers()[-3]
+        out = nx.render_columns(rows, keys, header, columns)
+        assert out is not None and out[1].content == "【签】{x} 王小的码000002，王小"
+        assert nx.render_columns(rows, keys, header, [columns[0], ("a\x00",) * 39, columns[2]]) is None
+        assert nx.render_columns(rows, keys, header, [columns[0], ("\udcff",) * 39, columns[2]]) is None
+        too_long = self.renderers()[-2]  # 尊敬的 + the longest name is 6 of 8: all fit; 9 does not
+        assert too_long.render_columns(rows, keys, header, columns) is not None
+        long_names = [columns[0], ("王" * 6,) * 39, columns[2]]
+        assert too_long.render_columns(rows, keys, header, long_names) is None
 
 
 class TestBatcher:

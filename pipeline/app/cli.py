@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import orjson
@@ -35,17 +35,13 @@ from rich.markup import escape
 from rich.table import Table
 
 from pipeline.app._logging import configure_logging
-from pipeline.app.account import check_credentials
-from pipeline.app.api import resume_run, start_run
-from pipeline.app.campaign import Campaign, load_campaign
-from pipeline.app.progress import ProgressReporter
 from pipeline.app.rundir import RunDir
-from pipeline.engine import DISK_FAULT, RunResult
 from pipeline.errors import CampaignError, RunDirError, RunStopped, SluiceError, SourceError
 from pipeline.ops.summary import export_rows, summarize
-from pipeline.proxy import proxy_secrets
-from pipeline.transport import TLS_NOT_VERIFIED
-from providers import registry
+
+if TYPE_CHECKING:  # imported by the commands that need them: `status` reads no campaign
+    from pipeline.app.campaign import Campaign
+    from pipeline.engine import RunResult
 
 __all__ = (
     "build_parser",
@@ -112,6 +108,8 @@ def _count_rows(campaign: Campaign) -> int | None:
 def _exit_code(result: RunResult, signalled: int | None) -> int:
     if signalled is not None:
         return SIGNAL_EXIT.get(signal.Signals(signalled), 130)
+    from pipeline.engine import DISK_FAULT
+
     if result.stop_code == DISK_FAULT:
         return EXIT_DISK
     if result.stopped is not None:
@@ -158,6 +156,8 @@ async def _drive(fn: Any, kwargs: dict[str, Any], console: Console) -> tuple[Run
 
         tg.start_soon(watch)
         failure: SluiceError | None = None
+        from pipeline.app.progress import ProgressReporter
+
         try:
             with ProgressReporter(console) as reporter:
                 result = await fn(**kwargs, stop=stop, on_progress=reporter)
@@ -187,6 +187,9 @@ def _open_log(run_dir: Path, echo: bool) -> None:
         os.chmod(run_dir / "log.jsonl", 0o600)
     except OSError as exc:
         raise RunDirError(f"cannot write {run_dir / 'log.jsonl'}: {exc.strerror}") from None
+    from pipeline.proxy import proxy_secrets
+    from providers import registry
+
     secrets = [os.environ.get(name, "") for name in registry.secret_names()]
     secrets += proxy_secrets()
     configure_logging(log_file, secrets=secrets, echo=echo)
@@ -195,6 +198,11 @@ def _open_log(run_dir: Path, echo: bool) -> None:
 def _execute(
     campaign: Campaign, run_dir: Path, resume: bool, args: argparse.Namespace, console: Console
 ) -> int:
+    from pipeline.app.account import check_credentials
+    from pipeline.app.api import resume_run, start_run
+    from pipeline.transport import TLS_NOT_VERIFIED
+    from providers import registry
+
     check_credentials(campaign)
     kwargs: dict[str, Any] = {"force": args.force, "total_hint": _count_rows(campaign)}
     if resume:
@@ -258,6 +266,8 @@ def cmd_dry_run(campaign: Campaign, args: argparse.Namespace, console: Console) 
 
 
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
+    from pipeline.app.campaign import load_campaign
+
     campaign = load_campaign(Path(args.campaign))
     if args.dry_run:
         return cmd_dry_run(campaign, args, console)
@@ -495,6 +505,8 @@ dir = "run"
 """,
         encoding="utf-8",
     )
+    from pipeline.app.campaign import load_campaign
+
     campaign = load_campaign(campaign_file)
     run_dir = Path(campaign.run.dir or base / "run")
     n = 1
@@ -511,6 +523,8 @@ dir = "run"
         "--qps",
         str(args.rps),
     ]
+    from pipeline.app.api import start_run
+
     with embedded_simulator(*sim_args) as url:
         console.print(f"simulator at {url}; sending…")
         result, signalled = _run_async(

@@ -8,13 +8,15 @@ from __future__ import annotations
 import math
 import time
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import structlog
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from pipeline.engine import Progress
+if TYPE_CHECKING:
+    from pipeline.engine import Progress
 
 __all__ = ("ProgressReporter", "format_duration")
 
