@@ -159,15 +159,14 @@ async def start_run(
                     f"{run_dir} holds a run of a different campaign; use another --run-dir "
                     "(or --force to continue it with this one)"
                 )
-            if _check_same_source(campaign, doc["source"], fingerprint, force=force, run_dir=run_dir):
-                doc["source"] = fingerprint
-                rd.save(doc)
+            _pin_source(campaign, rd, doc, fingerprint, force=force)
         else:
             doc = rd.create(campaign.to_dict(), campaign.digest(), fingerprint)
+        provider = provider or make_provider(campaign, run_id=doc["run_id"], endpoint=endpoint)
         return await run_campaign(
             campaign,
             rd,
-            provider=provider or make_provider(campaign, run_id=doc["run_id"], endpoint=endpoint),
+            provider=provider,
             run_id=doc["run_id"],
             transport=transport,
             on_progress=on_progress,
@@ -201,13 +200,12 @@ async def resume_run(
         fingerprint = await _checked_source(campaign, full=False)
         if campaign.source.kind in DB_KINDS:
             total_hint = _rows(fingerprint, total_hint)
-        if _check_same_source(campaign, doc["source"], fingerprint, force=force, run_dir=run_dir):
-            doc["source"] = fingerprint
-            rd.save(doc)
+        _pin_source(campaign, rd, doc, fingerprint, force=force)
+        provider = provider or make_provider(campaign, run_id=doc["run_id"], endpoint=endpoint)
         return await run_campaign(
             campaign,
             rd,
-            provider=provider or make_provider(campaign, run_id=doc["run_id"], endpoint=endpoint),
+            provider=provider,
             run_id=doc["run_id"],
             transport=transport,
             resend_unknown=resend_unknown,
@@ -216,6 +214,16 @@ async def resume_run(
             total_hint=total_hint,
             force=force,
         )
+
+
+def _pin_source(
+    campaign: Campaign, rd: RunDir, doc: dict[str, Any], fingerprint: dict[str, Any], *, force: bool
+) -> None:
+    """Check the source against the one pinned in run.json; a run going on with a grown source
+    (``force``) is pinned to it anew."""
+    if _check_same_source(campaign, doc["source"], fingerprint, force=force, run_dir=rd.path):
+        doc["source"] = fingerprint
+        rd.save(doc)
 
 
 def _rows(fingerprint: dict[str, Any], default: int | None) -> int | None:
