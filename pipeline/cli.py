@@ -3,7 +3,8 @@
 Exit codes:
   0    every recipient settled, none unknown or deferred
   1    an unexpected error (a bug: please report it)
-  2    a bad campaign file, option or run directory; nothing was sent
+  2    a bad campaign file, option, source or run directory; nothing was sent (or, past
+       [limits] max_reject_ratio, nothing more)
   3    finished, but some recipients are unknown or deferred (see ``sluice status``)
   4    stopped early: the provider refused the whole request (credentials,
        balance, template...), its TLS certificate was not accepted, or it could
@@ -37,7 +38,7 @@ from pipeline._logging import configure_logging
 from pipeline.account import check_credentials
 from pipeline.api import resume_run, start_run
 from pipeline.campaign import Campaign, load_campaign
-from pipeline.engine import DISK_FAULT, RunResult
+from pipeline.engine import DISK_FAULT, REJECT_RATIO, RunResult
 from pipeline.errors import CampaignError, RunDirError, RunStopped, SluiceError, SourceError
 from pipeline.progress import ProgressReporter
 from pipeline.rundir import RunDir
@@ -110,6 +111,8 @@ def _exit_code(result: RunResult, signalled: int | None) -> int:
         return SIGNAL_EXIT.get(signal.Signals(signalled), 130)
     if result.stop_code == DISK_FAULT:
         return EXIT_DISK
+    if result.stop_code == REJECT_RATIO:  # the wrong file, like a bad campaign file
+        return EXIT_USAGE
     if result.stopped is not None:
         return EXIT_STOPPED
     c = result.counts
@@ -573,10 +576,10 @@ def main(argv: list[str] | None = None) -> int:
         except BaseExceptionGroup as group:
             raise _sluice_error(group) from group
     except CampaignError as exc:
-        console.print(f"[bold red]error:[/] {exc}")
+        console.print(f"[bold red]error:[/] {escape(str(exc))}")
         return EXIT_USAGE
     except (RunDirError, SourceError) as exc:
-        console.print(f"[bold red]error:[/] {exc}")
+        console.print(f"[bold red]error:[/] {escape(str(exc))}")
         return EXIT_USAGE
     except RunStopped as exc:  # before the first send (SUBMAIL's server time): nothing was sent
         console.print(f"[bold red]stopped:[/] {escape(exc.reason)}", soft_wrap=True)

@@ -40,10 +40,10 @@ from pipeline.errors import RunDirError, SourceError
 from pipeline.keys import KeySet
 from pipeline.ledger import Durability, Intent, LedgerFault, LedgerState, LedgerWriter, Status, events, replay
 from pipeline.limit import RateGovernor
-from pipeline.render import Renderer, Template, campaign_text_limit, normalize_phone
+from pipeline.render import Renderer, Template, campaign_text_limit, normalize_phone, rejects_over_limit
 from pipeline.rundir import RunDir
 from pipeline.schedule import SendGate
-from pipeline.source import Chunk, Columns, CsvSource, JsonlSource, Source
+from pipeline.source import Chunk, Columns, CsvSource, JsonlSource, Source, check_decoded
 from pipeline.transport import TLS_NOT_VERIFIED, HttpTransport, Proxy
 from providers.base import ENDPOINT_STOP_CODES, Batch, BatchOutcome, Message, Provider
 
@@ -52,6 +52,7 @@ __all__ = ("Progress", "RunResult", "open_source", "run_campaign")
 log = structlog.get_logger("sluice.engine")
 
 DISK_FAULT = "DiskFault"  # the stop code when the run directory cannot be written
+REJECT_RATIO = "RejectRatio"  # the stop code past [limits] max_reject_ratio
 LEDGER_RESERVE = 4 << 20  # bytes set aside for the in-flight results should the disk fill
 
 
@@ -115,6 +116,7 @@ def open_source(
         return CsvSource(
             Path(spec.path),
             delimiter=spec.delimiter,
+            encoding=spec.encoding,
             settled=settled,
             columnar=columnar,
             skip_records=prefix,
@@ -362,7 +364,11 @@ async def _prepare_loop(
             for b in batcher.drain():
                 await send.send(b)
             continue
-        for b in batcher.add(run.prepare(chunk)):
+        messages = run.prepare(chunk)
+        if too_many := rejects_over_limit(run.writer.counts["rejected"], run.rows_read, run.campaign.limits):
+            run.stop(too_many, REJECT_RATIO)
+            return
+        for b in batcher.add(messages):
             await send.send(b)
     if not run.stop_event.is_set():
         for b in batcher.drain():
@@ -387,7 +393,7 @@ def _send_gate(campaign: Campaign, ledger: Path) -> SendGate | None:
     """The send window and daily cap, with what this account sent today per the ledger."""
     spec = campaign.schedule
     window = spec.gate_window()
-    if window is None and spec.daily_cap is None:
+    if window is None and spec.daily_cap is None and spec.start_at is None:
         return None
     tz = ZoneInfo(spec.timezone)
     sent_today = 0
@@ -398,7 +404,9 @@ def _send_gate(campaign: Campaign, ledger: Path) -> SendGate | None:
             if isinstance(event, Intent) and event.attempt == 1 and event.parent is None:
                 if dt.datetime.fromtimestamp(event.time or 0, tz).date() == today:
                     sent_today += len(event.rows)
-    return SendGate(window=window, daily_cap=spec.daily_cap, cap_tz=tz, sent_today=sent_today)
+    return SendGate(
+        window=window, daily_cap=spec.daily_cap, cap_tz=tz, sent_today=sent_today, start_at=spec.start_time()
+    )
 
 
 @contextlib.contextmanager
@@ -599,6 +607,8 @@ async def run_campaign(
                                 async for chunk in chunks:
                                     if run.stop_event.is_set():
                                         return
+                                    if not sent and campaign.source.kind == "csv":
+                                        check_decoded(chunk, campaign.source.encoding, campaign.source.path)
                                     await rows_send.send(chunk)
                                     sent += 1
                             except anyio.BrokenResourceError:
