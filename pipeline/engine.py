@@ -607,8 +607,8 @@ async def run_campaign(
                                 async for chunk in chunks:
                                     if run.stop_event.is_set():
                                         return
-                                    if not sent and campaign.source.kind == "csv":
-                                        check_decoded(chunk, campaign.source.encoding, campaign.source.path)
+                                    if not sent:
+                                        check_decoded(chunk, campaign)  # the wrong encoding: stop now
                                     await rows_send.send(chunk)
                                     sent += 1
                             except anyio.BrokenResourceError:

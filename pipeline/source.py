@@ -17,7 +17,7 @@ import sys
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import anyio
 import numpy as np
@@ -25,6 +25,9 @@ import orjson
 
 from pipeline.errors import SourceError
 from pipeline.ledger import StatusArray
+
+if TYPE_CHECKING:
+    from pipeline.campaign import Campaign
 
 __all__ = (
     "Chunk",
@@ -266,9 +269,13 @@ class CsvSource:
 _CODECS = {"utf-8": "utf-8-sig", "gb18030": "gb18030", "utf-16": "utf-16"}
 
 
-def check_decoded(chunk: Chunk, encoding: str, path: str) -> None:
-    """Raise SourceError when ``chunk`` (the first of a file) holds bytes that are not
-    ``encoding``, naming the encoding that reads them where one of the others does."""
+def check_decoded(chunk: Chunk, campaign: Campaign) -> None:
+    """Raise SourceError when ``chunk``, the first of a CSV file, holds bytes that are not in the
+    campaign's ``[source] encoding``, naming the encoding that reads them where another does.
+    With ``[limits] max_reject_ratio = 1`` such rows are rejected one by one instead."""
+    if campaign.source.kind != "csv" or campaign.limits.max_reject_ratio >= 1:
+        return
+    encoding, path = campaign.source.encoding, campaign.source.path
     if isinstance(chunk, Columns):
         texts = ["\x1f".join(column) for column in chunk.values]
     else:

@@ -440,7 +440,7 @@ class TestSuppressionAndPhoneDedupe:
         data = rows(10)
         data[5]["phone"] = data[1]["phone"]  # k6 has k2's number
         (tmp_path / "suppress.txt").write_text("# do not contact\n+86 138 0000 0003\nk4\n\n")
-        c = make_campaign(tmp_path, data)
+        c = make_campaign(tmp_path, data, max_reject_ratio=1)
         c = dataclasses.replace(
             c,
             source=dataclasses.replace(c.source, suppress=str(tmp_path / "suppress.txt"), dedupe_phone=True),

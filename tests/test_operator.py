@@ -13,7 +13,8 @@ from zoneinfo import ZoneInfo
 import anyio
 import pytest
 
-from pipeline.campaign import CampaignError, load_campaign
+from pipeline.campaign import load_campaign
+from pipeline.errors import CampaignError, SourceError
 from pipeline.schedule import SendGate
 from pipeline.source import CsvSource, check_decoded
 from tests.helpers import simulator, sluice, write_campaign
@@ -76,8 +77,13 @@ class TestEncoding:
         with pytest.raises(Exception, match='encoding = "utf-16"'):
             CsvSource(path).columns()
 
-    def test_decoding_check_passes_good_text(self) -> None:
-        check_decoded([(1, {"name": "韩梅梅"})], "utf-8", "x.csv")  # no exception
+    def test_decoding_check_passes_good_text(self, tmp_path: Path) -> None:
+        (tmp_path / "recipients.csv").write_text("id,phone\n")
+        campaign = load_campaign(write_campaign(tmp_path / "c.toml", "http://127.0.0.1:9"))
+        check_decoded([(1, {"name": "韩梅梅"})], campaign)  # no exception
+        with pytest.raises(SourceError, match="gb18030"):
+            gbk_as_utf8 = "韩梅梅".encode("gbk").decode("utf-8", "surrogateescape")
+            check_decoded([(1, {"name": gbk_as_utf8})], campaign)
 
     def test_unknown_encoding_is_a_campaign_error(self, tmp_path: Path) -> None:
         (tmp_path / "recipients.csv").write_text("id,phone\n")
