@@ -123,7 +123,7 @@ def _exit_code(result: RunResult, signalled: int | None) -> int:
 
 def _summary(console: Console, result: RunResult, run_dir: Path) -> None:
     c = result.counts
-    rate = (c["sent"] + c["failed"]) / result.elapsed if result.elapsed > 0 else 0.0
+    rate = result.settled_now / result.elapsed if result.elapsed > 0 else 0.0  # this session's own
     table = Table(title=f"run {run_dir}", show_header=False)
     for k in ("sent", "failed", "rejected", "unknown", "deferred", "pending"):
         table.add_row(k, f"{c[k]:,}")
@@ -158,7 +158,8 @@ async def _drive(fn: Any, kwargs: dict[str, Any], console: Console) -> tuple[Run
         tg.start_soon(watch)
         failure: SluiceError | None = None
         try:
-            with ProgressReporter(console) as reporter:
+            title = f"sluice {fn.__name__.removesuffix('_run')} {kwargs['run_dir']}"
+            with ProgressReporter(console, title=title) as reporter:
                 result = await fn(**kwargs, stop=stop, on_progress=reporter)
         except SluiceError as exc:  # raised outside the task group, not as an ExceptionGroup
             failure = exc
@@ -283,14 +284,37 @@ def cmd_status(args: argparse.Namespace, console: Console) -> int:
         return EXIT_OK
     out = Console()
     table = Table(title=f"run {args.run_dir}", show_header=False)
-    for k in ("sent", "failed", "rejected", "unknown", "deferred", "pending", "source_rows", "complete"):
-        v = status[k]
-        table.add_row(k, f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v))
+    for k in (
+        "sent",
+        "failed",
+        "rejected",
+        "unknown",
+        "in_flight",
+        "deferred",
+        "pending",
+        "source_rows",
+        "complete",
+    ):
+        v = status.get(k)
+        if k == "in_flight" and v is None:
+            continue
+        if k == "pending" and v is None:
+            text = "not yet read"
+        elif k == "source_rows" and v is None:
+            text = "not yet known"
+        else:
+            text = f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v)
+        if k == "source_rows" and status["source_rows_estimated"]:
+            text += " (lines in the file)"
+        table.add_row(k.replace("_", " "), text)
     for k in ("first_send", "last_send"):
         if status[k] is not None:
-            table.add_row(k, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(status[k])))
-    if status["avg_rate"] is not None:
-        table.add_row("avg recipients/s", f"{status['avg_rate']:,.0f}")
+            table.add_row(k.replace("_", " "), time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(status[k])))
+    rates = status["rates"]
+    if rates["last_session"] is not None:
+        table.add_row("recipients/s, last session", f"{rates['last_session']:,.0f}")
+    if rates["all_sessions"] is not None and rates["sessions"] > 1:
+        table.add_row(f"recipients/s, all {rates['sessions']} sessions", f"{rates['all_sessions']:,.0f}")
     table.add_row("requests", f"{status['requests']:,}")
     if status["splits"]:
         table.add_row(
@@ -320,8 +344,11 @@ def cmd_status(args: argparse.Namespace, console: Console) -> int:
         attempts.add_column("outcome:code")
         attempts.add_column("attempts", justify="right")
         for code, n in status["attempts"].items():
-            attempts.add_row(code, f"{n:,}")
+            # "mixed": a request answered recipient by recipient (their codes are in the table above)
+            attempts.add_row("answered per recipient" if code == "mixed" else code, f"{n:,}")
         out.print(attempts)
+    if status["next"] is not None:
+        out.print(f"next: [bold]{escape(status['next'])}[/]", soft_wrap=True)
     return EXIT_OK
 
 

@@ -69,6 +69,8 @@ class Progress:
     rate_limit: float
     done: bool = False
     paused: str | None = None
+    earlier: int = 0  # recipients settled by earlier sessions (a resume): not in this session's rates
+    stopped: str | None = None
 
     @property
     def settled(self) -> int:
@@ -85,6 +87,7 @@ class RunResult:
     requests: int = 0
     throttles: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    settled_now: int = 0  # sent or failed by this session (a resume's own, for its rate)
 
 
 def open_source(
@@ -429,6 +432,22 @@ def _run_gc() -> Iterator[None]:
         gc.unfreeze()
 
 
+def _session(
+    counts: dict[str, int], elapsed: float, complete: bool, run: _Run, requests: int
+) -> dict[str, Any]:
+    """How this run or resume ended, with its own outcomes, for ``sluice status`` (sessions.jsonl)."""
+    return {
+        "ended": time.time(),
+        "elapsed": round(elapsed, 3),
+        "settled": counts["sent"] + counts["failed"],
+        "rejected": counts["rejected"],
+        "requests": requests,
+        "complete": complete,
+        "stopped": run.stop_reason,
+        "code": run.stop_code,
+    }
+
+
 def _settle_interrupted(state: LedgerState, writer: LedgerWriter) -> int:
     """Rows whose intent has no result: the process died mid-flight."""
     rows = state.status.rows_with(Status.INFLIGHT)
@@ -531,6 +550,8 @@ async def run_campaign(
             c[k] = c.get(k, 0) + v
         return c
 
+    earlier = sum(base_counts[k] for k in ("sent", "failed", "unknown", "deferred"))
+
     def snapshot(done: bool = False) -> Progress:
         return Progress(
             counts=counts(),
@@ -542,6 +563,8 @@ async def run_campaign(
             rate_limit=governor.current,
             done=done,
             paused=_pause_text(dispatcher.gate),
+            earlier=earlier,
+            stopped=run.stop_reason,
         )
 
     def on_fatal(result: BatchOutcome) -> None:
@@ -684,6 +707,7 @@ async def run_campaign(
         and state.eof_rows is not None
     )
     log.info("run_finished", complete=complete, elapsed=round(final.elapsed, 3), **result_counts)
+    run_dir.record_session(_session(writer.counts, final.elapsed, complete, run, dispatcher.requests))
     return RunResult(
         counts=result_counts,
         complete=complete,
@@ -692,4 +716,5 @@ async def run_campaign(
         elapsed=final.elapsed,
         requests=dispatcher.requests,
         throttles=governor.throttles,
+        settled_now=writer.counts["sent"] + writer.counts["failed"],
     )

@@ -20,6 +20,8 @@ __all__ = ("ProgressReporter", "format_duration")
 
 log = structlog.get_logger("sluice.progress")
 
+NARROW = 120  # columns below which the live display is a list rather than a row
+
 
 def format_duration(seconds: float | None) -> str:
     if seconds is None or seconds != seconds or seconds == float("inf"):
@@ -31,8 +33,11 @@ def format_duration(seconds: float | None) -> str:
 class ProgressReporter:
     """Call with each :class:`Progress` snapshot; renders on a TTY, logs otherwise."""
 
-    def __init__(self, console: Console | None = None, *, log_every: float = 5.0) -> None:
+    def __init__(
+        self, console: Console | None = None, *, log_every: float = 5.0, title: str = "sluice"
+    ) -> None:
         self.console = console or Console(stderr=True)
+        self.title = title
         self._live: Live | None = None
         self._log_every = log_every
         self._last_log = -math.inf  # the first snapshot is always logged (monotonic time may start near 0)
@@ -65,41 +70,47 @@ class ProgressReporter:
             self._window.pop(0)
         t0, s0 = self._window[0]
         current = (settled - s0) / (now - t0) if now > t0 else 0.0
-        average = settled / p.elapsed if p.elapsed > 0 else 0.0
+        average = (settled - p.earlier) / p.elapsed if p.elapsed > 0 else 0.0  # this session's own
         return current, average
 
     def render(self, p: Progress) -> Table:
+        """One row of columns on a wide terminal; one line per value below ``NARROW`` columns,
+        so that no value is cut."""
         current, average = self.rates(p)
         remaining = None
         if p.total is not None and current > 0:
             remaining = max(0, p.total - p.settled) / current
-        table = Table(title="sluice", show_header=True, expand=False)
-        for name in (
-            "sent",
-            "failed",
-            "rejected",
-            "unknown",
-            "deferred",
-            "rate/s",
-            "avg/s",
-            "elapsed",
-            "ETA",
-        ):
-            table.add_column(name, justify="right")
         c = p.counts
         total = f"/{p.total:,}" if p.total else ""
-        table.add_row(
-            f"{c['sent']:,}{total}",
-            f"{c['failed']:,}",
-            f"{c['rejected']:,}",
-            f"{c['unknown']:,}",
-            f"{c['deferred']:,}",
-            f"{current:,.0f}",
-            f"{average:,.0f}",
-            format_duration(p.elapsed),
-            "done" if p.done else format_duration(remaining),
-        )
+        if p.done:
+            eta = "stopped" if p.stopped is not None else "done"
+        else:
+            eta = format_duration(remaining)
+        values = {
+            "sent": f"{c['sent']:,}{total}",
+            "failed": f"{c['failed']:,}",
+            "rejected": f"{c['rejected']:,}",
+            "unknown": f"{c['unknown']:,}",
+            "deferred": f"{c['deferred']:,}",
+            "rate/s": f"{current:,.0f}",
+            "avg/s": f"{average:,.0f}",
+            "elapsed": format_duration(p.elapsed),
+            "ETA": eta,
+        }
+        if self.console.width < NARROW:
+            table = Table(title=self.title, show_header=False, expand=False)
+            table.add_column("", no_wrap=True)
+            table.add_column("", justify="right", no_wrap=True)
+            for name, value in values.items():
+                table.add_row(name, value)
+        else:
+            table = Table(title=self.title, show_header=True, expand=False)
+            for name in values:
+                table.add_column(name, justify="right", no_wrap=True)
+            table.add_row(*values.values())
         notes = []
+        if p.stopped is not None:
+            notes.append(f"stopped: {p.stopped}")
         if p.paused:
             notes.append(p.paused)
         if p.throttles:

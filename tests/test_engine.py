@@ -218,7 +218,7 @@ class TestStatusAndExport:
         s = summarize(tmp_path / "run")
         assert (s["sent"], s["failed"], s["rejected"]) == (19, 10, 1)
         assert s["codes"] == {"failed:isv.MOBILE_NUMBER_ILLEGAL": 10}
-        assert s["attempts"]["sent:"] == 2 and s["attempts"]["failed:isv.MOBILE_NUMBER_ILLEGAL"] == 1
+        assert s["attempts"]["sent"] == 2 and s["attempts"]["failed:isv.MOBILE_NUMBER_ILLEGAL"] == 1
         assert s["first_send"] <= s["last_send"] and s["complete"]
         buf = io.BytesIO()
         assert export_rows(tmp_path / "run", "jsonl", buf) == 30

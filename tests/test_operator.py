@@ -182,3 +182,95 @@ class TestStartAtAndStop:
                 gate.abort()
         assert time.monotonic() - started < 5
         assert gate.sent_today == 0  # let go to see the stop, not counted as sent
+
+
+def _wait_for_sends(ledger: Path, at_least: int, timeout: float = 60) -> None:
+    """Poll the ledger (bounded) until ``at_least`` recipients have an outcome."""
+    from pipeline.ledger import replay
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ledger.exists() and replay(ledger).counts()["sent"] >= at_least:
+            return
+        time.sleep(0.05)  # polling a condition, bounded by the deadline
+    raise AssertionError(f"fewer than {at_least} sends in {timeout} s")
+
+
+class TestStatusAfterAStop:
+    def test_after_ctrl_c(self, tmp_path: Path) -> None:
+        import signal
+
+        from tests.helpers import write_recipients
+
+        write_recipients(tmp_path / "recipients.csv", 3000)
+        with simulator(tmp_path) as sim:
+            campaign = write_campaign(tmp_path / "c.toml", sim.url, requests_per_second=10, concurrency=2)
+            proc = sluice("run", str(campaign))
+            _wait_for_sends(tmp_path / "run" / "ledger.jsonl", 100)
+            proc.send_signal(signal.SIGINT)
+            proc.communicate(timeout=60)
+            assert proc.returncode == 130
+            code, out = _run("status", str(tmp_path / "run"))
+            assert code == 0, out
+            code, js = _run("status", str(tmp_path / "run"), "--json")
+        import orjson
+
+        st = orjson.loads(js)
+        settled = st["sent"] + st["failed"] + st["rejected"] + st["unknown"] + st["deferred"]
+        assert 100 <= st["sent"] < 3000
+        assert st["source_rows"] == 3000 and st["source_rows_estimated"]  # counted: the end was not read
+        assert st["pending"] == 3000 - settled > 0
+        assert st["stopped"]["message"] == "stop requested"
+        assert st["next"] == f"sluice resume {tmp_path / 'run'}"
+        assert st["rates"]["last_session"] > 0
+        assert "stop requested" in out and "next: sluice resume" in out and f"{st['pending']:,}" in out
+        print(out)  # the note's `status` after a Ctrl-C (pytest -s shows it)
+
+    def test_after_a_credential_refusal(self, tmp_path: Path) -> None:
+        from tests.helpers import write_recipients
+
+        write_recipients(tmp_path / "recipients.csv", 500)
+        fault = ["--fault-rate", "1", "--fault-mix", "business_error=1"]
+        with simulator(tmp_path, *fault, "--business-error-code", "InvalidAccessKeyId.NotFound") as sim:
+            campaign = write_campaign(tmp_path / "c.toml", sim.url)
+            code, out = _run("run", str(campaign))
+            assert code == 4, out
+            code, out = _run("status", str(tmp_path / "run"), "--json")
+        import orjson
+
+        st = orjson.loads(out)
+        assert st["stopped"]["code"] == "InvalidAccessKeyId.NotFound"
+        assert st["source_rows"] == 500 and st["pending"] == 500 - st["rejected"] - st["failed"] - st["sent"]
+        assert st["pending"] > 0 and st["next"] == f"sluice resume {tmp_path / 'run'}"
+
+
+class TestLiveDisplay:
+    def _render(self, width: int, **kw: object) -> str:
+        from rich.console import Console
+
+        from pipeline.engine import Progress
+        from pipeline.progress import ProgressReporter
+
+        counts = {"sent": 1_234_567, "failed": 12_345, "rejected": 23_456, "unknown": 3_456, "deferred": 789}
+        p = Progress(counts, 1_300_000, 2_000_000, 3725.0, 13_000, 0, 100.0, **kw)  # type: ignore[arg-type]
+        console = Console(file=io.StringIO(), width=width, force_terminal=True, color_system=None)
+        reporter = ProgressReporter(console, title="sluice run /data/run")
+        console.print(reporter.render(p))
+        return console.file.getvalue()  # type: ignore[attr-defined]
+
+    @pytest.mark.parametrize("width", [80, 160])
+    def test_nothing_cut(self, width: int) -> None:
+        out = self._render(width)
+        assert "…" not in out and max(map(len, out.splitlines())) <= width
+        for value in ("1,234,567/2,000,000", "12,345", "23,456", "3,456", "789", "rejected", "1:02:05"):
+            assert value in out
+        assert "sluice run /data/run" in out
+        # a row of columns when wide, a list when narrow
+        assert (out.count("\n") >= 12) == (width == 80)
+
+    def test_a_stopped_run_is_not_done(self) -> None:
+        out = self._render(160, done=True, stopped="stop requested")
+        assert "stopped" in out and "done" not in out
+        out = self._render(160, done=True, earlier=1_000_000)
+        assert "done" in out
+        assert f"{(1_234_567 + 12_345 + 3_456 + 789 - 1_000_000) / 3725:,.0f}" in out  # this session's rate
