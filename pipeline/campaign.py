@@ -39,6 +39,7 @@ __all__ = (
     "RunSpec",
     "ScheduleSpec",
     "SourceSpec",
+    "campaign_warnings",
     "load_campaign",
     "parse_campaign",
 )
@@ -387,6 +388,8 @@ def parse_campaign(data: Mapping[str, Any], base_dir: Path) -> Campaign:
         raise CampaignError("provider.on_refusal", f"must be one of {', '.join(ON_REFUSAL)}")
     options = {key.name: key.default for key in registry.config_keys().values()}
     message: dict[str, Any] = sections["message"]  # type: ignore[assignment]
+    if protocol == "submail" and "mode" not in prov:
+        _submail_mode_from_content(prov, message)
     problem = speaks.check_message({**options, **prov, **prov.get("options", {})}, message)
     if problem is not None:
         raise CampaignError(*problem)
@@ -463,6 +466,41 @@ def parse_campaign(data: Mapping[str, Any], base_dir: Path) -> Campaign:
         except TemplateError as exc:
             raise CampaignError("message.content", str(exc)) from None
     return campaign
+
+
+def _submail_mode_from_content(prov: dict[str, Any], message: dict[str, Any]) -> None:
+    """SUBMAIL without a ``mode``: ``batchsend`` for one text to all; for a ``content`` with
+    per-recipient ``{column}``s, ``multisend``, its ``@var(column)`` filled from ``params``
+    (batchsend would send one request per recipient: its batches share one text)."""
+    content = message.get("content")
+    if not isinstance(content, str):
+        return
+    try:
+        template = Template.compile(content)
+    except TemplateError:
+        return  # reported with the field's name below
+    literals = template.parts[::2]
+    if not template.columns or any("{" in t or "}" in t for t in literals):
+        return  # a literal brace: multisend's content is sent as written, so it cannot carry one
+    prov["mode"] = "multisend"
+    text = [f"@var({part})" if i % 2 else part for i, part in enumerate(template.parts)]
+    message["content"] = "".join(text)
+    message["params"] = {**{c: "{" + c + "}" for c in template.columns}, **message.get("params", {})}
+
+
+def campaign_warnings(campaign: Campaign) -> list[str]:
+    """What the operator should know before sending, though nothing is wrong."""
+    out = []
+    protocol = registry.protocol_of(campaign.provider.kind, campaign.provider.protocol)
+    content = campaign.message.content
+    if protocol == "submail" and campaign.provider.mode == "batchsend" and content is not None:
+        if Template.compile(content).columns:
+            out.append(
+                'provider.mode = "batchsend" with per-recipient {columns} in message.content costs one '
+                "request per recipient (a batchsend request carries one text): leave mode out, and "
+                "multisend sends them in batches"
+            )
+    return out
 
 
 def _check_source(src: dict[str, Any]) -> None:

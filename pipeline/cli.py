@@ -37,7 +37,7 @@ from rich.table import Table
 from pipeline._logging import configure_logging
 from pipeline.account import check_credentials
 from pipeline.api import resume_run, start_run
-from pipeline.campaign import Campaign, load_campaign
+from pipeline.campaign import Campaign, campaign_warnings, load_campaign
 from pipeline.engine import DISK_FAULT, REJECT_RATIO, RunResult
 from pipeline.errors import CampaignError, RunDirError, RunStopped, SluiceError, SourceError
 from pipeline.progress import ProgressReporter
@@ -205,6 +205,8 @@ def _execute(
         kwargs.update(campaign=campaign, run_dir=run_dir)
     with RunDir(run_dir).lock(f"sluice {'resume' if resume else 'run'}"):
         _open_log(run_dir, echo=not console.is_terminal)
+        for warning in campaign_warnings(campaign):
+            console.print(f"[bold yellow]warning:[/] {escape(warning)}", soft_wrap=True)
         if not campaign.provider.verify_tls:
             console.print(f"[bold yellow]warning:[/] {TLS_NOT_VERIFIED}")
         if campaign.provider.kind == registry.SIMULATOR and campaign.provider.endpoint is None:

@@ -274,3 +274,64 @@ class TestLiveDisplay:
         out = self._render(160, done=True, earlier=1_000_000)
         assert "done" in out
         assert f"{(1_234_567 + 12_345 + 3_456 + 789 - 1_000_000) / 3725:,.0f}" in out  # this session's rate
+
+
+class TestSubmailMode:
+    def _campaign(self, path: Path, url: str, mode: str) -> Path:
+        path.write_text(
+            f"""
+[source]
+kind = "csv"
+path = "recipients.csv"
+key = "id"
+phone = "phone"
+[provider]
+kind = "simulator"
+endpoint = "{url}"
+protocol = "submail"
+{mode}
+[message]
+sign_name = "Acme"
+content = "Hi {{first_name}}, your code is {{code}}"
+[limits]
+requests_per_second = 200
+batch_size = 100
+[run]
+dir = "run"
+"""
+        )
+        return path
+
+    def test_placeholders_choose_multisend(self, tmp_path: Path) -> None:
+        from tests.helpers import write_recipients
+
+        write_recipients(tmp_path / "recipients.csv", 500)
+        with simulator(tmp_path, "--submail-log-interval", "0") as sim:
+            c = load_campaign(self._campaign(tmp_path / "c.toml", sim.url, ""))
+            assert c.provider.mode == "multisend"
+            assert c.message.content == "Hi @var(first_name), your code is @var(code)"
+            code, out = _run("run", str(tmp_path / "c.toml"))
+            sim.stop()
+            assert code == 0, out
+            assert "one request per recipient" not in out
+            assert len(sim.accepted()) == 500
+        _, js = _run("status", str(tmp_path / "run"), "--json")
+        import orjson
+
+        st = orjson.loads(js)
+        assert st["sent"] == 500 and st["requests"] <= 6  # 5 batches of 100 (+ nothing retried)
+        texts = [orjson.loads(line) for line in (tmp_path / "receipts.jsonl").read_bytes().splitlines()]
+        assert {t["content"] for t in texts if t["phone"] == "13900000007"} == {
+            "【Acme】Hi n7, your code is 000007"
+        }
+
+    def test_a_set_batchsend_warns(self, tmp_path: Path) -> None:
+        from tests.helpers import write_recipients
+
+        write_recipients(tmp_path / "recipients.csv", 3)
+        with simulator(tmp_path, "--submail-log-interval", "0") as sim:
+            self._campaign(tmp_path / "c.toml", sim.url, 'mode = "batchsend"')
+            code, out = _run("run", str(tmp_path / "c.toml"))
+            sim.stop()
+        assert code == 0, out
+        assert "one request per recipient" in out
