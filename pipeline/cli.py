@@ -40,7 +40,7 @@ from pipeline.api import resume_run, start_run
 from pipeline.campaign import Campaign, campaign_warnings, load_campaign
 from pipeline.engine import DISK_FAULT, REJECT_RATIO, RunResult
 from pipeline.errors import CampaignError, RunDirError, RunStopped, SluiceError, SourceError
-from pipeline.progress import ProgressReporter
+from pipeline.progress import ProgressReporter, format_duration
 from pipeline.rundir import RunDir
 from pipeline.summary import export_rows, summarize
 from pipeline.transport import TLS_NOT_VERIFIED, proxy_secrets
@@ -238,7 +238,16 @@ def cmd_dry_run(campaign: Campaign, args: argparse.Namespace, console: Console) 
     table.add_row(
         "estimated cost", f"{report.estimated_cost:,.2f} (at {campaign.message.price_per_segment} a segment)"
     )
+    table.add_row("requests", f"{report.requests:,} (batches of up to {campaign.limits.batch_size:,})")
+    table.add_row("time at the configured rate", format_duration(report.seconds))
     out.print(table)
+    for preview in report.previews:
+        segs = preview["segments"]
+        where = f"{escape(str(preview['template']))}, row {preview['row']}, to {preview['phone']}"
+        out.print(f"first message ({where}, {segs} segment{'s' if segs != 1 else ''}):")
+        out.print(f"  {escape(str(preview['text']))}", soft_wrap=True)
+    for warning in campaign_warnings(campaign):
+        out.print(f"[bold yellow]warning:[/] {escape(warning)}", soft_wrap=True)
     if not report.counted_template:
         out.print(
             "segments count the signature and parameters only: set message.template_text for the full text"

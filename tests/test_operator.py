@@ -335,3 +335,25 @@ dir = "run"
             sim.stop()
         assert code == 0, out
         assert "one request per recipient" in out
+
+
+class TestDryRunPreview:
+    def test_first_message_requests_and_time(self, tmp_path: Path) -> None:
+        from tests.helpers import write_recipients
+
+        write_recipients(tmp_path / "recipients.csv", 1000)
+        campaign = write_campaign(tmp_path / "c.toml", "http://127.0.0.1:9", requests_per_second=4)
+        _add_to(campaign, "message", 'template_text = "Hello ${name}, your code is ${code}"')
+        code, out = _run("run", str(campaign), "--dry-run")
+        assert code == 0, out
+        assert "first message (SMS_154950909, row 1, to 8613900000001, 1 segment):" in out
+        assert "【Acme】Hello n1, your code is 000001" in out
+        assert "20 (batches of up to 50)" in out  # 1 000 recipients, batch_size 50
+        assert "0:00:05" in out  # 20 requests at 4 a second
+        code, js = _run("run", str(campaign), "--dry-run", "--json")
+        import orjson
+
+        report = orjson.loads(js)
+        assert report["requests"] == 20 and report["seconds"] == 5.0
+        assert report["previews"][0]["text"] == "【Acme】Hello n1, your code is 000001"
+        assert not (tmp_path / "run").exists()
