@@ -185,12 +185,13 @@ def _outcomes(finals: Counter[tuple[str, str | None]], state: LedgerState) -> di
     return dict(out.most_common())
 
 
-def _final_lines(ledger: Path) -> Iterator[dict[str, Any]]:
+def _final_lines(ledger: Path, phones: dict[int, str]) -> Iterator[dict[str, Any]]:
     """Each settled row's final state, as ``export`` writes it."""
     for final in final_states(ledger, replay(ledger)):
         yield {
             "row": final.row,
             "key": final.key,
+            "phone": phones.get(final.row, ""),
             "status": final.status,
             "code": final.code or final.reason,
             "provider_id": final.provider_id,
@@ -200,16 +201,53 @@ def _final_lines(ledger: Path) -> Iterator[dict[str, Any]]:
         }
 
 
-EXPORT_FIELDS = ("row", "key", "status", "code", "provider_id", "batch", "time", "message")
+EXPORT_FIELDS = ("row", "key", "phone", "status", "code", "provider_id", "batch", "time", "message")
+
+
+def _source_phones(rd: RunDir) -> dict[int, str]:
+    """Row → the phone column as the source has it (so a rejected row can be found and fixed),
+    read from the run's CSV or JSONL source, numbered as the run numbered them; empty for a
+    database source or a file that cannot be read."""
+    from pipeline.api import pinned_campaign
+
+    campaign, _ = pinned_campaign(rd, strict=False)
+    spec = campaign.source
+    phones: dict[int, str] = {}
+    try:
+        if spec.kind == "csv":
+            codec = {"utf-8": "utf-8-sig"}.get(spec.encoding, spec.encoding)
+            with open(spec.path, encoding=codec, errors="replace", newline="") as f:
+                reader = csv.reader(f, delimiter=spec.delimiter)
+                header = [h.strip() for h in next(reader, [])]
+                at = header.index(spec.phone) if spec.phone in header else -1
+                row = 0
+                for values in reader:
+                    if values:  # a blank line is not a record (as CsvSource counts)
+                        row += 1
+                        if 0 <= at < len(values):
+                            phones[row] = values[at]
+        elif spec.kind == "jsonl":
+            with open(spec.path, "rb") as b:
+                for row, line in enumerate(b, 1):
+                    try:
+                        obj = orjson.loads(line)
+                    except orjson.JSONDecodeError:
+                        continue
+                    if isinstance(obj, dict) and spec.phone in obj:
+                        phones[row] = str(obj[spec.phone])
+    except (OSError, csv.Error):
+        return {}
+    return phones
 
 
 def export_rows(run_dir: Path, fmt: str, out: IO[bytes]) -> int:
     """Write the final outcome of every settled recipient as CSV or JSONL; returns the count."""
     rd = RunDir(run_dir)
     rd.load()
+    phones = _source_phones(rd)
     n = 0
     if fmt == "jsonl":
-        for rec in _final_lines(rd.ledger):
+        for rec in _final_lines(rd.ledger, phones):
             out.write(orjson.dumps(rec) + b"\n")
             n += 1
         return n
@@ -218,7 +256,7 @@ def export_rows(run_dir: Path, fmt: str, out: IO[bytes]) -> int:
     text = io.TextIOWrapper(out, encoding="utf-8", newline="", write_through=True)
     writer = csv.DictWriter(text, fieldnames=EXPORT_FIELDS)
     writer.writeheader()
-    for rec in _final_lines(rd.ledger):
+    for rec in _final_lines(rd.ledger, phones):
         writer.writerow(rec)
         n += 1
     text.detach()

@@ -228,7 +228,9 @@ class TestStatusAndExport:
         assert recs["k15"]["code"] == "isv.MOBILE_NUMBER_ILLEGAL"
         csv_buf = io.BytesIO()
         assert export_rows(tmp_path / "run", "csv", csv_buf) == 30
-        assert csv_buf.getvalue().splitlines()[0] == b"row,key,status,code,provider_id,batch,time,message"
+        header = b"row,key,phone,status,code,provider_id,batch,time,message"
+        assert csv_buf.getvalue().splitlines()[0] == header
+        assert recs["k1"]["phone"] == "13800000001"
 
     async def test_export_keeps_only_the_last_outcome(self, tmp_path: Path) -> None:
         import io
