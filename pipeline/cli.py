@@ -341,7 +341,7 @@ def cmd_status(args: argparse.Namespace, console: Console) -> int:
         out.print(f"[bold red]{status['ledger_problem']}[/]")
     if status["stopped"] is not None:
         stop = status["stopped"]
-        text = f"{stop['code'] or ''}: {stop['message'] or ''}"
+        text = f"{stop['code']}: {stop['message'] or ''}" if stop["code"] else str(stop["message"] or "")
         out.print(f"[bold red]stopped:[/] {escape(text)}", soft_wrap=True)
     if status["codes"]:
         codes = Table(title="recipients by status and provider code")
