@@ -277,7 +277,29 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         run_dir = Path(campaign.run.dir)
     if run_dir is None:
         raise CampaignError("run.dir", "no run directory: set [run] dir or pass --run-dir")
+    if args.test_to is not None:
+        return cmd_test_send(campaign, run_dir, args, console)
     return _execute(campaign, run_dir, False, args, console)
+
+
+def cmd_test_send(campaign: Campaign, base: Path, args: argparse.Namespace, console: Console) -> int:
+    """The first rendered message to ``--test-to``'s numbers only, in a run directory of its own."""
+    from pipeline import testsend
+
+    numbers = testsend.parse_numbers(args.test_to, campaign.source.default_country)
+    row = anyio.run(testsend.first_sendable_row, campaign)
+    run_dir = testsend.run_dir_for_test(base)
+    code = _execute(
+        testsend.campaign_for_numbers(campaign, row, numbers, run_dir), run_dir, False, args, console
+    )
+    table = Table(title=f"test send: the provider's answer ({run_dir})")
+    for col in ("phone", "status", "code", "message", "provider id"):
+        table.add_column(col)
+    for answer in testsend.answers(run_dir, numbers):
+        cells = [answer[k] for k in ("phone", "status", "code", "message", "provider_id")]
+        table.add_row(*("" if v is None else escape(str(v)) for v in cells))
+    Console().print(table)
+    return code
 
 
 def cmd_resume(args: argparse.Namespace, console: Console) -> int:
@@ -517,6 +539,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="render and validate every row, count segments and cost"
     )
     r.add_argument("--json", action="store_true", help="with --dry-run: print the report as JSON")
+    r.add_argument(
+        "--test-to",
+        metavar="PHONE[,PHONE...]",
+        help="send the first rendered message to these numbers only, in a run directory of its own",
+    )
     r.set_defaults(func=cmd_run)
 
     s = sub.add_parser("resume", help="resume a run after a crash or a stop")
@@ -607,6 +634,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "json", False) and args.command == "run" and not args.dry_run:
         parser.error("--json goes with --dry-run (a run reports on the terminal; see `sluice status --json`)")
+    if args.command == "run" and args.dry_run and args.test_to is not None:
+        parser.error("--test-to sends; --dry-run does not: use one of them")
     console = Console(stderr=True)
     try:
         try:

@@ -371,3 +371,35 @@ class TestDryRunPreview:
         assert report["requests"] == 20 and report["seconds"] == 5.0
         assert report["previews"][0]["text"] == "【Acme】Hello n1, your code is 000001"
         assert not (tmp_path / "run").exists()
+
+
+class TestTestSend:
+    def test_first_message_to_the_given_numbers_only(self, tmp_path: Path) -> None:
+        from tests.helpers import write_recipients
+
+        write_recipients(tmp_path / "recipients.csv", 1000)
+        with simulator(tmp_path) as sim:
+            campaign = write_campaign(tmp_path / "c.toml", sim.url)
+            code, out = _run("run", str(campaign), "--test-to", "13800000042, +8613800000043")
+            sim.stop()
+            assert code == 0, out
+            accepted = sim.accepted()
+        assert set(accepted) == {"13800000042", "13800000043"} and set(accepted.values()) == {1}
+        receipts = [line for line in (tmp_path / "receipts.jsonl").read_text().splitlines() if line]
+        assert len(receipts) == 2
+        assert not (tmp_path / "run").exists()  # the campaign's own run is untouched
+        [test_dir] = tmp_path.glob("run-test-*")
+        assert "test send: the provider's answer" in out
+        answered = [line for line in out.splitlines() if "1380000004" in line]
+        assert len(answered) == 2 and all("│ sent " in line for line in answered), answered
+        from pipeline.ledger import final_states
+
+        assert {f.status for f in final_states(test_dir / "ledger.jsonl")} == {"sent"}
+
+    def test_a_bad_number_is_refused_before_sending(self, tmp_path: Path) -> None:
+        (tmp_path / "recipients.csv").write_text("id,phone,first_name,code\nc1,13800000001,Li,1\n")
+        campaign = write_campaign(tmp_path / "c.toml", "http://127.0.0.1:9")
+        code, out = _run("run", str(campaign), "--test-to", "12345")
+        assert code == 2 and "--test-to" in out and "'12345' is not a phone number" in out
+        code, out = _run("run", str(campaign), "--test-to", "13800000001", "--dry-run")
+        assert code == 2
