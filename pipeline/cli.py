@@ -40,7 +40,7 @@ from pipeline.api import resume_run, start_run
 from pipeline.campaign import Campaign, campaign_warnings, load_campaign
 from pipeline.engine import DISK_FAULT, REJECT_RATIO, RunResult
 from pipeline.errors import CampaignError, RunDirError, RunStopped, SluiceError, SourceError
-from pipeline.progress import ProgressReporter, format_duration
+from pipeline.progress import ProgressReporter, ReconcileProgress, format_duration
 from pipeline.rundir import RunDir
 from pipeline.summary import export_rows, summarize
 from pipeline.transport import TLS_NOT_VERIFIED, proxy_secrets
@@ -392,10 +392,13 @@ def cmd_reconcile(args: argparse.Namespace, console: Console) -> int:
     rd.load()
     with rd.lock("sluice reconcile"):
         _open_log(rd.path, echo=not console.is_terminal)
-        result = anyio.run(
-            lambda: reconcile_run(rd.path, queries_per_second=args.qps, settle_after=args.settle_after),
-            backend_options=_backend_options(),
-        )
+        with ReconcileProgress(console) as progress:
+            result = anyio.run(
+                lambda: reconcile_run(
+                    rd.path, queries_per_second=args.qps, settle_after=args.settle_after, on_progress=progress
+                ),
+                backend_options=_backend_options(),
+            )
     table = Table(title=f"reconciled {args.run_dir}", show_header=False)
     for k, v in vars(result).items():
         table.add_row(k, str(v))

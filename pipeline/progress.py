@@ -12,11 +12,13 @@ from types import TracebackType
 import structlog
 from rich.console import Console
 from rich.live import Live
+from rich.progress import MofNCompleteColumn, TaskID
+from rich.progress import Progress as RichProgress
 from rich.table import Table
 
 from pipeline.engine import Progress
 
-__all__ = ("ProgressReporter", "format_duration")
+__all__ = ("ProgressReporter", "ReconcileProgress", "format_duration")
 
 log = structlog.get_logger("sluice.progress")
 
@@ -140,3 +142,43 @@ class ProgressReporter:
                 paused=p.paused,
                 done=p.done,
             )
+
+
+class ReconcileProgress:
+    """``sluice reconcile``'s progress: how many to check and how long that takes at the query
+    rate, then a bar on a terminal, or a ``reconcile_progress`` event every ``log_every`` s."""
+
+    def __init__(self, console: Console, *, log_every: float = 5.0) -> None:
+        self.console = console
+        self._log_every = log_every
+        self._last_log = -math.inf
+        self._bar: RichProgress | None = None
+        self._task: TaskID | None = None
+
+    def __enter__(self) -> ReconcileProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+    def __call__(self, checked: int, total: int, queries_per_second: float) -> None:
+        if checked == 0:
+            self.console.print(
+                f"checking {total:,} unknown recipients at {queries_per_second:g} queries/s "
+                f"(about {format_duration(total / queries_per_second)})"
+            )
+            if self.console.is_terminal and total:
+                self._bar = RichProgress(
+                    *RichProgress.get_default_columns(), MofNCompleteColumn(), console=self.console
+                )
+                self._task = self._bar.add_task("reconcile", total=total)
+                self._bar.start()
+            return
+        if self._bar is not None and self._task is not None:
+            self._bar.update(self._task, completed=checked)
+            return
+        now = time.monotonic()
+        if checked == total or now - self._last_log >= self._log_every:
+            self._last_log = now
+            log.info("reconcile_progress", checked=checked, total=total)

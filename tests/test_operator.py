@@ -403,3 +403,26 @@ class TestTestSend:
         assert code == 2 and "--test-to" in out and "'12345' is not a phone number" in out
         code, out = _run("run", str(campaign), "--test-to", "13800000001", "--dry-run")
         assert code == 2
+
+
+class TestReconcileProgress:
+    def test_unknowns_point_at_reconcile_which_shows_its_progress(self, tmp_path: Path) -> None:
+        import orjson
+
+        from tests.helpers import write_recipients
+
+        write_recipients(tmp_path / "recipients.csv", 600)
+        fault = ["--fault-rate", "0.3", "--fault-mix", "drop_after=1", "--seed", "3"]
+        with simulator(tmp_path, *fault) as sim:
+            write_campaign(tmp_path / "c.toml", sim.url, batch_size=20, breaker_threshold=0, max_attempts=2)
+            code, out = _run("run", str(tmp_path / "c.toml"))
+            assert code == 3, out
+            _, js = _run("status", str(tmp_path / "run"), "--json")
+            st = orjson.loads(js)
+            assert st["unknown"] > 0 and st["next"] == f"sluice reconcile {tmp_path / 'run'}"
+            code, out = _run("reconcile", str(tmp_path / "run"), "--settle-after", "0")
+            assert code == 0, out
+        assert f"checking {st['unknown']:,} unknown recipients at 50 queries/s" in out
+        events = [orjson.loads(line) for line in out.splitlines() if line.startswith("{")]
+        done = [e for e in events if e.get("event") == "reconcile_progress"]
+        assert done and done[-1]["checked"] == done[-1]["total"] == st["unknown"]
