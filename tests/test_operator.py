@@ -426,3 +426,102 @@ class TestReconcileProgress:
         events = [orjson.loads(line) for line in out.splitlines() if line.startswith("{")]
         done = [e for e in events if e.get("event") == "reconcile_progress"]
         assert done and done[-1]["checked"] == done[-1]["total"] == st["unknown"]
+
+
+CHROMIUM = __import__("shutil").which("chromium")
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None and not __import__("os").environ.get("CI"),
+    reason="chromium is not installed (apt-get install chromium; .ci/run installs it)",
+)
+
+# A page beside the report that opens it in a frame and writes down what the browser made of it:
+# the heading, and for each image whether it loaded and decoded (naturalWidth > 0).
+_INSPECT = """<!doctype html><html><body><iframe id="f" src="report.html"></iframe><script>
+window.onload = () => {
+  const d = document.getElementById("f").contentDocument;
+  document.body.dataset.title = d.querySelector("h1").textContent;
+  const loaded = (i) => (i.complete && i.naturalWidth > 0 ? "ok" : "broken");
+  document.body.dataset.images = [...d.images].map(loaded).join(",");
+};
+</script></body></html>"""
+
+
+def _open_in_chromium(report_dir: Path) -> tuple[str, list[str]]:
+    """(the inspecting page's DOM after load, the console lines the browser logged)."""
+    import subprocess
+
+    assert CHROMIUM is not None, "chromium must be installed under CI"
+    (report_dir / "inspect.html").write_text(_INSPECT)
+    profile = report_dir.parent / "chromium-profile"
+    proc = subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            f"--user-data-dir={profile}",
+            "--allow-file-access-from-files",  # the inspecting page reads the report's frame
+            "--enable-logging=stderr",
+            "--v=0",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            (report_dir / "inspect.html").as_uri(),
+        ],
+        capture_output=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    console = [line for line in proc.stderr.decode().splitlines() if ":CONSOLE" in line]
+    return proc.stdout.decode(), console
+
+
+@pytest.mark.anyio
+class TestReport:
+    async def _short_run_with_retries(self, tmp_path: Path) -> Path:
+        import httpx
+        import orjson
+
+        from tests.test_engine import make_campaign, ok, rows, run
+
+        c = make_campaign(tmp_path, rows(60), max_attempts=3)
+        calls = {"n": 0}
+
+        def handler(request: httpx.Request) -> httpx.Response:
+            calls["n"] += 1
+            if calls["n"] <= 2:
+                return httpx.Response(200, json={"outcome": "throttled", "code": "Throttling.User"})
+            if orjson.loads(request.content)["out_id"].startswith("t-3-"):
+                return httpx.Response(200, json={"outcome": "failed", "code": "isv.MOBILE_NUMBER_ILLEGAL"})
+            return ok(request)
+
+        await run(c, tmp_path, handler)
+        return tmp_path / "run"
+
+    async def test_a_run_under_a_second_is_drawn_and_named(self, tmp_path: Path) -> None:
+        from pipeline.report import build_report, chart_step, collect_series
+
+        run_dir = await self._short_run_with_retries(tmp_path)
+        step = chart_step(run_dir / "ledger.jsonl")
+        assert step < 1
+        series = collect_series(run_dir / "ledger.jsonl", step=step)
+        assert sum(series["settled_per_second"]["sent"]) == 50 and series["step"] == step
+        page = build_report(run_dir).read_text()
+        assert "run id</td><td>" in page and "simulator (aliyun)" in page and "T</td>" in page
+        assert "first send</td><td>20" in page  # a date, not Unix time
+        assert "1796" not in page.split("<h2>")[0]  # no raw timestamp in the table
+
+    @needs_chromium
+    async def test_the_report_opens_in_a_real_browser(self, tmp_path: Path) -> None:
+        from pipeline.report import build_report
+
+        run_dir = await self._short_run_with_retries(tmp_path)
+        report_dir = build_report(run_dir).parent
+        dom, console = _open_in_chromium(report_dir)
+        assert f'data-title="sluice run {run_dir}"' in dom
+        assert 'data-images="ok,ok,ok,ok"' in dom
+        assert console == [], console
+        # The check can fail: an image that does not decode is seen as broken.
+        page = (report_dir / "report.html").read_text()
+        (report_dir / "report.html").write_text(page.replace("base64,iVBOR", "base64,AAAAiVBOR", 1))
+        dom, _ = _open_in_chromium(report_dir)
+        assert 'data-images="broken,ok,ok,ok"' in dom
