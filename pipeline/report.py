@@ -110,7 +110,7 @@ def chart_step(ledger: Path) -> float:
 def _time_axis(ax: Any, x: list[float], step: float, ylabel: str) -> None:
     """Axes that start at 0 (no negative counts), span at least a second, a legend beside the plot."""
     ax.set_xlim(0, max([*x, 0.0]) + step if x else 1.0)
-    ax.set_ylim(bottom=0)
+    ax.set_ylim(0, max(ax.get_ylim()[1], 1.0))  # all zero: an axis of 0..1, not of ±0.05
     ax.set(xlabel="seconds since first send", ylabel=ylabel)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
 
