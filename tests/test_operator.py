@@ -221,6 +221,7 @@ class TestStatusAfterAStop:
             campaign = write_campaign(tmp_path / "c.toml", sim.url, requests_per_second=10, concurrency=2)
             proc = sluice("run", str(campaign))
             _wait_for_sends(tmp_path / "run" / "ledger.jsonl", 100)
+            _, live = _run("status", str(tmp_path / "run"), "--json")
             proc.send_signal(signal.SIGINT)
             proc.communicate(timeout=60)
             assert proc.returncode == 130
@@ -229,7 +230,11 @@ class TestStatusAfterAStop:
             code, js = _run("status", str(tmp_path / "run"), "--json")
         import orjson
 
+        running = orjson.loads(live)  # while the run held the directory
+        assert running["running"]["pid"] == proc.pid and running["next"] is None
+        assert running["in_flight"] >= 0 and running["unknown"] == 0  # in flight is not unknown
         st = orjson.loads(js)
+        assert st["running"] is None and "in_flight" not in st
         settled = st["sent"] + st["failed"] + st["rejected"] + st["unknown"] + st["deferred"]
         assert 100 <= st["sent"] < 3000
         assert st["source_rows"] == 3000 and st["source_rows_estimated"]  # counted: the end was not read
@@ -525,3 +530,39 @@ class TestReport:
         (report_dir / "report.html").write_text(page.replace("base64,iVBOR", "base64,AAAAiVBOR", 1))
         dom, _ = _open_in_chromium(report_dir)
         assert 'data-images="broken,ok,ok,ok"' in dom
+
+
+class TestStopWhilePaused:
+    def test_ctrl_c_before_start_at_exits_at_once(self, tmp_path: Path) -> None:
+        import signal
+
+        import orjson
+
+        from tests.helpers import write_recipients
+
+        write_recipients(tmp_path / "recipients.csv", 100)
+        start_at = (dt.datetime.now(dt.UTC) + dt.timedelta(hours=3)).strftime("%Y-%m-%d %H:%M")
+        with simulator(tmp_path) as sim:
+            campaign = write_campaign(tmp_path / "c.toml", sim.url)
+            campaign.write_text(
+                campaign.read_text() + f'[schedule]\nstart_at = "{start_at}"\ntimezone = "UTC"\n'
+            )
+            proc = sluice("run", str(campaign))
+            log = tmp_path / "run" / "log.jsonl"
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:  # polling a condition, bounded by the deadline
+                if log.exists() and b"waiting for schedule.start_at" in log.read_bytes():
+                    break
+                time.sleep(0.05)
+            else:
+                raise AssertionError("the run never said it waits for start_at")
+            stopped_at = time.monotonic()
+            proc.send_signal(signal.SIGINT)
+            proc.communicate(timeout=60)
+            took = time.monotonic() - stopped_at
+            sim.stop()
+            assert proc.returncode == 130
+            assert took < 5, took  # not the 10 s stop deadline: nothing was in flight
+            assert sim.accepted() == {}
+        _, js = _run("status", str(tmp_path / "run"), "--json")
+        assert orjson.loads(js)["pending"] == 100
