@@ -566,3 +566,23 @@ class TestStopWhilePaused:
             assert sim.accepted() == {}
         _, js = _run("status", str(tmp_path / "run"), "--json")
         assert orjson.loads(js)["pending"] == 100
+
+
+class TestResumeOfAFinishedRun:
+    def test_rates_are_the_sessions_own(self, tmp_path: Path) -> None:
+        import orjson
+
+        from tests.helpers import write_recipients
+
+        write_recipients(tmp_path / "recipients.csv", 300)
+        with simulator(tmp_path) as sim:
+            campaign = write_campaign(tmp_path / "c.toml", sim.url)
+            assert _run("run", str(campaign))[0] == 0
+            code, out = _run("resume", str(tmp_path / "run"))
+            sim.stop()
+        assert code == 0, out
+        summary = [line for line in out.splitlines() if "recipients/s" in line or "requests" in line]
+        assert any(line.split("│")[2].strip() == "0" for line in summary if "recipients/s" in line), summary
+        _, js = _run("status", str(tmp_path / "run"), "--json")
+        rates = orjson.loads(js)["rates"]
+        assert rates["sessions"] == 2 and rates["last_session"] is None and rates["all_sessions"] > 0
