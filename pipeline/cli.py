@@ -134,6 +134,8 @@ def _summary(console: Console, result: RunResult, run_dir: Path) -> None:
     console.print(table)
     if result.stopped:
         console.print(f"[bold red]stopped:[/] {escape(result.stopped)}", soft_wrap=True)
+        if not c["unknown"] and result.stop_code != REJECT_RATIO:
+            console.print(f"next: `sluice resume {run_dir}` sends the rest (once the cause is fixed)")
     if c["unknown"]:
         console.print(
             f"{c['unknown']:,} recipients are unknown (they may have reached the provider): "
