@@ -304,8 +304,11 @@ class RunDir:
         """Append how one run or resume ended (``sessions.jsonl``: status reads the stop and the
         rates of each session from it). Best effort: the ledger is the record of what was sent."""
         try:
-            with self.sessions.open("ab") as f:
-                f.write(orjson.dumps(session) + b"\n")
+            fd = os.open(self.sessions, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)  # owner only
+            try:
+                os.write(fd, orjson.dumps(session) + b"\n")
+            finally:
+                os.close(fd)
         except OSError:
             pass
 
