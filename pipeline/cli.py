@@ -57,6 +57,7 @@ __all__ = (
     "cmd_run",
     "cmd_simulate",
     "cmd_status",
+    "cmd_test_send",
     "embedded_simulator",
     "main",
 )

@@ -29,7 +29,7 @@ from pipeline.ledger import Attempt, Intent, events
 from pipeline.rundir import RunDir
 from pipeline.summary import summarize
 
-__all__ = ("build_report", "collect_series")
+__all__ = ("build_report", "chart_step", "collect_series")
 
 
 def _percentile(values: list[float], q: float) -> float:
