@@ -161,7 +161,7 @@ async def _drive(fn: Any, kwargs: dict[str, Any], console: Console) -> tuple[Run
         tg.start_soon(watch)
         failure: SluiceError | None = None
         try:
-            title = f"sluice {fn.__name__.removesuffix('_run')} {kwargs['run_dir']}"
+            title = f"sluice {'resume' if fn is resume_run else 'run'} {kwargs['run_dir']}"
             with ProgressReporter(console, title=title) as reporter:
                 result = await fn(**kwargs, stop=stop, on_progress=reporter)
         except SluiceError as exc:  # raised outside the task group, not as an ExceptionGroup
