@@ -251,6 +251,12 @@ def cmd_dry_run(campaign: Campaign, args: argparse.Namespace, console: Console) 
         out.print(f"  {escape(str(preview['text']))}", soft_wrap=True)
     for warning in campaign_warnings(campaign):
         out.print(f"[bold yellow]warning:[/] {escape(warning)}", soft_wrap=True)
+    ratio = campaign.limits.max_reject_ratio
+    if ratio < 1 and report.rejected > ratio * report.rows:
+        out.print(
+            f"[bold yellow]warning:[/] {report.rejected / report.rows:.0%} of the rows are rejected, "
+            f"more than limits.max_reject_ratio = {ratio:g}: a run would stop (exit 2)"
+        )
     if not report.counted_template:
         out.print(
             "segments count the signature and parameters only: set message.template_text for the full text"

@@ -122,6 +122,8 @@ class TestRejectRatio:
             assert code == 2, out
             assert "max_reject_ratio" in out
             assert sim.accepted() == {}
+        code, out = _run("run", str(tmp_path / "c.toml"), "--dry-run")
+        assert code == 0 and "25% of the rows are rejected" in out and "a run would stop" in out
 
     def test_under_the_limit_sends_the_rest(self, tmp_path: Path) -> None:
         self._file(tmp_path / "recipients.csv", 400, 4)
