@@ -165,6 +165,7 @@ def open_source(
         return CsvSource(
             Path(spec.path),
             delimiter=spec.delimiter,
+            encoding=spec.encoding,
             settled=settled,
             keep=keep,
             columnar=columnar,

@@ -192,6 +192,8 @@ class Dispatcher:
     def stopping(self, value: bool) -> None:
         self._stopping = value
         if value:
+            if self.gate is not None:
+                self.gate.abort()  # a request waiting for the window or the cap is not sent
             self._endpoint.reached()  # batches waiting for a prober go on, and see the stop
 
     async def _attempt(self, batch: Batch) -> tuple[BatchOutcome, float]:

@@ -34,7 +34,7 @@ from pipeline.app.campaign import Campaign
 from pipeline.app.rundir import RunDir
 from pipeline.batch import Batcher
 from pipeline.dispatch import CircuitBreaker, Dispatcher, EndpointGuard, RetryPolicy, server_clock
-from pipeline.errors import RunDirError
+from pipeline.errors import DISK_FAULT, RunDirError
 from pipeline.ledger import Durability, Intent, LedgerFault, LedgerState, LedgerWriter, Status, events, replay
 from pipeline.limit import RateGovernor
 from pipeline.proxy import Proxy
@@ -47,7 +47,6 @@ __all__ = ("Progress", "RunResult", "run_campaign")  # Progress: from pipeline.t
 
 log = structlog.get_logger("sluice.engine")
 
-DISK_FAULT = "DiskFault"  # the stop code when the run directory cannot be written
 LEDGER_RESERVE = 4 << 20  # bytes set aside for the in-flight results should the disk fill
 
 
@@ -60,6 +59,7 @@ class RunResult:
     elapsed: float = 0.0
     requests: int = 0
     throttles: int = 0
+    settled_now: int = 0  # sent or failed by this session (a resume's own, for its rate)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -67,7 +67,7 @@ def _send_gate(campaign: Campaign, ledger: Path) -> SendGate | None:
     """The send window and daily cap, with what this account sent today per the ledger."""
     spec = campaign.schedule
     window = spec.gate_window()
-    if window is None and spec.daily_cap is None:
+    if window is None and spec.daily_cap is None and spec.start_at is None:
         return None
     tz = ZoneInfo(spec.timezone)
     sent_today = 0
@@ -78,7 +78,25 @@ def _send_gate(campaign: Campaign, ledger: Path) -> SendGate | None:
             if isinstance(event, Intent) and event.attempt == 1 and event.parent is None:
                 if dt.datetime.fromtimestamp(event.time or 0, tz).date() == today:
                     sent_today += len(event.rows)
-    return SendGate(window=window, daily_cap=spec.daily_cap, cap_tz=tz, sent_today=sent_today)
+    return SendGate(
+        window=window, daily_cap=spec.daily_cap, cap_tz=tz, sent_today=sent_today, start_at=spec.start_time()
+    )
+
+
+def _session(
+    counts: dict[str, int], elapsed: float, complete: bool, run: Run, requests: int
+) -> dict[str, Any]:
+    """How this run or resume ended, with its own outcomes, for ``sluice status`` (sessions.jsonl)."""
+    return {
+        "ended": time.time(),
+        "elapsed": round(elapsed, 3),
+        "settled": counts["sent"] + counts["failed"],
+        "rejected": counts["rejected"],
+        "requests": requests,
+        "complete": complete,
+        "stopped": run.stop_reason,
+        "code": run.stop_code,
+    }
 
 
 @contextlib.contextmanager
@@ -280,6 +298,7 @@ async def run_campaign(
         and state.eof_rows is not None
     )
     log.info("run_finished", complete=complete, elapsed=round(final.elapsed, 3), **result_counts)
+    run_dir.record_session(_session(writer.counts, final.elapsed, complete, run, final.requests))
     return RunResult(
         counts=result_counts,
         complete=complete,
@@ -288,4 +307,5 @@ async def run_campaign(
         elapsed=final.elapsed,
         requests=final.requests,
         throttles=governor.throttles,
+        settled_now=writer.counts["sent"] + writer.counts["failed"],
     )

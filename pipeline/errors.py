@@ -11,7 +11,19 @@
 
 from __future__ import annotations
 
-__all__ = ("CampaignError", "RunDirError", "RunStopped", "SluiceError", "SourceError")
+__all__ = (
+    "DISK_FAULT",
+    "REJECT_RATIO",
+    "CampaignError",
+    "RunDirError",
+    "RunStopped",
+    "SluiceError",
+    "SourceError",
+)
+
+# Stop codes of the run's own (not the provider's), each with its exit code in the CLI.
+DISK_FAULT = "DiskFault"  # the run directory could not be written (exit 5)
+REJECT_RATIO = "RejectRatio"  # past [limits] max_reject_ratio: the wrong file (exit 2)
 
 
 class SluiceError(Exception):

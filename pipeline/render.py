@@ -21,7 +21,7 @@ from providers import registry
 from providers.base import Message, TextLimit
 
 if TYPE_CHECKING:
-    from pipeline.app.campaign import Campaign
+    from pipeline.app.campaign import Campaign, LimitsSpec
 
 __all__ = (
     "Rejection",
@@ -32,6 +32,7 @@ __all__ = (
     "mobile_problem",
     "normalize_phone",
     "reason_group",
+    "rejects_over_limit",
 )
 
 _FIELD = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
@@ -528,3 +529,15 @@ def _clean(value: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def rejects_over_limit(rejected: int, read: int, limits: LimitsSpec) -> str | None:
+    """Why the run stops when more than ``limits.max_reject_ratio`` of the rows read so far were
+    rejected (checked after every chunk, the first included), else None."""
+    if limits.max_reject_ratio >= 1 or read == 0 or rejected <= limits.max_reject_ratio * read:
+        return None
+    return (
+        f"{rejected:,} of the first {read:,} rows were rejected, more than limits.max_reject_ratio = "
+        f"{limits.max_reject_ratio:g}: is it the right file? `sluice export` lists them with their reasons; "
+        "fix the file and start a new run (or raise the limit)"
+    )

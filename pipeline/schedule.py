@@ -80,7 +80,7 @@ def parse_window(text: str, timezone: str, days: list[str] | None = None) -> Win
 
 
 class SendGate:
-    """Holds requests outside the send window and past the daily cap."""
+    """Holds requests before ``start_at``, outside the send window and past the daily cap."""
 
     def __init__(
         self,
@@ -89,6 +89,7 @@ class SendGate:
         daily_cap: int | None = None,
         cap_tz: ZoneInfo | None = None,
         sent_today: int = 0,
+        start_at: dt.datetime | None = None,
         now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
         sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
     ) -> None:
@@ -99,8 +100,17 @@ class SendGate:
         self._sleep = sleep
         self._day = self._today()
         self.sent_today = sent_today
+        self.start_at = start_at
         self.paused_until: dt.datetime | None = None
         self.pause_reason: str | None = None
+        self._aborted = False
+        self._sleeping: set[anyio.CancelScope] = set()
+
+    def abort(self) -> None:
+        """The run is stopping: requests waiting here go on at once (to see the stop)."""
+        self._aborted = True
+        for scope in self._sleeping:
+            scope.cancel()
 
     def _today(self) -> dt.date:
         return self._now().astimezone(self._cap_tz).date()
@@ -111,12 +121,14 @@ class SendGate:
 
     async def wait(self, recipients: int) -> None:
         """Return when ``recipients`` more may be sent now."""
-        while True:
+        while not self._aborted:
             now = self._now()
             if self._today() != self._day:
                 self._day, self.sent_today = self._today(), 0
             until: dt.datetime | None = None
-            if self.window is not None and not self.window.is_open(now):
+            if self.start_at is not None and now < self.start_at:
+                until, self.pause_reason = self.start_at, "waiting for schedule.start_at"
+            elif self.window is not None and not self.window.is_open(now):
                 until, self.pause_reason = self.window.next_open(now), "outside the send window"
             elif self.daily_cap is not None and self.sent_today + recipients > self.daily_cap:
                 nxt = self._next_day()
@@ -127,4 +139,9 @@ class SendGate:
                 self.sent_today += recipients
                 return
             self.paused_until = until
-            await self._sleep(max(0.0, (until - now).total_seconds()))
+            with anyio.CancelScope() as scope:
+                self._sleeping.add(scope)
+                try:
+                    await self._sleep(max(0.0, (until - now).total_seconds()))
+                finally:
+                    self._sleeping.discard(scope)

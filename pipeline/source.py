@@ -17,13 +17,16 @@ import sys
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import anyio
 import numpy as np
 import orjson
 
 from pipeline.errors import SourceError
+
+if TYPE_CHECKING:
+    from pipeline.app.campaign import Campaign
 
 __all__ = (
     "Chunk",
@@ -33,6 +36,7 @@ __all__ = (
     "Record",
     "Rows",
     "Source",
+    "check_decoded",
     "compare_file_fingerprints",
     "file_fingerprint",
     "record_offset",
@@ -145,10 +149,11 @@ def compare_file_fingerprints(pinned: dict[str, object], current: dict[str, obje
 
 @dataclass
 class CsvSource:
-    """A CSV file with a header row (UTF-8, optional BOM)."""
+    """A CSV file with a header row (UTF-8 with an optional BOM, GB18030 or UTF-16 with a BOM)."""
 
     path: Path
     delimiter: str = ","
+    encoding: str = "utf-8"  # utf-8 | gb18030 | utf-16 (campaign.ENCODINGS)
     # settled(first, stop): a flag per row first..stop-1 (shorter past the last one known),
     # 1 for a row settled earlier (admission's decision): yielded with only the ``keep``
     # columns, sparing a dict of every column.
@@ -164,9 +169,19 @@ class CsvSource:
 
     def _open(self) -> tuple[Iterator[list[str]], list[str] | None, object]:
         try:
-            f = self.path.open(encoding="utf-8-sig", errors="surrogateescape", newline="")
+            with self.path.open("rb") as raw:
+                head = raw.read(4)
+            f = self.path.open(encoding=_CODECS[self.encoding], errors="surrogateescape", newline="")
         except OSError as exc:
             raise SourceError(f"cannot open source {self.path}: {exc.strerror}") from None
+        has_utf16_bom = head[:2] in (b"\xff\xfe", b"\xfe\xff")
+        if has_utf16_bom != (self.encoding == "utf-16") and head:
+            f.close()
+            if has_utf16_bom:
+                raise SourceError(
+                    f'{self.path} is UTF-16 (it starts with its BOM): set [source] encoding = "utf-16"'
+                )
+            raise SourceError(f"{self.path} has no UTF-16 byte order mark: save it as UTF-16 with a BOM")
         reader = csv.reader(f, delimiter=self.delimiter)
         try:
             header = next(reader, None)
@@ -191,12 +206,15 @@ class CsvSource:
             if header is None:
                 return
             row = 0
-            offset = record_offset(self.path, self.skip_records) if self.skip_records > 0 else None
+            # Counting newline bytes finds records in UTF-8 and GB18030 (no multi-byte character
+            # holds a newline or a quote byte), not in UTF-16.
+            countable = self.skip_records > 0 and self.encoding != "utf-16"
+            offset = record_offset(self.path, self.skip_records) if countable else None
             if offset is not None:
                 f.close()  # type: ignore[attr-defined]
                 raw = self.path.open("rb")
                 raw.seek(offset)
-                f = io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape", newline="")
+                f = io.TextIOWrapper(raw, encoding=self.encoding, errors="surrogateescape", newline="")
                 reader = csv.reader(f, delimiter=self.delimiter)
                 row = self.rows_before = self.skip_records
             keep_at = [(c, header.index(c)) for c in self.keep if c in header]
@@ -247,6 +265,48 @@ class CsvSource:
                 # zip stops at the shorter side: extra cells dropped, missing absent
                 out.append((row, dict(zip(header, values))))  # noqa: B905
         return out
+
+
+_CODECS = {"utf-8": "utf-8-sig", "gb18030": "gb18030", "utf-16": "utf-16"}
+
+
+def check_decoded(chunk: Chunk, campaign: Campaign) -> None:
+    """Raise SourceError when ``chunk``, the first of a CSV file, holds bytes that are not in the
+    campaign's ``[source] encoding``, naming the encoding that reads them where another does.
+    With ``[limits] max_reject_ratio = 1`` such rows are rejected one by one instead."""
+    if campaign.source.kind != "csv" or campaign.limits.max_reject_ratio >= 1:
+        return
+    encoding, path = campaign.source.encoding, campaign.source.path
+    if isinstance(chunk, Columns):
+        texts = ["\x1f".join(column) for column in chunk.values]
+    else:
+        texts = ["\x1f".join(map(str, rec.values())) for _, rec in chunk if not isinstance(rec, str)]
+    bad = next((t for t in texts if not _decodes(t)), None)
+    if bad is None:
+        return
+    raw = bad.encode(encoding, "surrogateescape")  # the bytes as the file has them (no BOM)
+    hint = "save it as UTF-8, or set [source] encoding to the one it is in"
+    for other in ("utf-8", "gb18030"):
+        if other != encoding and _decodes_as(raw, other):
+            hint = f'it reads as {other}: set [source] encoding = "{other}"'
+            break
+    raise SourceError(f"{path} is not {encoding} (its first rows hold bytes that do not decode): {hint}")
+
+
+def _decodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a surrogate escape: a byte the codec could not decode
+        return False
+    return True
+
+
+def _decodes_as(raw: bytes, encoding: str) -> bool:
+    try:
+        raw.decode(encoding)
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def record_offset(path: Path, records: int, block_size: int = 1 << 20) -> int | None:

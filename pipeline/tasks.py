@@ -31,11 +31,12 @@ from pipeline.admit import Admission, skip_table
 from pipeline.app.campaign import Campaign
 from pipeline.batch import Batcher
 from pipeline.dispatch import Dispatcher
-from pipeline.errors import SourceError
+from pipeline.errors import REJECT_RATIO, SourceError
 from pipeline.ledger import LedgerState, LedgerWriter
 from pipeline.limit import RateGovernor
+from pipeline.render import rejects_over_limit
 from pipeline.schedule import SendGate
-from pipeline.source import Chunk, Source
+from pipeline.source import Chunk, Source, check_decoded
 from providers.base import Batch
 
 __all__ = ("Progress", "Run")
@@ -62,6 +63,8 @@ class Progress:
     chunks_capacity: int = 0
     batches_queued: int = 0
     batches_capacity: int = 0
+    earlier: int = 0  # recipients settled by earlier sessions (a resume): not in this session's rates
+    stopped: str | None = None
 
     @property
     def settled(self) -> int:
@@ -139,6 +142,8 @@ class Run:
             chunks_capacity=int(chunks.max_buffer_size),
             batches_queued=batches.current_buffer_used,
             batches_capacity=int(batches.max_buffer_size),
+            earlier=sum(self.base_counts[k] for k in ("sent", "failed", "unknown", "deferred")),
+            stopped=self.stop_reason,
         )
 
     # -- the tasks ----------------------------------------------------------------
@@ -151,6 +156,8 @@ class Run:
                 async for chunk in chunks:
                     if self.stop_event.is_set():
                         return
+                    if not sent:
+                        check_decoded(chunk, self.campaign)  # the wrong encoding: stop before sending
                     await self.chunks_send.send(chunk)
                     sent += 1
             except anyio.BrokenResourceError:
@@ -187,7 +194,13 @@ class Run:
                         for b in batcher.drain():
                             await send.send(b)
                         continue
-                    for b in batcher.add(self.admission.admit(chunk)):
+                    messages = self.admission.admit(chunk)
+                    rejected, read = self.writer.counts["rejected"], self.admission.rows_read
+                    too_many = rejects_over_limit(rejected, read, self.campaign.limits)
+                    if too_many:
+                        self.stop(too_many, REJECT_RATIO)
+                        return
+                    for b in batcher.add(messages):
                         await send.send(b)
                 if not self.stop_event.is_set():
                     for b in batcher.drain():

@@ -94,7 +94,12 @@ def make_campaign(tmp: Path, source: dict[str, Any], endpoint: str) -> Campaign:
             "source": src,
             "provider": {"kind": "simulator", "endpoint": endpoint, "protocol": "nxcloud", "timeout": 5.0},
             "message": {"sign_name": "Acme", "content": CONTENT},
-            "limits": {"batch_size": 5, "requests_per_second": 1000, "backoff_base_ms": 10},
+            "limits": {
+                "batch_size": 5,
+                "requests_per_second": 1000,
+                "backoff_base_ms": 10,
+                "max_reject_ratio": 1,
+            },
         },
         tmp,
     )

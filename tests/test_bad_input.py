@@ -40,7 +40,7 @@ class TestGarbageRows:
     def test_every_row_settled_and_nothing_crashes(self, rows: list[list[bytes]]) -> None:
         with tempfile.TemporaryDirectory() as d:
             tmp = Path(d)
-            campaign = make_campaign(tmp, [])
+            campaign = make_campaign(tmp, [], max_reject_ratio=1)
             (tmp / "r.csv").write_bytes(csv_bytes(rows))
             sent: list[str] = []
 
@@ -62,7 +62,7 @@ class TestGarbageRows:
         for content in (b"", b"id,phone,first\n"):
             d = tmp_path / str(len(content))
             d.mkdir()
-            campaign = make_campaign(d, [])
+            campaign = make_campaign(d, [], max_reject_ratio=1)
             (d / "r.csv").write_bytes(content)
             result = anyio.run(run, campaign, d, ok)
             assert result.complete and sum(result.counts.values()) == 0
@@ -89,6 +89,7 @@ class TestJsonl:
                 "source": {"kind": "jsonl", "path": "r.jsonl", "phone": "phone", "key": "id"},
                 "provider": {"kind": "simulator", "endpoint": "http://fake.invalid"},
                 "message": {"template_code": "T", "sign_name": "S", "params": {"n": "{first}"}},
+                "limits": {"max_reject_ratio": 1.0},  # every line read, however many are bad
             },
             tmp_path,
         )
@@ -149,7 +150,7 @@ class TestColumnarPrepare:
         rows = [
             {"id": str(i % 7), "phone": f"1380000{i:04d}", "first": "" if i == 3 else "Li"} for i in range(10)
         ]
-        campaign = make_campaign(tmp_path, rows)
+        campaign = make_campaign(tmp_path, rows, max_reject_ratio=1)
         sent: list[str] = []
 
         def handler(request: httpx.Request) -> httpx.Response:

@@ -604,7 +604,7 @@ class TestPostgresEndToEnd:
         )
         src = pg_src("uni")
         with simulator(tmp_path) as sim:
-            write_db_campaign(tmp_path / "c.toml", sim.url, src, sign="{sign}")
+            write_db_campaign(tmp_path / "c.toml", sim.url, src, sign="{sign}", max_reject_ratio=1)
             code, err = run_cli("run", str(tmp_path / "c.toml"), env=dsn_env)
             sim.stop()
         assert code == 0, err

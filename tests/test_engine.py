@@ -218,7 +218,7 @@ class TestStatusAndExport:
         s = summarize(tmp_path / "run")
         assert (s["sent"], s["failed"], s["rejected"]) == (19, 10, 1)
         assert s["codes"] == {"failed:isv.MOBILE_NUMBER_ILLEGAL": 10}
-        assert s["attempts"]["sent:"] == 2 and s["attempts"]["failed:isv.MOBILE_NUMBER_ILLEGAL"] == 1
+        assert s["attempts"]["sent"] == 2 and s["attempts"]["failed:isv.MOBILE_NUMBER_ILLEGAL"] == 1
         assert s["first_send"] <= s["last_send"] and s["complete"]
         buf = io.BytesIO()
         assert export_rows(tmp_path / "run", "jsonl", buf) == 30
@@ -228,9 +228,11 @@ class TestStatusAndExport:
         assert recs["k15"]["code"] == "isv.MOBILE_NUMBER_ILLEGAL"
         csv_buf = io.BytesIO()
         assert export_rows(tmp_path / "run", "csv", csv_buf) == 30
-        assert csv_buf.getvalue().splitlines()[0] == (
-            b"row,key,status,code,provider_id,batch,time,message,delivery,delivery_code,delivered_at"
+        header = (
+            b"row,key,phone,status,code,provider_id,batch,time,message,delivery,delivery_code,delivered_at"
         )
+        assert csv_buf.getvalue().splitlines()[0] == header
+        assert recs["k1"]["phone"] == "13800000001"
 
     async def test_export_keeps_only_the_last_outcome(self, tmp_path: Path) -> None:
         import io
@@ -442,7 +444,7 @@ class TestSuppressionAndPhoneDedupe:
         data = rows(10)
         data[5]["phone"] = data[1]["phone"]  # k6 has k2's number
         (tmp_path / "suppress.txt").write_text("# do not contact\n+86 138 0000 0003\nk4\n\n")
-        c = make_campaign(tmp_path, data)
+        c = make_campaign(tmp_path, data, max_reject_ratio=1)
         c = dataclasses.replace(
             c,
             source=dataclasses.replace(c.source, suppress=str(tmp_path / "suppress.txt"), dedupe_phone=True),

@@ -259,7 +259,7 @@ class TestOutcomesAddUp:
         assert s["attempts"]["unknown:InternalError"] == 1
         assert s["attempts"]["retry:ServiceUnavailable"] == 2  # max_attempts = 2, then deferred
         assert s["attempts"]["deferred:ServiceUnavailable"] == 1
-        assert s["attempts"]["sent:"] == 2
+        assert s["attempts"]["sent"] == 2
         report = orjson.loads((build_report(tmp_path / "run").parent / "report.json").read_bytes())
         assert report["summary"]["outcomes"] == s["outcomes"]
         assert sum(report["series"]["throttles_per_second"]) == 1

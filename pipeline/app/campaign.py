@@ -8,6 +8,7 @@ live here: they come from environment variables (see README).
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import hashlib
 import re
 import tomllib
@@ -15,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import httpx
 import orjson
@@ -37,11 +39,29 @@ __all__ = (
     "RunSpec",
     "ScheduleSpec",
     "SourceSpec",
+    "campaign_warnings",
     "load_campaign",
     "parse_campaign",
 )
 
 SOURCE_KINDS = ("csv", "jsonl", "sqlite", "postgres")
+ENCODINGS = {
+    "utf-8": "utf-8",
+    "utf8": "utf-8",
+    "gb18030": "gb18030",
+    "gbk": "gb18030",
+    "gb2312": "gb18030",
+    "utf-16": "utf-16",
+}
+"""``[source] encoding`` values, by the name the source uses (GB18030 is a superset of GBK and GB2312)."""
+DEFAULT_MAX_REJECT_RATIO = 0.2
+# Keys added after run directories were first written: left out of the campaign's digest at
+# their defaults, so a run started before them resumes without --force.
+_LATER_KEYS: dict[str, dict[str, object]] = {
+    "source": {"encoding": "utf-8"},
+    "limits": {"max_reject_ratio": DEFAULT_MAX_REJECT_RATIO},
+    "schedule": {"start_at": None},
+}
 DB_KINDS = ("sqlite", "postgres")
 _DB_ONLY = ("table", "query", "dsn_env", "shard", "key_from", "key_to")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -68,6 +88,7 @@ class SourceSpec:
     # Never send to these: a file of phone numbers or keys, one per line.
     suppress: str | None = None
     dedupe_phone: bool = False  # reject a second row with the same number as "duplicate phone"
+    encoding: str = "utf-8"  # csv: utf-8 (a BOM allowed) | gb18030 (covers GBK, GB2312) | utf-16 (with a BOM)
 
 
 @dataclass(frozen=True)
@@ -131,6 +152,8 @@ class LimitsSpec:
     breaker_window: int = 50  # batches; the circuit breaker looks at the last N outcomes
     breaker_threshold: float = 0.5  # stop when this share of them is unknown or deferred; 0 = off
     connect_failures: int = 5  # failed connects in a row (with backoff) that stop the run
+    # Stop before sending more once this share of the rows read is rejected (1 = never).
+    max_reject_ratio: float = DEFAULT_MAX_REJECT_RATIO
 
 
 @dataclass(frozen=True)
@@ -147,6 +170,19 @@ class ScheduleSpec:
     timezone: str = "UTC"
     days: list[str] | None = None  # ["mon", "tue", ...]; None: every day
     daily_cap: int | None = None  # recipients per day for the provider account
+    start_at: str | None = None  # "2026-12-05 09:00" in ``timezone``: nothing is sent before
+
+    def start_time(self) -> dt.datetime | None:
+        """``start_at`` as an aware datetime (raises ValueError naming the problem)."""
+        if self.start_at is None:
+            return None
+        try:
+            naive = dt.datetime.fromisoformat(self.start_at)
+        except ValueError:
+            raise ValueError(f"start_at {self.start_at!r} must look like 2026-12-05 09:00") from None
+        if naive.tzinfo is not None:
+            raise ValueError("start_at is a local time in schedule.timezone, without an offset")
+        return naive.replace(tzinfo=ZoneInfo(self.timezone))
 
     def gate_window(self) -> Window | None:
         """The parsed window (raises ValueError naming the problem)."""
@@ -176,6 +212,10 @@ class Campaign:
         """A stable hash of everything that decides what is sent."""
         data = self.to_dict()
         data.pop("run", None)
+        for section, defaults in _LATER_KEYS.items():
+            for name, default in defaults.items():
+                if data[section].get(name) == default:
+                    del data[section][name]
         return hashlib.sha256(orjson.dumps(data, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
     def templates(self) -> tuple[Template, dict[str, Template]]:
@@ -199,7 +239,13 @@ _REQUIRED = {
 }
 
 
-_FLOATS = ("requests_per_second", "recipients_per_second", "breaker_threshold", "price_per_segment")
+_FLOATS = (
+    "requests_per_second",
+    "recipients_per_second",
+    "breaker_threshold",
+    "price_per_segment",
+    "max_reject_ratio",
+)
 
 
 def _typed(section: str, name: str, value: object, default: object) -> object:
@@ -315,6 +361,12 @@ def parse_campaign(data: Mapping[str, Any], base_dir: Path) -> Campaign:
             raise CampaignError("source.suppress", f"{src['suppress']} is not a readable file")
     if len(src.get("delimiter", ",")) != 1:
         raise CampaignError("source.delimiter", "must be one character")
+    encoding = ENCODINGS.get(src.get("encoding", "utf-8").lower())
+    if encoding is None:
+        raise CampaignError("source.encoding", "must be utf-8, gb18030 (also for GBK and GB2312) or utf-16")
+    if encoding != "utf-8" and src["kind"] != "csv":
+        raise CampaignError("source.encoding", "is only for csv sources")
+    src["encoding"] = encoding
     if not src.get("default_country", "86").isdigit():
         raise CampaignError("source.default_country", "must be a country calling code, e.g. 86")
     if prov["kind"] not in registry.kinds():
@@ -336,6 +388,8 @@ def parse_campaign(data: Mapping[str, Any], base_dir: Path) -> Campaign:
         raise CampaignError("provider.on_refusal", f"must be one of {', '.join(ON_REFUSAL)}")
     options = {key.name: key.default for key in registry.config_keys().values()}
     message: dict[str, Any] = sections["message"]  # type: ignore[assignment]
+    if protocol == "submail" and "mode" not in prov:
+        _submail_mode_from_content(prov, message)
     problem = speaks.check_message({**options, **prov, **prov.get("options", {})}, message)
     if problem is not None:
         raise CampaignError(*problem)
@@ -360,6 +414,8 @@ def parse_campaign(data: Mapping[str, Any], base_dir: Path) -> Campaign:
         raise CampaignError("limits.breaker_window", "must be at least 1")
     if not 1 <= limits.connect_failures <= 100:
         raise CampaignError("limits.connect_failures", "must be between 1 and 100")
+    if not 0 < limits.max_reject_ratio <= 1:
+        raise CampaignError("limits.max_reject_ratio", "must be above 0 and at most 1 (1: never stop)")
     if limits.backoff_base_ms < 0 or limits.backoff_max_ms < limits.backoff_base_ms:
         raise CampaignError("limits.backoff_max_ms", "must be at least limits.backoff_base_ms")
 
@@ -381,6 +437,10 @@ def parse_campaign(data: Mapping[str, Any], base_dir: Path) -> Campaign:
             else ("schedule.days" if "days" in str(exc) else "schedule.window")
         )
         raise CampaignError(field_name, str(exc)) from None
+    try:
+        schedule.start_time()
+    except ValueError as exc:
+        raise CampaignError("schedule.start_at", str(exc)) from None
     if schedule.daily_cap is not None and schedule.daily_cap < limits.batch_size:
         raise CampaignError("schedule.daily_cap", "must be at least limits.batch_size")
 
@@ -406,6 +466,41 @@ def parse_campaign(data: Mapping[str, Any], base_dir: Path) -> Campaign:
         except TemplateError as exc:
             raise CampaignError("message.content", str(exc)) from None
     return campaign
+
+
+def _submail_mode_from_content(prov: dict[str, Any], message: dict[str, Any]) -> None:
+    """SUBMAIL without a ``mode``: ``batchsend`` for one text to all; for a ``content`` with
+    per-recipient ``{column}``s, ``multisend``, its ``@var(column)`` filled from ``params``
+    (batchsend would send one request per recipient: its batches share one text)."""
+    content = message.get("content")
+    if not isinstance(content, str):
+        return
+    try:
+        template = Template.compile(content)
+    except TemplateError:
+        return  # reported with the field's name below
+    literals = template.parts[::2]
+    if not template.columns or any("{" in t or "}" in t for t in literals):
+        return  # a literal brace: multisend's content is sent as written, so it cannot carry one
+    prov["mode"] = "multisend"
+    text = [f"@var({part})" if i % 2 else part for i, part in enumerate(template.parts)]
+    message["content"] = "".join(text)
+    message["params"] = {**{c: "{" + c + "}" for c in template.columns}, **message.get("params", {})}
+
+
+def campaign_warnings(campaign: Campaign) -> list[str]:
+    """What the operator should know before sending, though nothing is wrong."""
+    out = []
+    protocol = registry.protocol_of(campaign.provider.kind, campaign.provider.protocol)
+    content = campaign.message.content
+    if protocol == "submail" and campaign.provider.mode == "batchsend" and content is not None:
+        if Template.compile(content).columns:
+            out.append(
+                'provider.mode = "batchsend" with per-recipient {columns} in message.content costs one '
+                "request per recipient (a batchsend request carries one text): leave mode out, and "
+                "multisend sends them in batches"
+            )
+    return out
 
 
 def _check_source(src: dict[str, Any]) -> None:

@@ -3,7 +3,8 @@
 Exit codes:
   0    every recipient settled, none unknown or deferred
   1    an unexpected error (a bug: please report it)
-  2    a bad campaign file, option or run directory; nothing was sent
+  2    a bad campaign file, option, source or run directory; nothing was sent (or, past
+       [limits] max_reject_ratio, nothing more)
   3    finished, but some recipients are unknown or deferred (see ``sluice status``)
   4    stopped early: the provider refused the whole request (credentials,
        balance, template...), its TLS certificate was not accepted, or it could
@@ -35,8 +36,17 @@ from rich.markup import escape
 from rich.table import Table
 
 from pipeline.app._logging import configure_logging
+from pipeline.app.progress import ProgressReporter, ReconcileProgress, format_duration
 from pipeline.app.rundir import RunDir
-from pipeline.errors import CampaignError, RunDirError, RunStopped, SluiceError, SourceError
+from pipeline.errors import (
+    DISK_FAULT,
+    REJECT_RATIO,
+    CampaignError,
+    RunDirError,
+    RunStopped,
+    SluiceError,
+    SourceError,
+)
 from pipeline.ops.summary import export_rows, summarize
 
 if TYPE_CHECKING:  # imported by the commands that need them: `status` reads no campaign
@@ -56,6 +66,7 @@ __all__ = (
     "cmd_run",
     "cmd_simulate",
     "cmd_status",
+    "cmd_test_send",
     "embedded_simulator",
     "main",
 )
@@ -108,10 +119,10 @@ def _count_rows(campaign: Campaign) -> int | None:
 def _exit_code(result: RunResult, signalled: int | None) -> int:
     if signalled is not None:
         return SIGNAL_EXIT.get(signal.Signals(signalled), 130)
-    from pipeline.engine import DISK_FAULT
-
     if result.stop_code == DISK_FAULT:
         return EXIT_DISK
+    if result.stop_code == REJECT_RATIO:  # the wrong file, like a bad campaign file
+        return EXIT_USAGE
     if result.stopped is not None:
         return EXIT_STOPPED
     c = result.counts
@@ -122,7 +133,7 @@ def _exit_code(result: RunResult, signalled: int | None) -> int:
 
 def _summary(console: Console, result: RunResult, run_dir: Path) -> None:
     c = result.counts
-    rate = (c["sent"] + c["failed"]) / result.elapsed if result.elapsed > 0 else 0.0
+    rate = result.settled_now / result.elapsed if result.elapsed > 0 else 0.0  # this session's own
     table = Table(title=f"run {run_dir}", show_header=False)
     for k in ("sent", "failed", "rejected", "unknown", "deferred", "pending"):
         table.add_row(k, f"{c[k]:,}")
@@ -133,6 +144,8 @@ def _summary(console: Console, result: RunResult, run_dir: Path) -> None:
     console.print(table)
     if result.stopped:
         console.print(f"[bold red]stopped:[/] {escape(result.stopped)}", soft_wrap=True)
+        if not c["unknown"] and result.stop_code != REJECT_RATIO:
+            console.print(f"next: `sluice resume {run_dir}` sends the rest (once the cause is fixed)")
     if c["unknown"]:
         console.print(
             f"{c['unknown']:,} recipients are unknown (they may have reached the provider): "
@@ -156,10 +169,9 @@ async def _drive(fn: Any, kwargs: dict[str, Any], console: Console) -> tuple[Run
 
         tg.start_soon(watch)
         failure: SluiceError | None = None
-        from pipeline.app.progress import ProgressReporter
-
         try:
-            with ProgressReporter(console) as reporter:
+            title = f"sluice {'resume' if 'resend_unknown' in kwargs else 'run'} {kwargs['run_dir']}"
+            with ProgressReporter(console, title=title) as reporter:
                 result = await fn(**kwargs, stop=stop, on_progress=reporter)
         except SluiceError as exc:  # raised outside the task group, not as an ExceptionGroup
             failure = exc
@@ -213,6 +225,10 @@ def _execute(
         kwargs.update(campaign=campaign, run_dir=run_dir)
     with RunDir(run_dir).lock(f"sluice {'resume' if resume else 'run'}"):
         _open_log(run_dir, echo=not console.is_terminal)
+        from pipeline.app.campaign import campaign_warnings
+
+        for warning in campaign_warnings(campaign):
+            console.print(f"[bold yellow]warning:[/] {escape(warning)}", soft_wrap=True)
         if not campaign.provider.verify_tls:
             console.print(f"[bold yellow]warning:[/] {TLS_NOT_VERIFIED}")
         if campaign.provider.kind == registry.SIMULATOR and campaign.provider.endpoint is None:
@@ -244,7 +260,24 @@ def cmd_dry_run(campaign: Campaign, args: argparse.Namespace, console: Console) 
     table.add_row(
         "estimated cost", f"{report.estimated_cost:,.2f} (at {campaign.message.price_per_segment} a segment)"
     )
+    table.add_row("requests", f"{report.requests:,} (batches of up to {campaign.limits.batch_size:,})")
+    table.add_row("time at the configured rate", format_duration(report.seconds))
     out.print(table)
+    for preview in report.previews:
+        segs = preview["segments"]
+        where = f"{escape(str(preview['template']))}, row {preview['row']}, to {preview['phone']}"
+        out.print(f"first message ({where}, {segs} segment{'s' if segs != 1 else ''}):")
+        out.print(f"  {escape(str(preview['text']))}", soft_wrap=True)
+    from pipeline.app.campaign import campaign_warnings
+
+    for warning in campaign_warnings(campaign):
+        out.print(f"[bold yellow]warning:[/] {escape(warning)}", soft_wrap=True)
+    ratio = campaign.limits.max_reject_ratio
+    if ratio < 1 and report.rejected > ratio * report.rows:
+        out.print(
+            f"[bold yellow]warning:[/] {report.rejected / report.rows:.0%} of the rows are rejected, "
+            f"more than limits.max_reject_ratio = {ratio:g}: a run would stop (exit 2)"
+        )
     if not report.counted_template:
         out.print(
             "segments count the signature and parameters only: set message.template_text for the full text"
@@ -276,6 +309,8 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         run_dir = Path(campaign.run.dir)
     if run_dir is None:
         raise CampaignError("run.dir", "no run directory: set [run] dir or pass --run-dir")
+    if args.test_to is not None:
+        return cmd_test_send(campaign, run_dir, args, console)
     if args.listen is not None:
         with _listening(run_dir, args.listen, console):
             return _execute(campaign, run_dir, False, args, console)
@@ -301,6 +336,27 @@ def _listening(run_dir: Path, port: int, console: Console) -> Iterator[None]:
         proc.wait(timeout=30)
 
 
+
+def cmd_test_send(campaign: Campaign, base: Path, args: argparse.Namespace, console: Console) -> int:
+    """The first rendered message to ``--test-to``'s numbers only, in a run directory of its own."""
+    from pipeline.ops import testsend
+
+    numbers = testsend.parse_numbers(args.test_to, campaign.source.default_country)
+    row = anyio.run(testsend.first_sendable_row, campaign)
+    run_dir = testsend.run_dir_for_test(base)
+    code = _execute(
+        testsend.campaign_for_numbers(campaign, row, numbers, run_dir), run_dir, False, args, console
+    )
+    table = Table(title=f"test send: the provider's answer ({run_dir})")
+    for col in ("phone", "status", "code", "message", "provider id"):
+        table.add_column(col)
+    for answer in testsend.answers(run_dir, numbers):
+        cells = [answer[k] for k in ("phone", "status", "code", "message", "provider_id")]
+        table.add_row(*("" if v is None else escape(str(v)) for v in cells))
+    Console().print(table)
+    return code
+
+
 def cmd_resume(args: argparse.Namespace, console: Console) -> int:
     from pipeline.app.api import pinned_campaign
 
@@ -316,16 +372,39 @@ def cmd_status(args: argparse.Namespace, console: Console) -> int:
         return EXIT_OK
     out = Console()
     table = Table(title=f"run {args.run_dir}", show_header=False)
-    keys = ("sent", "failed", "rejected", "unknown", "deferred", "pending", "source_rows", "complete")
     delivery = ("delivered", "undelivered", "awaiting_receipt", "unmatched_receipts")
-    for k in keys + (delivery if status["delivered"] or status["undelivered"] else ()):
-        v = status[k]
-        table.add_row(k, f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v))
+    for k in (
+        "sent",
+        "failed",
+        "rejected",
+        "unknown",
+        "in_flight",
+        "deferred",
+        "pending",
+        "source_rows",
+        "complete",
+        *(delivery if status["delivered"] or status["undelivered"] else ()),
+    ):
+        v = status.get(k)
+        if k == "in_flight" and v is None:
+            continue
+        if k == "pending" and v is None:
+            text = "not yet read"
+        elif k == "source_rows" and v is None:
+            text = "not yet known"
+        else:
+            text = f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v)
+        if k == "source_rows" and status["source_rows_estimated"]:
+            text += " (lines in the file)"
+        table.add_row(k.replace("_", " "), text)
     for k in ("first_send", "last_send"):
         if status[k] is not None:
-            table.add_row(k, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(status[k])))
-    if status["avg_rate"] is not None:
-        table.add_row("avg recipients/s", f"{status['avg_rate']:,.0f}")
+            table.add_row(k.replace("_", " "), time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(status[k])))
+    rates = status["rates"]
+    if rates["last_session"] is not None:
+        table.add_row("recipients/s, last session", f"{rates['last_session']:,.0f}")
+    if rates["all_sessions"] is not None and rates["sessions"] > 1:
+        table.add_row(f"recipients/s, all {rates['sessions']} sessions", f"{rates['all_sessions']:,.0f}")
     table.add_row("requests", f"{status['requests']:,}")
     if status["splits"]:
         table.add_row(
@@ -341,7 +420,7 @@ def cmd_status(args: argparse.Namespace, console: Console) -> int:
         out.print(f"[bold red]{status['ledger_problem']}[/]")
     if status["stopped"] is not None:
         stop = status["stopped"]
-        text = f"{stop['code'] or ''}: {stop['message'] or ''}"
+        text = f"{stop['code']}: {stop['message'] or ''}" if stop["code"] else str(stop["message"] or "")
         out.print(f"[bold red]stopped:[/] {escape(text)}", soft_wrap=True)
     if status["codes"]:
         codes = Table(title="recipients by status and provider code")
@@ -355,8 +434,11 @@ def cmd_status(args: argparse.Namespace, console: Console) -> int:
         attempts.add_column("outcome:code")
         attempts.add_column("attempts", justify="right")
         for code, n in status["attempts"].items():
-            attempts.add_row(code, f"{n:,}")
+            # "mixed": a request answered recipient by recipient (their codes are in the table above)
+            attempts.add_row("answered per recipient" if code == "mixed" else code, f"{n:,}")
         out.print(attempts)
+    if status["next"] is not None:
+        out.print(f"next: [bold]{escape(status['next'])}[/]", soft_wrap=True)
     return EXIT_OK
 
 
@@ -367,10 +449,13 @@ def cmd_reconcile(args: argparse.Namespace, console: Console) -> int:
     rd.load()
     with rd.lock("sluice reconcile"):
         _open_log(rd.path, echo=not console.is_terminal)
-        result = anyio.run(
-            lambda: reconcile_run(rd.path, queries_per_second=args.qps, settle_after=args.settle_after),
-            backend_options=_backend_options(),
-        )
+        with ReconcileProgress(console) as progress:
+            result = anyio.run(
+                lambda: reconcile_run(
+                    rd.path, queries_per_second=args.qps, settle_after=args.settle_after, on_progress=progress
+                ),
+                backend_options=_backend_options(),
+            )
     table = Table(title=f"reconciled {args.run_dir}", show_header=False)
     for k, v in vars(result).items():
         table.add_row(k, str(v))
@@ -564,6 +649,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--listen", type=int, metavar="PORT", help="run `sluice listen` on PORT for the run's duration"
     )
+    r.add_argument(
+        "--test-to",
+        metavar="PHONE[,PHONE...]",
+        help="send the first rendered message to these numbers only, in a run directory of its own",
+    )
     r.set_defaults(func=cmd_run)
 
     s = sub.add_parser("resume", help="resume a run after a crash or a stop")
@@ -682,6 +772,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "json", False) and args.command == "run" and not args.dry_run:
         parser.error("--json goes with --dry-run (a run reports on the terminal; see `sluice status --json`)")
+    if args.command == "run" and args.dry_run and args.test_to is not None:
+        parser.error("--test-to sends; --dry-run does not: use one of them")
     console = Console(stderr=True)
     try:
         try:
@@ -689,10 +781,10 @@ def main(argv: list[str] | None = None) -> int:
         except BaseExceptionGroup as group:
             raise _sluice_error(group) from group
     except CampaignError as exc:
-        console.print(f"[bold red]error:[/] {exc}")
+        console.print(f"[bold red]error:[/] {escape(str(exc))}")
         return EXIT_USAGE
     except (RunDirError, SourceError) as exc:
-        console.print(f"[bold red]error:[/] {exc}")
+        console.print(f"[bold red]error:[/] {escape(str(exc))}")
         return EXIT_USAGE
     except RunStopped as exc:  # before the first send (SUBMAIL's server time): nothing was sent
         console.print(f"[bold red]stopped:[/] {escape(exc.reason)}", soft_wrap=True)

@@ -1,5 +1,6 @@
 """Run directory: ``run.json`` (the pinned campaign), ``ledger.jsonl``, ``log.jsonl``,
-``checkpoint.json`` (how long the ledger was last seen) and ``run.lock`` (who runs it).
+``checkpoint.json`` (how long the ledger was last seen), ``sessions.jsonl`` (how each run or
+resume ended) and ``run.lock`` (who runs it).
 
 The directory and its files are created readable by the owner only: the ledger
 and the log hold personal data (keys, row numbers, provider ids).
@@ -90,6 +91,10 @@ class RunDir:
     @property
     def checkpoint(self) -> Path:
         return self.path / "checkpoint.json"
+
+    @property
+    def sessions(self) -> Path:
+        return self.path / "sessions.jsonl"
 
     @property
     def lock_file(self) -> Path:
@@ -295,3 +300,30 @@ class RunDir:
     def record_ledger_bytes(self, size: int) -> None:
         write_json_atomic(self.checkpoint, {"ledger_bytes": size})
 
+    def record_session(self, session: dict[str, Any]) -> None:
+        """Append how one run or resume ended (``sessions.jsonl``: status reads the stop and the
+        rates of each session from it). Best effort: the ledger is the record of what was sent."""
+        try:
+            fd = os.open(self.sessions, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)  # owner only
+            try:
+                os.write(fd, orjson.dumps(session) + b"\n")
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
+
+    def load_sessions(self) -> list[dict[str, Any]]:
+        """Every session recorded, oldest first (a torn last line is skipped)."""
+        out: list[dict[str, Any]] = []
+        try:
+            lines = self.sessions.read_bytes().splitlines()
+        except OSError:
+            return out
+        for line in lines:
+            try:
+                doc = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(doc, dict):
+                out.append(doc)
+        return out

@@ -25,7 +25,10 @@ from dataclasses import dataclass, field
 
 from pipeline.admit import Admission, Rejects, open_source
 from pipeline.app.campaign import Campaign
+from pipeline.keys import KeySet
 from pipeline.render import campaign_text_limit, reason_group
+from pipeline.source import check_decoded
+from providers import registry
 from providers.base import fill_template, sign_and_params
 
 __all__ = ("DryRunReport", "dry_run", "segments")
@@ -60,6 +63,10 @@ class DryRunReport:
     estimated_cost: float = 0.0
     counted_template: bool = False
     examples: list[tuple[int, str, str]] = field(default_factory=list)
+    # The first rendered message per provider template: {template, row, phone, text, segments}.
+    previews: list[dict[str, object]] = field(default_factory=list)
+    requests: int = 0  # send requests the run would make (none retried)
+    seconds: float = 0.0  # how long they take at [limits] requests_per_second (and recipients_per_second)
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -72,6 +79,9 @@ class DryRunReport:
             "estimated_cost": round(self.estimated_cost, 4),
             "counted_template": self.counted_template,
             "rejected_examples": [{"row": r, "key": k, "reason": e} for r, k, e in self.examples],
+            "previews": self.previews,
+            "requests": self.requests,
+            "seconds": round(self.seconds, 1),
         }
 
 
@@ -90,9 +100,18 @@ async def dry_run(campaign: Campaign, *, max_examples: int = 20) -> DryRunReport
                 report.examples.append((row, key, reason))
 
     admission = Admission(campaign, rejected)
+    template_name = _template_name(campaign)
+    # SUBMAIL batchsend groups recipients by their exact text: a request per distinct text at least.
+    by_text = KeySet() if _groups_by_text(campaign) else None
+    distinct_texts = 0
+    first = True
     chunks = open_source(campaign, columnar=True).chunks()
     try:
         async for chunk in chunks:
+            if first:
+                check_decoded(chunk, campaign)  # as a run would: the wrong encoding stops here
+                first = False
+            texts: list[str] = []
             for m in admission.admit(chunk):
                 if limit is not None:
                     text = limit.text(m)
@@ -101,13 +120,48 @@ async def dry_run(campaign: Campaign, *, max_examples: int = 20) -> DryRunReport
                 else:
                     text = sign_and_params(m)
                 n = segments(text, domestic_cn=m.phone.startswith("861"))
+                if not report.previews:
+                    report.previews.append(
+                        {
+                            "template": template_name,
+                            "row": m.row,
+                            "phone": m.phone,
+                            "text": text,
+                            "segments": n,
+                        }
+                    )
+                texts.append(text)
                 report.sendable += 1
                 report.segments += n
                 report.by_segments[n] += 1
+            if by_text is not None and texts:
+                distinct_texts += len(texts) - sum(by_text.add(texts))
     finally:
         aclose = getattr(chunks, "aclose", None)
         if aclose is not None:
             await aclose()
     report.rows = admission.rows_read
     report.estimated_cost = report.segments * campaign.message.price_per_segment
+    limits = campaign.limits
+    report.requests = max(-(-report.sendable // limits.batch_size), distinct_texts)
+    report.seconds = report.requests / limits.requests_per_second
+    if limits.recipients_per_second is not None:
+        report.seconds = max(report.seconds, report.sendable / limits.recipients_per_second)
     return report
+
+
+def _template_name(campaign: Campaign) -> str:
+    """The provider template a message is sent with, as the campaign names it."""
+    m = campaign.message
+    if m.card_template_code:
+        return f"card {m.card_template_code} (fallback {m.template_code or m.fallback_type})"
+    if m.template_code:
+        return m.template_code
+    if m.project:
+        return f"project {m.project}"
+    return "message.content"
+
+
+def _groups_by_text(campaign: Campaign) -> bool:
+    protocol = registry.protocol_of(campaign.provider.kind, campaign.provider.protocol)
+    return protocol == "submail" and campaign.provider.mode == "batchsend"

@@ -81,15 +81,20 @@ async def reconcile_run(
     settle_after: float = 600.0,
     transport: httpx.AsyncBaseTransport | None = None,
     clock: Callable[[], float] = time.time,
+    on_progress: Callable[[int, int, float], None] | None = None,
 ) -> ReconcileResult:
     """Query the provider for every unknown recipient of ``run_dir`` and settle what it can.
 
     ``queries_per_second`` defaults to 50, and to one a minute for SUBMAIL's ``sms/log``.
+    ``on_progress(checked, to_check, queries_per_second)`` is called before the first query and
+    after each recipient is checked.
     """
     rd = RunDir(run_dir)
     rd.load()
     with rd.lock("sluice reconcile"):
-        return await _reconcile(rd, endpoint, queries_per_second, concurrency, settle_after, transport, clock)
+        return await _reconcile(
+            rd, endpoint, queries_per_second, concurrency, settle_after, transport, clock, on_progress
+        )
 
 
 async def _reconcile(
@@ -100,6 +105,7 @@ async def _reconcile(
     settle_after: float,
     transport: httpx.AsyncBaseTransport | None,
     clock: Callable[[], float],
+    on_progress: Callable[[int, int, float], None] | None = None,
 ) -> ReconcileResult:
     campaign, doc = pinned_campaign(rd)
     rd.check_ledger(doc, force=False)
@@ -122,6 +128,9 @@ async def _reconcile(
         out_id, t = intents[row]
         todo.append(UnknownSend(row, key, phone, out_id, t))
     rate = queries_per_second or query.queries_per_second
+    log.info("reconcile_started", unknown=len(todo), queries_per_second=rate)
+    progress = on_progress or (lambda checked, total, qps: None)
+    progress(0, len(todo), rate)
     governor = RateGovernor(rate, min_rate=rate)
     transport = transport or HttpTransport(
         max_connections=concurrency,
@@ -154,6 +163,7 @@ async def _reconcile(
             result.still_unknown += 1
             if verdict.startswith("error:"):
                 result.query_errors[verdict[6:]] = result.query_errors.get(verdict[6:], 0) + 1
+        progress(result.checked, len(todo), rate)
 
     async with transport:
         if query.sweep is not None:

@@ -18,6 +18,7 @@ import base64
 import html
 import io
 import math
+import time
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from pipeline.ledger import Attempt, Intent, events
 from pipeline.ops.receipts import delivery_report
 from pipeline.ops.summary import summarize
 
-__all__ = ("build_report", "collect_series")
+__all__ = ("build_report", "chart_step", "collect_series")
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -37,8 +38,9 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
-def collect_series(ledger: Path, *, latency_buckets: int = 60) -> dict[str, Any]:
-    """Per-second settled recipients, retries and throttles; latency percentiles over time."""
+def collect_series(ledger: Path, *, latency_buckets: int = 60, step: float = 1.0) -> dict[str, Any]:
+    """Settled recipients, retries and throttles per ``step`` seconds (counts per bucket, the
+    bucket's start in ``seconds``); latency percentiles over time."""
     rows_in_batch: dict[int, int] = {}
     settled: dict[str, Counter[int]] = defaultdict(Counter)
     retries: Counter[int] = Counter()
@@ -49,7 +51,7 @@ def collect_series(ledger: Path, *, latency_buckets: int = 60) -> dict[str, Any]
         if isinstance(event, Intent):
             rows_in_batch[event.batch] = len(event.rows)
         elif isinstance(event, Attempt) and event.time is not None:
-            second = int(event.time)
+            second = math.floor(event.time / step)
             if event.status in ("retry", "throttled"):  # sent again: a throttle is a retry too
                 retries[second] += 1
                 throttles[second] += event.status == "throttled"
@@ -63,8 +65,9 @@ def collect_series(ledger: Path, *, latency_buckets: int = 60) -> dict[str, Any]
     start = seconds[0] if seconds else 0
     span = range(start, seconds[-1] + 1) if seconds else range(0)
     out: dict[str, Any] = {
-        "start": start,
-        "seconds": [s - start for s in span],
+        "start": start * step,
+        "step": step,
+        "seconds": [round((s - start) * step, 3) for s in span],
         "settled_per_second": {k: [c.get(s, 0) for s in span] for k, c in sorted(settled.items())},
         "retries_per_second": [retries.get(s, 0) for s in span],
         "throttles_per_second": [throttles.get(s, 0) for s in span],
@@ -74,13 +77,13 @@ def collect_series(ledger: Path, *, latency_buckets: int = 60) -> dict[str, Any]
     if latencies:
         latencies.sort()
         t0, t1 = latencies[0][0], latencies[-1][0]
-        width = max((t1 - t0) / latency_buckets, 1.0)
+        width = max((t1 - t0) / latency_buckets, min(step, 1.0))
         buckets: dict[int, list[float]] = defaultdict(list)
         for t, ms in latencies:
             buckets[int((t - t0) / width)].append(ms)
         lat = out["latency_ms"]
         for b in sorted(buckets):
-            lat["t"].append(round(b * width + t0 - start, 3))
+            lat["t"].append(round(b * width + t0 - start * step, 3))
             for name, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99)):
                 lat[name].append(_percentile(buckets[b], q))
     return out
@@ -92,20 +95,45 @@ def _png(fig: Any) -> bytes:
     return buf.getvalue()
 
 
+def chart_step(ledger: Path) -> float:
+    """The bucket the charts use: a second, or finer for a run shorter than 30 s (so that a run
+    under a second still draws a line, not one point)."""
+    times = [
+        e.time for e in events(ledger, recipients=False) if isinstance(e, Attempt) and e.time is not None
+    ]
+    span = max(times) - min(times) if times else 0.0
+    for step in (0.05, 0.1, 0.25, 0.5):
+        if span <= 30 * step:
+            return step
+    return 1.0
+
+
+def _time_axis(ax: Any, x: list[float], step: float, ylabel: str) -> None:
+    """Axes that start at 0 (no negative counts), span at least a second, a legend beside the plot."""
+    ax.set_xlim(0, max([*x, 0.0]) + step if x else 1.0)
+    ax.set_ylim(0, max(ax.get_ylim()[1], 1.0))  # all zero: an axis of 0..1, not of ±0.05
+    ax.set(xlabel="seconds since first send", ylabel=ylabel)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+
+
 def _charts(series: dict[str, Any], codes: dict[str, int]) -> dict[str, bytes]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     charts: dict[str, bytes] = {}
     x = series["seconds"]
+    step = series["step"]
+    few = len(x) < 5  # markers, so a short run's points show
+    style: dict[str, Any] = {"linewidth": 1.2, "marker": "o" if few else None, "markersize": 3}
 
     fig, ax = plt.subplots(figsize=(8, 3.2))
     for name, values in series["settled_per_second"].items():
-        ax.plot(x, values, label=name, linewidth=1.2)
-    ax.set(title="recipients settled per second", xlabel="seconds since first send", ylabel="recipients/s")
-    ax.legend(loc="upper right", fontsize=8)
+        ax.plot(x, [v / step for v in values], label=name, **style)
+    ax.set_title("recipients settled per second")
+    _time_axis(ax, x, step, "recipients/s")
     charts["sends_per_second.png"] = _png(fig)
     plt.close(fig)
 
@@ -113,6 +141,7 @@ def _charts(series: dict[str, Any], codes: dict[str, int]) -> dict[str, bytes]:
     labels = list(codes) or ["(none)"]
     ax.barh(labels, [codes.get(k, 0) for k in labels], color="#4477aa")
     ax.set(title="recipients by final outcome and code", xlabel="recipients")
+    ax.set_xlim(left=0)
     ax.invert_yaxis()
     charts["outcomes.png"] = _png(fig)
     plt.close(fig)
@@ -120,25 +149,49 @@ def _charts(series: dict[str, Any], codes: dict[str, int]) -> dict[str, bytes]:
     lat = series["latency_ms"]
     fig, ax = plt.subplots(figsize=(8, 3.2))
     for name in ("p50", "p90", "p99"):
-        ax.plot(lat["t"], lat[name], label=name, linewidth=1.2)
-    ax.set(title="request latency per batch", xlabel="seconds since first send", ylabel="ms")
-    ax.legend(loc="upper right", fontsize=8)
+        ax.plot(lat["t"], lat[name], label=name, linewidth=1.2, marker="o" if len(lat["t"]) < 5 else None)
+    ax.set_title("request latency per batch")
+    _time_axis(ax, lat["t"], step, "ms")
     charts["latency.png"] = _png(fig)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(8, 3.2))
-    ax.plot(x, series["retries_per_second"], label="retries", linewidth=1.2)
-    ax.plot(x, series["throttles_per_second"], label="throttles", linewidth=1.2)
-    ax.plot(x, series["splits_per_second"], label="splits", linewidth=1.2)
-    ax.set(
-        title="retries, throttles and splits per second",
-        xlabel="seconds since first send",
-        ylabel="requests/s",
-    )
-    ax.legend(loc="upper right", fontsize=8)
+    for key, label in (("retries", "retries"), ("throttles", "throttles"), ("splits", "splits")):
+        ax.plot(x, [v / step for v in series[f"{key}_per_second"]], label=label, **style)
+    ax.set_title("retries, throttles and splits per second")
+    _time_axis(ax, x, step, "requests/s")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     charts["retries.png"] = _png(fig)
     plt.close(fig)
     return charts
+
+
+def _identity(doc: dict[str, Any]) -> dict[str, Any]:
+    """Which run this is: its id, when it started, the campaign's provider, template and source."""
+    campaign = doc.get("campaign", {})
+    provider = campaign.get("provider", {})
+    message = campaign.get("message", {})
+    source = campaign.get("source", {})
+    kind = provider.get("kind")
+    if kind == "simulator":
+        kind = f"simulator ({provider.get('protocol')})"
+    template = message.get("template_code") or message.get("project") or message.get("content") or ""
+    return {
+        "run_id": doc.get("run_id"),
+        "provider": kind,
+        "template": template,
+        "sign_name": message.get("sign_name"),
+        "source": source.get("path") or source.get("table") or source.get("kind"),
+    }
+
+
+def _shown(name: str, value: object) -> str:
+    """A summary value for a reader: times as local dates, numbers with separators."""
+    if name in ("first_send", "last_send") and isinstance(value, int | float):
+        return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(value))
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return "" if value is None else str(value)
 
 
 def build_report(run_dir: Path, out_dir: Path | None = None) -> Path:
@@ -147,9 +200,11 @@ def build_report(run_dir: Path, out_dir: Path | None = None) -> Path:
     rd.load()
     out = out_dir or run_dir / "report"
     out.mkdir(parents=True, exist_ok=True, mode=0o700)
+    doc = rd.load(strict=False)
     summary = summarize(run_dir)
     series = collect_series(rd.ledger)
-    charts = _charts(series, summary["outcomes"])
+    step = chart_step(rd.ledger)
+    charts = _charts(series if step == 1.0 else collect_series(rd.ledger, step=step), summary["outcomes"])
     delivery, delivery_charts = delivery_report(run_dir, summary["sent"])
     summary.update(delivery)
     charts.update(delivery_charts)
@@ -159,8 +214,8 @@ def build_report(run_dir: Path, out_dir: Path | None = None) -> Path:
         orjson.dumps({"summary": summary, "series": series}, option=orjson.OPT_INDENT_2)
     )
     rows = "".join(
-        f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>"
-        for k, v in summary.items()
+        f"<tr><td>{html.escape(k.replace('_', ' '))}</td><td>{html.escape(_shown(k, v))}</td></tr>"
+        for k, v in [*_identity(doc).items(), *summary.items()]
         if not isinstance(v, dict)
     )
     images = "".join(

@@ -67,7 +67,7 @@ def summarize(run_dir: Path) -> dict[str, Any]:
             requests += 1
             split_requests += event.parent is not None  # a part of a split batch
         elif isinstance(event, Attempt):
-            attempts[f"{event.status}:{event.code or ''}"] += 1
+            attempts[f"{event.status}:{event.code}" if event.code else event.status] += 1
             if event.status == "fatal":
                 stopped = {"code": event.code, "message": event.message, "time": event.time}
             elif event.status not in ("retry", "throttled"):
@@ -95,7 +95,83 @@ def summarize(run_dir: Path) -> dict[str, Any]:
     span = (last - first) if first is not None and last is not None else 0.0
     out["avg_rate"] = round((out["sent"] + out["failed"]) / span, 1) if span > 0 else None
     out.update(delivery_counts(run_dir).as_status(out["sent"]))
+    _after_stop(out, rd, doc, state, stopped)
     return out
+
+
+def _after_stop(
+    out: dict[str, Any], rd: RunDir, doc: dict[str, Any], state: LedgerState, fatal: dict[str, Any] | None
+) -> None:
+    """What a stopped (or running) run needs said: rows in flight apart while it runs, pending
+    against the source's row count, the stop's reason and code, the next command, and the
+    rates of the last session and of all of them."""
+    inflight = state.counts()["inflight"]
+    if out["running"] is not None:  # in flight now, not unknown
+        out["unknown"] -= inflight
+        out["in_flight"] = inflight
+    rows = state.eof_rows
+    out["source_rows_estimated"] = False
+    if rows is None:
+        rows = _count_source_rows(doc)
+        out["source_rows"] = rows
+        out["source_rows_estimated"] = rows is not None
+    if rows is not None:
+        seen = sum(out[k] for k in ("sent", "failed", "rejected", "unknown", "deferred")) + out.get(
+            "in_flight", 0
+        )
+        out["pending"] = max(0, rows - seen)
+    else:
+        out["pending"] = None  # not yet read: a database source counts its rows when read
+    sessions = rd.load_sessions()
+    last = sessions[-1] if sessions else None
+    if last is not None and last.get("stopped"):
+        out["stopped"] = {"code": last.get("code"), "message": last["stopped"], "time": last.get("ended")}
+    elif (
+        fatal is None
+        and out["running"] is None
+        and not out["complete"]
+        and (last is None or last["complete"])
+    ):
+        if out["first_send"] is not None:
+            out["stopped"] = {
+                "code": "Interrupted",
+                "message": "the process ended without a clean stop",
+                "time": None,
+            }
+    out["next"] = None
+    if out["running"] is None and (out["unknown"] or not out["complete"] or out["deferred"]):
+        command = "reconcile" if out["unknown"] else "resume"
+        out["next"] = f"sluice {command} {rd.path}"
+    out["rates"] = {
+        "last_session": _rate(last["settled"], last["elapsed"]) if last is not None else None,
+        "all_sessions": _rate(
+            sum(x.get("settled", 0) for x in sessions), sum(x.get("elapsed", 0) for x in sessions)
+        ),
+        "sessions": len(sessions),
+    }
+
+
+def _rate(settled: int, elapsed: float) -> float | None:
+    return round(settled / elapsed, 1) if elapsed > 0 and settled else None
+
+
+def _count_source_rows(doc: dict[str, Any]) -> int | None:
+    """The recipients in a CSV or JSONL source, counted by lines (a quoted field spanning lines
+    counts more than once); None for a database source or a file gone."""
+    source = doc.get("campaign", {}).get("source", {})
+    kind, path = source.get("kind"), source.get("path")
+    if kind not in ("csv", "jsonl") or not path:
+        return None
+    newline = "\n".encode(_CODEC.get(source.get("encoding") or "utf-8", "utf-8"))
+    try:
+        with open(path, "rb") as f:
+            n = sum(block.count(newline) for block in iter(lambda: f.read(1 << 20), b""))
+    except OSError:
+        return None
+    return max(0, n - 1) if kind == "csv" else n
+
+
+_CODEC = {"utf-16": "utf-16-le"}  # a newline without the BOM
 
 
 def _outcomes(finals: Counter[tuple[str, str | None]], state: LedgerState) -> dict[str, int]:
@@ -112,12 +188,13 @@ def _outcomes(finals: Counter[tuple[str, str | None]], state: LedgerState) -> di
     return dict(out.most_common())
 
 
-def _final_lines(ledger: Path) -> Iterator[dict[str, Any]]:
+def _final_lines(ledger: Path, phones: dict[int, str]) -> Iterator[dict[str, Any]]:
     """Each settled row's final state, as ``export`` writes it."""
     for final in final_states(ledger, replay(ledger)):
         yield {
             "row": final.row,
             "key": final.key,
+            "phone": phones.get(final.row, ""),
             "status": final.status,
             "code": final.code or final.reason,
             "provider_id": final.provider_id,
@@ -127,16 +204,64 @@ def _final_lines(ledger: Path) -> Iterator[dict[str, Any]]:
         }
 
 
-EXPORT_FIELDS = ("row", "key", "status", "code", "provider_id", "batch", "time", "message", *DELIVERY_FIELDS)
+EXPORT_FIELDS = (
+    "row",
+    "key",
+    "phone",
+    "status",
+    "code",
+    "provider_id",
+    "batch",
+    "time",
+    "message",
+    *DELIVERY_FIELDS,
+)
+
+
+def _source_phones(rd: RunDir) -> dict[int, str]:
+    """Row → the phone column as the source has it (so a rejected row can be found and fixed),
+    read from the run's CSV or JSONL source, numbered as the run numbered them; empty for a
+    database source or a file that cannot be read."""
+    from pipeline.app.api import pinned_campaign
+
+    campaign, _ = pinned_campaign(rd, strict=False)
+    spec = campaign.source
+    phones: dict[int, str] = {}
+    try:
+        if spec.kind == "csv":
+            codec = {"utf-8": "utf-8-sig"}.get(spec.encoding, spec.encoding)
+            with open(spec.path, encoding=codec, errors="replace", newline="") as f:
+                reader = csv.reader(f, delimiter=spec.delimiter)
+                header = [h.strip() for h in next(reader, [])]
+                at = header.index(spec.phone) if spec.phone in header else -1
+                row = 0
+                for values in reader:
+                    if values:  # a blank line is not a record (as CsvSource counts)
+                        row += 1
+                        if 0 <= at < len(values):
+                            phones[row] = values[at]
+        elif spec.kind == "jsonl":
+            with open(spec.path, "rb") as b:
+                for row, line in enumerate(b, 1):
+                    try:
+                        obj = orjson.loads(line)
+                    except orjson.JSONDecodeError:
+                        continue
+                    if isinstance(obj, dict) and spec.phone in obj:
+                        phones[row] = str(obj[spec.phone])
+    except (OSError, csv.Error):
+        return {}
+    return phones
 
 
 def export_rows(run_dir: Path, fmt: str, out: IO[bytes]) -> int:
     """Write the final outcome of every settled recipient as CSV or JSONL; returns the count."""
     rd = RunDir(run_dir)
     rd.load()
+    phones = _source_phones(rd)
     n = 0
     if fmt == "jsonl":
-        for rec in with_delivery(_final_lines(rd.ledger), run_dir):
+        for rec in with_delivery(_final_lines(rd.ledger, phones), run_dir):
             out.write(orjson.dumps(rec) + b"\n")
             n += 1
         return n
@@ -145,7 +270,7 @@ def export_rows(run_dir: Path, fmt: str, out: IO[bytes]) -> int:
     text = io.TextIOWrapper(out, encoding="utf-8", newline="", write_through=True)
     writer = csv.DictWriter(text, fieldnames=EXPORT_FIELDS)
     writer.writeheader()
-    for rec in with_delivery(_final_lines(rd.ledger), run_dir):
+    for rec in with_delivery(_final_lines(rd.ledger, phones), run_dir):
         writer.writerow(rec)
         n += 1
     text.detach()
