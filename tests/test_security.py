@@ -12,7 +12,7 @@ import orjson
 import pytest
 import structlog
 
-from pipeline.app import cli
+from pipeline.app import run_commands
 from pipeline.app._logging import Redactor, configure_logging
 from pipeline.app.campaign import parse_campaign
 from pipeline.errors import CampaignError
@@ -144,8 +144,8 @@ class TestEveryProvidersSecrets:
             handed["secrets"] = list(secrets)
             log_file.close()
 
-        monkeypatch.setattr(cli, "configure_logging", keep_secrets)
-        cli._open_log(tmp_path, echo=False)  # what `sluice run` masks in its log
+        monkeypatch.setattr(run_commands, "configure_logging", keep_secrets)
+        run_commands.open_log(tmp_path, echo=False)  # what `sluice run` masks in its log
         with (tmp_path / "log.jsonl").open("ab") as f:
             configure_logging(f, secrets=handed["secrets"])
             log = structlog.get_logger("t")
