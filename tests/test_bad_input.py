@@ -193,7 +193,7 @@ class TestColumnarPrepare:
 
         bad = tmp_path / "bad"
         bad.mkdir()
-        campaign = make_campaign(bad, [])
+        campaign = make_campaign(bad, [], max_reject_ratio=1)  # rejected one by one, not stopped
         (bad / "r.csv").write_bytes(
             "id,phone,first\n客1,13800000001,王\n".encode() + b"k\xff,13800000002,Li\n"
         )
