@@ -17,7 +17,14 @@ from typing import Literal
 import httpx
 import orjson
 
-from providers.aliyun_query import SendRecord, beijing_date, delivery_of, parse_query, query_request
+from providers.aliyun_query import (
+    SendRecord,
+    beijing_date,
+    delivery_of,
+    find_record,
+    parse_query,
+    query_request,
+)
 from providers.aliyun_sign import (
     API_VERSION,
     DEFAULT_ENDPOINT,
@@ -443,25 +450,14 @@ def _check_message(options: Mapping[str, object], message: Mapping[str, object])
 
 
 async def _record(provider: Provider, item: UnknownSend, fetch: Fetch) -> SendRecord | str:
-    """``QuerySendDetails`` by number and Beijing day, matched on the batch's ``OutId``: the
-    record, or 'missing' | 'error:<code>'."""
+    """``QuerySendDetails`` by number and Beijing day, matched on the batch's ``OutId``."""
     assert isinstance(provider, AliyunSms)
-    page = 1
-    while True:
-        response = await fetch(
-            provider.details_request(aliyun_phone(item.phone), beijing_date(item.sent_at), page)
-        )
-        code, total, records = parse_query(response)
-        if code.startswith("Throttling"):
-            continue
-        if code != "OK":
-            return f"error:{code}"
-        for rec in records:
-            if rec.out_id == item.out_id:
-                return rec
-        if page * 50 >= total:
-            return "missing"
-        page += 1
+    phone, day = aliyun_phone(item.phone), beijing_date(item.sent_at)
+
+    async def page(n: int) -> tuple[str, int, list[SendRecord]]:
+        return parse_query(await fetch(provider.details_request(phone, day, n)))
+
+    return await find_record(page, item.out_id)
 
 
 async def _lookup(provider: Provider, item: UnknownSend, fetch: Fetch) -> str:

@@ -63,7 +63,7 @@ from providers.aliyun import (
     signature_of,
     v3_sign_headers,
 )
-from providers.aliyun_query import beijing_date, delivery_of
+from providers.aliyun_query import beijing_date, delivery_of, find_record
 from providers.base import (
     Batch,
     BatchOutcome,
@@ -487,25 +487,14 @@ def _check_message(options: Mapping[str, object], message: Mapping[str, object])
 
 
 async def _record(provider: Provider, item: UnknownSend, fetch: Fetch) -> CardSendRecord | str:
-    """GetCardSmsDetails by number and day, matched on the batch's OutId: the record, or
-    'missing' | 'error:<code>'."""
+    """GetCardSmsDetails by number and day, matched on the batch's OutId."""
     assert isinstance(provider, AliyunCardSms)
-    day = beijing_date(item.sent_at)
-    page = 1
-    while True:
-        code, total, records = parse_card_details(
-            await fetch(provider.card_details_request(aliyun_phone(item.phone), day, page=page))
-        )
-        if code.startswith("Throttling"):
-            continue
-        if code != "OK":
-            return f"error:{code}"
-        for rec in records:
-            if rec.out_id == item.out_id:
-                return rec
-        if page * 50 >= total:
-            return "missing"
-        page += 1
+    phone, day = aliyun_phone(item.phone), beijing_date(item.sent_at)
+
+    async def page(n: int) -> tuple[str, int, list[CardSendRecord]]:
+        return parse_card_details(await fetch(provider.card_details_request(phone, day, page=n)))
+
+    return await find_record(page, item.out_id)
 
 
 async def _lookup(provider: Provider, item: UnknownSend, fetch: Fetch) -> str:

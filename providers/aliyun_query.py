@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import httpx
 import orjson
@@ -26,7 +26,7 @@ from providers.aliyun_sign import (
     v3_sign_headers,
 )
 
-__all__ = ("SendRecord", "beijing_date", "delivery_of", "parse_query", "query_request")
+__all__ = ("SendRecord", "beijing_date", "delivery_of", "find_record", "parse_query", "query_request")
 
 BEIJING = 8 * 3600
 
@@ -120,3 +120,34 @@ def delivery_of(rec: _Record | str, *, failed: tuple[int, ...]) -> tuple[str, st
     if rec.send_status in failed:
         return "undelivered", rec.err_code or f"SendStatus{rec.send_status}"
     return "waiting", ""
+
+
+class _OutIdRecord(Protocol):
+    @property
+    def out_id(self) -> str: ...
+
+
+R = TypeVar("R", bound=_OutIdRecord)
+_MAX_THROTTLES = 50
+
+
+async def find_record(page: Callable[[int], Awaitable[tuple[str, int, list[R]]]], out_id: str) -> R | str:
+    """Page a status query (``page(n)`` → code, total, records; 50 a page) for the record of the
+    batch ``out_id``: the record, or 'missing' | 'error:<code>'. A throttled page is asked again,
+    a bounded number of times (the caller's fetch paces the queries)."""
+    n, throttles = 1, 0
+    while True:
+        code, total, records = await page(n)
+        if code.startswith("Throttling"):
+            throttles += 1
+            if throttles >= _MAX_THROTTLES:
+                return f"error:{code}"
+            continue
+        if code != "OK":
+            return f"error:{code}"
+        for rec in records:
+            if rec.out_id == out_id:
+                return rec
+        if n * 50 >= total:
+            return "missing"
+        n += 1
