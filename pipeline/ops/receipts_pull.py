@@ -16,19 +16,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import anyio
 import httpx
 import structlog
 
-from pipeline.admit import recipients
 from pipeline.app.account import make_provider, protocol_of, provider_kind
 from pipeline.app.api import pinned_campaign
 from pipeline.app.rundir import RunDir
 from pipeline.errors import CampaignError
-from pipeline.ledger import Intent, Status, events, replay
-from pipeline.limit import RateGovernor
+from pipeline.ledger import Status, replay
+from pipeline.ops.asking import ask_all, last_intents, unsettled_sends
 from pipeline.ops.receipts import Journal, Receipt
-from pipeline.transport import HttpTransport
 from providers.spec import UnknownSend
 
 __all__ = ("PullResult", "pull_receipts")
@@ -49,13 +46,7 @@ class PullResult:
 def _wanted(ledger: Path, skip: set[int], cutoff: float) -> tuple[dict[int, tuple[str, float]], int]:
     """Row → (OutId, time) of the last intent of every sent row without a receipt, sent before
     ``cutoff``; and how many such rows were sent after it."""
-    sent = set(replay(ledger).status.rows_with(Status.SENT)) - skip
-    out: dict[int, tuple[str, float]] = {}
-    for event in events(ledger, recipients=False):
-        if isinstance(event, Intent):
-            for r in event.rows:
-                if r in sent:
-                    out[r] = (event.out_id, event.time or 0.0)
+    out = last_intents(ledger, set(replay(ledger).status.rows_with(Status.SENT)) - skip)
     recent = {r for r, (_, t) in out.items() if t > cutoff}
     return {r: v for r, v in out.items() if r not in recent}, len(recent)
 
@@ -87,21 +78,9 @@ async def pull_receipts(
     result = PullResult()
     try:
         wanted, result.not_yet_settled = _wanted(rd.ledger, journal.seen, clock() - settle_after)
-        todo: list[UnknownSend] = []
-        async for row, key, phone in recipients(campaign, wanted):
-            todo.append(UnknownSend(row, key, phone, *wanted[row]))
+        todo = await unsettled_sends(campaign, wanted)
         rate = queries_per_second or query.queries_per_second
-        governor = RateGovernor(rate, min_rate=rate)
-        transport = transport or HttpTransport(max_connections=concurrency)
-        timeout = httpx.Timeout(campaign.provider.timeout).as_dict()
         pending = 0
-
-        async def fetch(request: httpx.Request) -> httpx.Response:
-            await governor.acquire()
-            request.extensions["timeout"] = timeout
-            response = await transport.handle_async_request(request)
-            await response.aread()
-            return response
 
         def settle(item: UnknownSend, verdict: str, code: str = "") -> None:
             """verdict: delivered | undelivered | waiting | error"""
@@ -123,33 +102,18 @@ async def pull_receipts(
             if progress is not None and result.asked % 100 == 0:
                 progress(result, len(todo))
 
-        async with transport:
-            if query.delivery_sweep is not None:
-                for item, (verdict, code) in zip(
-                    todo, await query.delivery_sweep(provider, todo, fetch), strict=True
-                ):
-                    settle(item, verdict, code)
-            else:
-                ask = query.delivery
-                assert ask is not None
-                send, recv = anyio.create_memory_object_stream[UnknownSend](concurrency)
-
-                async def worker(stream: anyio.abc.ObjectReceiveStream[UnknownSend]) -> None:
-                    async with stream:
-                        async for item in stream:
-                            try:
-                                verdict, code = await ask(provider, item, fetch)
-                            except httpx.TransportError as exc:
-                                verdict, code = "error", type(exc).__name__
-                            settle(item, verdict, code)
-
-                async with anyio.create_task_group() as tg:
-                    for _ in range(concurrency):
-                        tg.start_soon(worker, recv.clone())
-                    recv.close()
-                    async with send:
-                        for item in todo:
-                            await send.send(item)
+        await ask_all(
+            campaign,
+            provider,
+            todo,
+            rate=rate,
+            concurrency=concurrency,
+            transport=transport,
+            one=query.delivery,
+            sweep=query.delivery_sweep,
+            failed=lambda exc: ("error", type(exc).__name__),
+            answer=lambda item, reply: settle(item, *reply),
+        )
         journal.sync()
     finally:
         journal.close()

@@ -28,19 +28,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import anyio
 import httpx
 import structlog
 
-from pipeline.admit import recipients
 from pipeline.app.account import make_provider, provider_kind
 from pipeline.app.api import pinned_campaign
 from pipeline.app.rundir import RunDir
 from pipeline.errors import CampaignError
-from pipeline.ledger import Intent, LedgerWriter, Status, events, replay
-from pipeline.limit import RateGovernor
-from pipeline.proxy import Proxy
-from pipeline.transport import HttpTransport
+from pipeline.ledger import LedgerWriter, Status, replay
+from pipeline.ops.asking import ask_all, last_intents, unsettled_sends
 from providers.base import CredentialsError
 from providers.spec import UnknownSend
 
@@ -61,15 +57,7 @@ class ReconcileResult:
 
 def _unknown_rows(ledger: Path) -> dict[int, tuple[str, float]]:
     """Row → (OutId, time) of the last intent of every row now unknown or in flight."""
-    state = replay(ledger)
-    wanted = set(state.status.rows_with(Status.UNKNOWN, Status.INFLIGHT))
-    out: dict[int, tuple[str, float]] = {}
-    for event in events(ledger, recipients=False):
-        if isinstance(event, Intent):
-            for r in event.rows:
-                if r in wanted:
-                    out[r] = (event.out_id, event.time or 0.0)
-    return out
+    return last_intents(ledger, set(replay(ledger).status.rows_with(Status.UNKNOWN, Status.INFLIGHT)))
 
 
 async def reconcile_run(
@@ -123,30 +111,12 @@ async def _reconcile(
     result = ReconcileResult()
     if not intents:
         return result
-    todo: list[UnknownSend] = []
-    async for row, key, phone in recipients(campaign, intents):
-        out_id, t = intents[row]
-        todo.append(UnknownSend(row, key, phone, out_id, t))
+    todo = await unsettled_sends(campaign, intents)
     rate = queries_per_second or query.queries_per_second
     log.info("reconcile_started", unknown=len(todo), queries_per_second=rate)
     progress = on_progress or (lambda checked, total, qps: None)
     progress(0, len(todo), rate)
-    governor = RateGovernor(rate, min_rate=rate)
-    transport = transport or HttpTransport(
-        max_connections=concurrency,
-        verify=campaign.provider.verify_tls,
-        proxy=Proxy.configured(campaign.provider.proxy),
-        ca_file=campaign.provider.ca_file,
-    )
-    timeout = httpx.Timeout(campaign.provider.timeout).as_dict()
     settled: list[tuple[int, str, str, str]] = []
-
-    async def fetch(request: httpx.Request) -> httpx.Response:
-        await governor.acquire()
-        request.extensions["timeout"] = timeout
-        response = await transport.handle_async_request(request)
-        await response.aread()
-        return response
 
     def record(item: UnknownSend, verdict: str) -> None:
         result.checked += 1
@@ -165,29 +135,18 @@ async def _reconcile(
                 result.query_errors[verdict[6:]] = result.query_errors.get(verdict[6:], 0) + 1
         progress(result.checked, len(todo), rate)
 
-    async with transport:
-        if query.sweep is not None:
-            for item, verdict in zip(todo, await query.sweep(provider, todo, fetch), strict=True):
-                record(item, verdict)
-        elif (lookup := query.lookup) is not None:
-            send, recv = anyio.create_memory_object_stream[UnknownSend](concurrency)
-
-            async def worker(stream: anyio.abc.ObjectReceiveStream[UnknownSend]) -> None:
-                async with stream:
-                    async for item in stream:
-                        try:
-                            verdict = await lookup(provider, item, fetch)
-                        except httpx.TransportError as exc:
-                            verdict = f"error:{type(exc).__name__}"
-                        record(item, verdict)
-
-            async with anyio.create_task_group() as tg:
-                for _ in range(concurrency):
-                    tg.start_soon(worker, recv.clone())
-                recv.close()
-                async with send:
-                    for item in todo:
-                        await send.send(item)
+    await ask_all(
+        campaign,
+        provider,
+        todo,
+        rate=rate,
+        concurrency=concurrency,
+        transport=transport,
+        one=query.lookup,
+        sweep=query.sweep,
+        failed=lambda exc: f"error:{type(exc).__name__}",
+        answer=record,
+    )
     writer = LedgerWriter(rd.ledger, keyed=campaign.source.key is not None, checkpoint=rd.record_ledger_bytes)
     try:
         writer.settle(settled)
