@@ -17,7 +17,7 @@ import numpy as np
 import orjson
 
 from pipeline.ledger.format import ATTEMPT, INTENT, RECIPIENT, parse_header
-from pipeline.ledger.state import BY_NAME, LedgerState, Status, replay
+from pipeline.ledger.state import LedgerState, Status, recipient_lines, replay
 
 __all__ = (
     "Attempt",
@@ -195,9 +195,6 @@ class FinalState:
 
 
 _BLOCK = 1 << 20  # bytes read at a time by the final-state passes
-_INITIAL = np.zeros(256, np.uint8)  # a status word's first byte -> its status
-for _word, _status in BY_NAME.items():
-    _INITIAL[_word[0]] = _status
 _SETTLED = np.zeros(16, bool)
 _SETTLED[[Status.SENT, Status.FAILED, Status.REJECTED, Status.UNKNOWN, Status.DEFERRED]] = True
 
@@ -215,9 +212,8 @@ def _blocks(path: Path) -> Iterator[bytes]:
 
 
 def _recipient_rows(block: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The recipient lines of ``block`` read column-wise: (row, start, end) of each line that
-    starts ``{"r":DIGITS,"s":"`` and a status word (replay's fast path reads no others); the end
-    is the index of its newline."""
+    """The recipient lines of ``block`` as replay's fast path reads them (``recipient_lines``):
+    (row, start, end) of each, the end being the index of its newline."""
     buf = np.frombuffer(block, np.uint8)
     ends = np.flatnonzero(buf == 10)
     if not len(ends):
@@ -225,29 +221,8 @@ def _recipient_rows(block: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     starts = np.empty_like(ends)
     starts[0] = 0
     starts[1:] = ends[:-1] + 1
-    last = len(buf) - 1
-    fast = ends - starts >= 7
-    for k, byte in enumerate(RECIPIENT):
-        fast &= buf[np.minimum(starts + k, last)] == byte
-    starts, ends = starts[fast], ends[fast]
-    at = starts + 5
-    rows = np.zeros(len(at), np.int64)
-    digits = np.zeros(len(at), np.int64)
-    going = np.ones(len(at), bool)
-    for k in range(12):
-        c = buf[np.minimum(at + k, ends)].astype(np.int64)
-        going &= (c >= 48) & (c <= 57)
-        if not going.any():
-            break
-        rows = np.where(going, rows * 10 + (c - 48), rows)
-        digits += going
-    # As replay reads them: ,"s":" after the digits, then a status word's initial.
-    comma = at + digits
-    ok = (digits > 0) & (digits <= 11) & (comma + 7 <= ends)
-    for k, byte in enumerate(b',"s":"'):
-        ok &= buf[np.minimum(comma + k, ends)] == byte
-    ok &= _INITIAL[buf[np.minimum(comma + 6, ends)]] != 0
-    return rows[ok], starts[ok], ends[ok]
+    index, rows, _ = recipient_lines(buf, starts, ends)
+    return rows, starts[index], ends[index]
 
 
 def _final_blocks(path: Path, state: LedgerState) -> Iterator[tuple[bytes, np.ndarray, np.ndarray]]:

@@ -17,7 +17,7 @@ import orjson
 
 from pipeline.ledger.format import RECIPIENT, UNSENT_ATTEMPTS, parse_header
 
-__all__ = ("LedgerState", "Status", "StatusArray", "replay")
+__all__ = ("LedgerState", "Status", "StatusArray", "recipient_lines", "replay")
 
 
 class Status(enum.IntEnum):
@@ -249,13 +249,12 @@ def replay(path: Path, *, repair: bool = False) -> LedgerState:
     return state
 
 
-def _replay_block(block: bytes, state: LedgerState) -> None:
-    """Apply whole lines ``block`` (ending in a newline) to ``state``."""
-    buf = np.frombuffer(block, np.uint8)
-    ends = np.flatnonzero(buf == 10)
-    starts = np.empty_like(ends)
-    starts[0] = 0
-    starts[1:] = ends[:-1] + 1
+def recipient_lines(
+    buf: np.ndarray, starts: np.ndarray, ends: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The well-formed recipient lines among the lines ``starts``..``ends`` (the index of each
+    line's newline) of ``buf``, read column-wise: their indexes among the lines, their rows and
+    their status codes. Well formed: ``{"r":DIGITS,"s":"`` and a status word's initial."""
     # Recipient lines: {"r":N,"s":"word",... (at least 13 bytes before the newline)
     fast = ends - starts >= 13
     for k, byte in enumerate(RECIPIENT):
@@ -278,9 +277,19 @@ def _replay_block(block: bytes, state: LedgerState) -> None:
         ok &= buf[np.minimum(comma + k, line_end)] == byte
     codes = _INITIAL[buf[np.minimum(comma + 6, line_end)]]
     ok &= codes != 0
-    fast_at = np.flatnonzero(fast)
+    return np.flatnonzero(fast)[ok], rows[ok], codes[ok]
+
+
+def _replay_block(block: bytes, state: LedgerState) -> None:
+    """Apply whole lines ``block`` (ending in a newline) to ``state``."""
+    buf = np.frombuffer(block, np.uint8)
+    ends = np.flatnonzero(buf == 10)
+    starts = np.empty_like(ends)
+    starts[0] = 0
+    starts[1:] = ends[:-1] + 1
+    fast_at, rows, codes = recipient_lines(buf, starts, ends)
     slow = np.ones(len(ends), bool)
-    slow[fast_at[ok]] = False
+    slow[fast_at] = False
     # Events: (row, index of the line, status); the index orders them within the block.
     slow_rows: list[int] = []
     slow_lines: list[int] = []
@@ -294,11 +303,11 @@ def _replay_block(block: bytes, state: LedgerState) -> None:
             slow_lines.append(i)
             slow_counts.append(len(event[0]))
             slow_codes.append(event[1])
-    all_rows = np.concatenate((rows[ok], np.array(slow_rows, np.int64)))
+    all_rows = np.concatenate((rows, np.array(slow_rows, np.int64)))
     if not len(all_rows):
         return
-    all_codes = np.concatenate((codes[ok], np.repeat(np.array(slow_codes, np.uint8), slow_counts)))
-    lines = np.concatenate((fast_at[ok], np.repeat(np.array(slow_lines, np.int64), slow_counts)))
+    all_codes = np.concatenate((codes, np.repeat(np.array(slow_codes, np.uint8), slow_counts)))
+    lines = np.concatenate((fast_at, np.repeat(np.array(slow_lines, np.int64), slow_counts)))
     # The last event of each row: sort by (row, line), keep each row's final one. Rows have
     # at most 11 digits, a block fewer than 2^26 lines: the key fits in 63 bits.
     key = all_rows * len(ends) + lines
