@@ -108,7 +108,7 @@ class Source(Protocol):
 
 def file_fingerprint(path: Path) -> dict[str, object]:
     """Size and a SHA-256 of the whole file, so that any change to it is caught (the hash
-    runs at ~1 GB/s: 0.05 s for a million recipients; README, "Run directories")."""
+    runs at ~1 GB/s: 0.03–0.06 s for a million-row, 36 MB CSV; README, "Run directories")."""
     size, digest, last = _hash_prefix(path, None)
     return {"path": str(path), "size": size, "sha256": digest, "ends_newline": last == b"\n"}
 
