@@ -25,9 +25,9 @@ import structlog
 
 from pipeline.app.account import sync_server_clock
 from pipeline.app.campaign import ON_REFUSAL
-from pipeline.errors import RunStopped, SluiceError
+from pipeline.errors import LEASE_LOST, RunStopped, SluiceError
 from pipeline.ledger import LedgerFault, LedgerWriter
-from pipeline.limit import RateGovernor
+from pipeline.limit import Governor
 from pipeline.schedule import SendGate
 from pipeline.transport import WireTransport, wire_transport
 from providers.base import (
@@ -151,7 +151,7 @@ class Dispatcher:
         transport: httpx.AsyncBaseTransport | WireTransport,
         timeout: httpx.Timeout,
         ledger: LedgerWriter,
-        governor: RateGovernor,
+        governor: Governor,
         policy: RetryPolicy,
         run_id: str,
         on_fatal: Callable[[BatchOutcome], None],
@@ -161,6 +161,7 @@ class Dispatcher:
         endpoint: EndpointGuard | None = None,
         batch_ids: Callable[[], int],
         on_refusal: str = "split",
+        fence: Callable[[], bool] | None = None,
     ) -> None:
         if on_refusal not in ON_REFUSAL:
             raise ValueError(f"on_refusal must be one of {', '.join(ON_REFUSAL)}, not {on_refusal!r}")
@@ -181,6 +182,7 @@ class Dispatcher:
         self.retries = 0
         self._batch_ids = batch_ids  # the run's batch ids, for the parts of a split batch
         self.on_refusal = on_refusal
+        self._fence = fence  # False once this process may no longer send for its shard
         self.splits = 0  # refused calls that were split
         self.split_requests = 0  # requests sent for their parts (included in requests)
 
@@ -234,6 +236,11 @@ class Dispatcher:
             if self.stopping:
                 self._endpoint.release(batch)
                 return None  # never sent: the rows stay pending
+            if self._fence is not None and not self._fence():  # checked next to the write
+                self._endpoint.release(batch)
+                lapsed = BatchOutcome(Outcome.FATAL, code=LEASE_LOST, message="the shard's lease lapsed")
+                self._on_fatal(lapsed)
+                return None
             batch.attempt = failures + throttles + connects + 1
             batch.out_id = f"{self._run_id}-{batch.id}-{batch.attempt}"
             try:

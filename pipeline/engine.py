@@ -34,9 +34,9 @@ from pipeline.app.campaign import Campaign
 from pipeline.app.rundir import RunDir
 from pipeline.batch import Batcher
 from pipeline.dispatch import CircuitBreaker, Dispatcher, EndpointGuard, RetryPolicy, server_clock
-from pipeline.errors import DISK_FAULT, RunDirError
+from pipeline.errors import DISK_FAULT, LEASE_LOST, RunDirError
 from pipeline.ledger import Durability, Intent, LedgerFault, LedgerState, LedgerWriter, Status, events, replay
-from pipeline.limit import RateGovernor
+from pipeline.limit import Governor, RateGovernor
 from pipeline.proxy import Proxy
 from pipeline.schedule import SendGate
 from pipeline.tasks import Progress, Run
@@ -143,12 +143,18 @@ async def run_campaign(
     total_hint: int | None = None,
     rng: random.Random | None = None,
     force: bool = False,
+    governor: Governor | None = None,
+    fence: Callable[[], bool] | None = None,
 ) -> RunResult:
     """Run (or resume) ``campaign`` into ``run_dir``; returns when every row is settled,
     the source is exhausted, or the run was stopped.
 
     The run directory must have been created (``pipeline.app.api.start_run`` does it). A ledger
     shorter than recorded, or damaged before its last line, is refused unless ``force``.
+
+    ``governor`` replaces this process's own :class:`RateGovernor` (a shard of a run shares one
+    limiter with the others); ``fence`` is asked before each request and stops the run when it
+    says no (a shard worker whose claim lapsed).
     """
     if not run_dir.exists():
         raise RunDirError(f"{run_dir.path} has no run.json")
@@ -204,9 +210,9 @@ async def run_campaign(
 
     writer.on_fault = disk_fault
     limits = campaign.limits
-    governor = run.governor = RateGovernor(
-        limits.requests_per_second, recipients_rate=limits.recipients_per_second
-    )
+    if governor is None:
+        governor = RateGovernor(limits.requests_per_second, recipients_rate=limits.recipients_per_second)
+    run.governor = governor
     policy = RetryPolicy(
         max_attempts=limits.max_attempts,
         backoff_base=limits.backoff_base_ms / 1000,
@@ -229,7 +235,7 @@ async def run_campaign(
         if result.code == "CircuitBreaker":
             run.stop(result.message or "circuit breaker", result.code)
             return
-        if result.code in ENDPOINT_STOP_CODES:  # the endpoint, not the provider's refusal
+        if result.code in ENDPOINT_STOP_CODES or result.code == LEASE_LOST:  # not a provider refusal
             run.stop(f"{result.code}: {result.message or ''}".strip(), result.code)
             return
         run.stop(
@@ -266,6 +272,7 @@ async def run_campaign(
                     endpoint=EndpointGuard(limits.connect_failures),
                     batch_ids=batcher.new_id,
                     on_refusal=campaign.provider.on_refusal,
+                    fence=fence,
                 )
                 gate = dispatcher.gate
                 if gate is not None and gate.daily_cap and total_hint:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 __all__ = (
     "DISK_FAULT",
+    "LEASE_LOST",
     "REJECT_RATIO",
     "CampaignError",
     "RunDirError",
@@ -24,6 +25,7 @@ __all__ = (
 # Stop codes of the run's own (not the provider's), each with its exit code in the CLI.
 DISK_FAULT = "DiskFault"  # the run directory could not be written (exit 5)
 REJECT_RATIO = "RejectRatio"  # past [limits] max_reject_ratio: the wrong file (exit 2)
+LEASE_LOST = "LeaseLost"  # a shard worker's claim on its shard lapsed: it stops sending (pipeline.scale)
 
 
 class SluiceError(Exception):

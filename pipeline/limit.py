@@ -18,10 +18,30 @@ toward the configured rate. Throttles never count against recipients.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import anyio
 from aiolimiter import AsyncLimiter
 
-__all__ = ("RateGovernor",)
+__all__ = ("Governor", "RateGovernor")
+
+
+class Governor(Protocol):
+    """What the dispatcher asks of a limiter: this process's :class:`RateGovernor`, or a
+    client of a limiter shared by several processes (:mod:`pipeline.scale`)."""
+
+    target: float  # the configured requests/s
+    current: float  # the rate in force now (below target after throttles)
+    throttles: int
+
+    async def acquire(self, recipients: int = 1) -> None:
+        """Wait until one request of ``recipients`` recipients may be sent."""
+
+    def throttled(self, retry_after: float | None) -> None:
+        """The provider throttled a request."""
+
+    def succeeded(self) -> None:
+        """A request went through cleanly."""
 
 
 class RateGovernor:

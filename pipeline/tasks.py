@@ -33,7 +33,7 @@ from pipeline.batch import Batcher
 from pipeline.dispatch import Dispatcher
 from pipeline.errors import REJECT_RATIO, SourceError
 from pipeline.ledger import LedgerState, LedgerWriter
-from pipeline.limit import RateGovernor
+from pipeline.limit import Governor
 from pipeline.render import rejects_over_limit
 from pipeline.schedule import SendGate
 from pipeline.source import Chunk, Source, check_decoded
@@ -108,7 +108,7 @@ class Run:
         self.stop_event = anyio.Event()
         self.source_done = anyio.Event()  # the source was read to its end
         self.dispatcher: Dispatcher | None = None
-        self.governor: RateGovernor | None = None
+        self.governor: Governor | None = None
         self.chunks_send, self.chunks_recv = anyio.create_memory_object_stream[Chunk](2)
         concurrency = campaign.limits.concurrency
         self.batches_send, self.batches_recv = anyio.create_memory_object_stream[Batch](concurrency)
