@@ -190,6 +190,9 @@ class Admission:
         self.on_reject = on_reject
         self.status = status if status is not None else StatusArray()
         self.skip = skip if skip is not None else bytes(256)
+        # Rows from here on were not settled when the pass began (the array grows as this run
+        # settles rows it has already read): a fresh run never looks the status up.
+        self.settled_end = len(self.status)
         self.key_col = campaign.source.key
         self.renderer = make_renderer(campaign)
         self.keys = KeySet() if self.key_col else None
@@ -206,7 +209,7 @@ class Admission:
                 return out
             chunk = chunk.records()
         status = self.status
-        n_status = len(status)
+        n_status = self.settled_end
         skip = self.skip
         key_col = self.key_col
         dup: list[bool] | None = None
@@ -275,7 +278,7 @@ class Admission:
         status = self.status
         key_col = self.key_col
         rows = range(first, first + n)
-        if first < len(status):
+        if first < self.settled_end:
             skipped = status.flags(self.skip, first, first + n)
             if 1 in skipped:  # rows settled earlier (a resume)
                 if len(skipped) < n or 0 in skipped:

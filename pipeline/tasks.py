@@ -183,11 +183,16 @@ class Run:
             try:
                 while True:
                     chunk: Chunk | None = None
-                    with anyio.move_on_after(linger if batcher.pending else None):
-                        try:
-                            chunk = await recv.receive()
-                        except anyio.EndOfStream:
-                            break
+                    try:
+                        chunk = recv.receive_nowait()  # the source is usually ahead: no timer
+                    except anyio.WouldBlock:
+                        with anyio.move_on_after(linger if batcher.pending else None):
+                            try:
+                                chunk = await recv.receive()
+                            except anyio.EndOfStream:
+                                break
+                    except anyio.EndOfStream:
+                        break
                     if self.stop_event.is_set():
                         return
                     if chunk is None:  # lingered: flush partial batches

@@ -150,6 +150,7 @@ class BatchOutcome:
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _NOT_ON_THE_WIRE = re.compile(r"[\r\n\x00]|[^\x00-\xff]")
 _URL_BREAK = re.compile(r"[\x00-\x20\x7f]")
+_TOKENS_SEEN: set[str] = set()
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,13 +173,18 @@ class WireRequest:
     content: bytes = b""
 
     def __post_init__(self) -> None:
-        for name, value in self.headers:
-            if not _TOKEN.fullmatch(name):
-                raise ValueError(f"request header name {name[:40]!r} is not an HTTP token")
-            if _NOT_ON_THE_WIRE.search(value):
-                raise ValueError(
-                    f"request header {name}: its value holds CR, LF, NUL or a character outside latin-1"
-                )
+        headers = self.headers
+        # One scan of all the values (every request pays it); the header is named on failure.
+        if _NOT_ON_THE_WIRE.search("".join([v for _, v in headers])):
+            name = next(n for n, v in headers if _NOT_ON_THE_WIRE.search(v))
+            problem = "its value holds CR, LF, NUL or a character outside latin-1"
+            raise ValueError(f"request header {name}: {problem}")
+        for name, _ in headers:
+            if name not in _TOKENS_SEEN:
+                if not _TOKEN.fullmatch(name):
+                    raise ValueError(f"request header name {name[:40]!r} is not an HTTP token")
+                if len(_TOKENS_SEEN) < 256:  # a provider's few header names, checked once
+                    _TOKENS_SEEN.add(name)
         if not self.url.isascii() or _URL_BREAK.search(self.url) or not _TOKEN.fullmatch(self.method):
             raise ValueError("request URL or method holds whitespace, a control or a non-ASCII character")
 
