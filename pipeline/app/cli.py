@@ -28,6 +28,7 @@ from pipeline.app.exits import (
     EXIT_STOPPED,
     EXIT_USAGE,
 )
+from pipeline.app.run_commands import cmd_demo, cmd_resume, cmd_run
 from pipeline.errors import (
     CampaignError,
     RunDirError,
@@ -36,20 +37,31 @@ from pipeline.errors import (
     SourceError,
 )
 
-if TYPE_CHECKING:  # imported by the commands that need them: `status` reads no campaign
-    pass
-from pipeline.app.ops_commands import (
-    cmd_export,
-    cmd_listen,
-    cmd_receipts,
-    cmd_reconcile,
-    cmd_report,
-    cmd_simulate,
-    cmd_status,
-)
-from pipeline.app.run_commands import cmd_demo, cmd_resume, cmd_run
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 __all__ = ("build_parser", "main")
+
+
+def _operator_command(name: str) -> Callable[[argparse.Namespace, Console], int]:
+    """An operator command, imported when it runs: `sluice run` loads none of their modules."""
+
+    def command(args: argparse.Namespace, console: Console) -> int:
+        from pipeline.app import ops_commands
+
+        run: Callable[[argparse.Namespace, Console], int] = getattr(ops_commands, name)
+        return run(args, console)
+
+    return command
+
+
+cmd_export = _operator_command("cmd_export")
+cmd_listen = _operator_command("cmd_listen")
+cmd_receipts = _operator_command("cmd_receipts")
+cmd_reconcile = _operator_command("cmd_reconcile")
+cmd_report = _operator_command("cmd_report")
+cmd_simulate = _operator_command("cmd_simulate")
+cmd_status = _operator_command("cmd_status")
 
 
 # -- argument parsing ----------------------------------------------------------
