@@ -58,6 +58,7 @@ from benchmarks.common import (
     ForeignLoad,
     Responder,
     child_result,
+    compile_bytecode,
     machine_info,
     markdown_table,
     median,
@@ -449,6 +450,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     providers = [x for x in args.providers.split(",") if x]
     if any(x not in PROVIDERS for x in providers):
         p.error(f"providers: a subset of {','.join(PROVIDERS)}")
+    bytecode = compile_bytecode()
     cores = os.sched_getaffinity(0)
     pin = not args.no_pin and len(cores) >= 2
     client_core, responder_core = (min(cores), max(cores)) if pin else (None, None)
@@ -485,6 +487,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "benchmark": "campaign",
         "command": "python -m benchmarks.bench_campaign " + " ".join(argv),
         "machine": machine_info(),
+        "bytecode": bytecode,
         "pinned": {"client_core": client_core, "responder_core": responder_core},
         "rows": args.recipients,
         "distinct_recipients": distinct,
