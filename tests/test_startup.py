@@ -45,3 +45,29 @@ def test_a_run_does_import_them() -> None:
     code = f"import sys, pipeline.app.api; print([m for m in {SENDING_STACK[:1]!r} if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "['httpx']"
+
+
+OPERATOR_MODULES = (
+    "pipeline.app.ops_commands",
+    "pipeline.ops.summary",
+    "pipeline.ops.report",
+    "importlib.metadata",
+)
+
+
+def test_the_run_command_loads_no_operator_tool_or_package_metadata() -> None:
+    """`sluice run` (its parser and command module) leaves the operator tools and the package
+    metadata (only ``--version`` reads it) unloaded: each costs CPU before the first request."""
+    code = (
+        "import sys, json\n"
+        "from pipeline.app.cli import build_parser\n"
+        "import pipeline.app.run_commands\n"
+        "build_parser().parse_args(['run', 'c.toml'])\n"
+        f"print(json.dumps([m for m in {OPERATOR_MODULES!r} if m in sys.modules]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+    version = subprocess.run(
+        [sys.executable, "-m", "pipeline.app.cli", "--version"], cwd=REPO, capture_output=True, text=True
+    )
+    assert version.returncode == 0 and version.stdout.startswith("sluice "), version

@@ -67,7 +67,7 @@ cmd_status = _operator_command("cmd_status")
 # -- argument parsing ----------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sluice", description="Bulk SMS through provider batch APIs.")
-    p.add_argument("--version", action="version", version=f"sluice {_version()}")
+    p.add_argument("--version", action=_Version, nargs=0, help="show the version and exit")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="start (or continue) a campaign")
@@ -185,6 +185,14 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
     return value
+
+
+class _Version(argparse.Action):
+    """``--version``, looked up only when asked for (package metadata costs ~10 ms a start)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        sys.stdout.write(f"sluice {_version()}\n")  # on stdout, as argparse's own version action
+        parser.exit()
 
 
 def _version() -> str:
