@@ -37,12 +37,15 @@ class Batcher:
 
     def add(self, messages: list[Message]) -> list[Batch]:
         """Add messages; return the batches that filled up."""
+        if not messages:
+            return []
         self.pending += len(messages)
+        keys = list(map(self._key, messages))
+        if keys.count(keys[0]) == len(keys):  # one key (usual: a campaign-wide template): slices
+            return self._add_run(keys[0], messages)
         full: list[Batch] = []
-        key_of = self._key
         size = self.size
-        for m in messages:
-            k = key_of(m)
+        for k, m in zip(keys, messages, strict=True):
             group = self._open.get(k)
             if group is None:
                 group = self._open[k] = []
@@ -51,6 +54,20 @@ class Batcher:
                 full.append(self._seal(group))
                 del self._open[k]
         self.pending -= sum(len(b.messages) for b in full)
+        return full
+
+    def _add_run(self, key: Hashable, messages: list[Message]) -> list[Batch]:
+        group = self._open.pop(key, None)
+        if group is None:
+            group = messages
+        else:
+            group.extend(messages)
+        size = self.size
+        whole = len(group) - len(group) % size
+        full = [self._seal(group[i : i + size]) for i in range(0, whole, size)]
+        if whole < len(group):
+            self._open[key] = group[whole:] if whole else group[:]
+        self.pending -= whole
         return full
 
     def drain(self) -> list[Batch]:

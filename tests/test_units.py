@@ -274,6 +274,30 @@ class TestBatcher:
         assert [x.id for x in full + rest] == [1, 2, 3]
         assert b.pending == 0
 
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(st.lists(st.sampled_from("AAAB"), max_size=12), max_size=12), st.integers(1, 5))
+    def test_same_batches_as_one_message_at_a_time(self, chunks: list[list[str]], size: int) -> None:
+        """Chunks of one key take the slicing path; the batches are those of a per-message model."""
+        b, open_, model, row = Batcher(size, key=lambda m: m.sign_name), {}, [], 0
+        got: list[tuple[str, list[int]]] = []
+        for signs in chunks:
+            msgs = []
+            for sign in signs:
+                row += 1
+                msgs.append(self.msg(row, sign))
+                group = open_.setdefault(sign, [])
+                group.append(row)
+                if len(group) == size:
+                    model.append((sign, open_.pop(sign)))
+            got += [(x.messages[0].sign_name, [m.row for m in x.messages]) for x in b.add(msgs)]
+            assert b.pending == sum(map(len, open_.values()))
+        assert got == model
+        rest = b.drain()
+        assert sorted((x.messages[0].sign_name, [m.row for m in x.messages]) for x in rest) == sorted(
+            (k, v) for k, v in open_.items() if v
+        )
+        assert [x.id for x in b.drain()] == [] and b.pending == 0
+
 
 class TestKeySet:
     def test_duplicates_within_and_across_chunks(self) -> None:
@@ -517,6 +541,11 @@ class TestStatusArray:
             st.tuples(
                 st.just("many"), st.lists(st.integers(0, 70), unique=True, max_size=8), st.integers(0, 6)
             ),
+            st.tuples(  # set_many over rows with gaps (a batch with rejected rows between)
+                st.just("gaps"),
+                st.lists(st.integers(0, 70), unique=True, min_size=1, max_size=30).map(sorted),
+                st.integers(0, 6),
+            ),
         ),
         max_size=40,
     )
@@ -539,6 +568,10 @@ class TestStatusArray:
                 arr.set_many(rows, op[3])  # type: ignore[arg-type]
                 for r in rows:
                     model[r] = op[3]  # type: ignore[assignment]
+            elif op[0] == "gaps":
+                arr.set_many(op[1], op[2])  # type: ignore[arg-type]
+                for r in op[1]:  # type: ignore[attr-defined]
+                    model[r] = op[2]  # type: ignore[assignment]
             else:
                 rows = op[1]  # type: ignore[assignment]
                 arr.set_rows(np.array(rows, np.int64), np.full(len(rows), op[2]))
@@ -560,3 +593,27 @@ class TestStatusArray:
         assert arr.rows_with(1, 5) == [i for i, v in enumerate(model) if v in (1, 5)]
         marks = bytes(v in (2, 3) for v in range(256))
         assert arr.first(marks, start) == next((i for i in range(start, 72) if model[i] in (2, 3)), -1)
+
+
+# What a key can hold: any character, and the surrogates that undecodable source bytes become.
+_KEY_CHARACTERS = st.one_of(
+    st.characters(), st.characters(min_codepoint=0xDC80, max_codepoint=0xDCFF, exclude_categories=())
+)
+
+
+class TestKeyedLines:
+    @settings(max_examples=300, deadline=None)
+    @given(
+        st.lists(st.text(alphabet=_KEY_CHARACTERS, max_size=6), min_size=1, max_size=8),
+        st.sampled_from(['"sent","b":7', '"failed","b":7,"c":"5%\\u00e9"', '"sent","b":7,"c":"x%%y"']),
+    )
+    def test_same_bytes_as_one_line_at_a_time(self, keys: list[str], tail: str) -> None:
+        """The one-format fast path writes exactly what ``json_text`` per key writes (quotes,
+        control characters, lone surrogates from undecodable source bytes, '%' in a code)."""
+        from pipeline.ledger.format import json_text, keyed_lines
+
+        head = b'{"r":%d,"s":' + tail.replace("%", "%%").encode()
+        rows = list(range(10, 10 + len(keys)))
+        pairs = zip(rows, keys, strict=True)
+        slow = b"".join([head % r + b',"k":' + json_text(k) + b"}\n" for r, k in pairs])
+        assert keyed_lines(head, rows, keys) == slow

@@ -6,12 +6,23 @@ it) has none and no ``throttled`` attempt status. Both are read the same way oth
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
+
 import orjson
 
 from pipeline.errors import SluiceError
 from providers.base import Outcome
 
-__all__ = ("VERSION", "LedgerVersionError", "header_line", "json_text", "parse_header", "read_version")
+__all__ = (
+    "VERSION",
+    "LedgerVersionError",
+    "header_line",
+    "json_text",
+    "keyed_lines",
+    "parse_header",
+    "read_version",
+)
 
 VERSION = 2
 _HEADER_PREFIX = b'{"ledger":'
@@ -78,3 +89,22 @@ def json_text(text: str) -> bytes:
     except TypeError:
         clean = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
         return orjson.dumps(clean)
+
+
+# What JSON must escape in a string; undecodable bytes (lone surrogates) fail the encode.
+_NEEDS_ESCAPE = re.compile(r'["\\\x00-\x1f]')
+
+
+def keyed_lines(head: bytes, rows: Sequence[int], keys: Sequence[str]) -> bytes:
+    """``head % row + b',"k":' + json_text(key) + b"}\n"`` for each (row, key), with one
+    formatting call for the whole batch when no key needs escaping (keys are ids, usually)."""
+    if _NEEDS_ESCAPE.search("".join(keys)) is None:
+        try:
+            line = head.decode() + ',"k":"%s"}\n'
+            flat = [x for pair in zip(rows, keys, strict=True) for x in pair]
+            return (line * len(rows) % tuple(flat)).encode()
+        except UnicodeEncodeError:
+            pass
+    return b"".join(
+        [head % row + b',"k":' + json_text(key) + b"}\n" for row, key in zip(rows, keys, strict=True)]
+    )

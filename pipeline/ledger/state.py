@@ -150,14 +150,17 @@ class StatusArray:
         del packed  # release the buffer export, so the bytearray can grow again
 
     def set_many(self, rows: Sequence[int], value: int) -> None:
-        """``self[row] = value`` for each row; a run of consecutive rows (a batch, usually)
-        is set a byte at a time."""
+        """``self[row] = value`` for each row (distinct, all with room); a run of consecutive
+        rows (a batch, usually) is set a byte at a time."""
         if not rows:
             return
         lo, hi = rows[0], rows[-1]
         if hi - lo + 1 != len(rows) or list(rows) != list(range(lo, hi + 1)):
-            for row in rows:
-                self[row] = value
+            if len(rows) < 16:
+                for row in rows:
+                    self[row] = value
+            else:  # a batch with gaps (rejected rows between): one vectorised write
+                self.set_rows(np.fromiter(rows, np.int64, len(rows)), np.full(len(rows), value, np.uint8))
             return
         if lo & 1:
             self[lo] = value

@@ -13,7 +13,7 @@ import anyio
 import orjson
 
 from pipeline.errors import SluiceError
-from pipeline.ledger.format import OUTCOME_STATUS, VERSION, header_line, json_text, read_version
+from pipeline.ledger.format import OUTCOME_STATUS, VERSION, header_line, json_text, keyed_lines, read_version
 from pipeline.ledger.state import BY_NAME, LedgerState, Status
 from providers.base import ENDPOINT_STOP_CODES, Batch, BatchOutcome, Outcome, RecipientOutcome
 
@@ -218,7 +218,7 @@ class LedgerWriter:
             # a provider's code may hold '%': only the row is a format field
             head = b'{"r":%d,"s":"' + (status.encode() + b'"' + tail).replace(b"%", b"%%")
             if self._keyed:
-                self._buf += b"".join([head % m.row + b',"k":' + json_text(m.key) + b"}\n" for m in msgs])
+                self._buf += keyed_lines(head, rows, [m.key for m in msgs])
             else:  # every line in one formatting call
                 self._buf += ((head + b"}\n") * len(rows)) % tuple(rows)
             self.counts[status] += len(msgs)
