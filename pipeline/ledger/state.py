@@ -150,18 +150,19 @@ class StatusArray:
         del packed  # release the buffer export, so the bytearray can grow again
 
     def set_many(self, rows: Sequence[int], value: int) -> None:
-        """``self[row] = value`` for each row (distinct, all with room); a run of consecutive
-        rows (a batch, usually) is set a byte at a time."""
-        if not rows:
+        """``self[row] = value`` for each row (all with room); each run of consecutive rows
+        (a batch is one, or a few with rejected rows between) is set a byte at a time."""
+        n = len(rows)
+        if not n:
             return
-        lo, hi = rows[0], rows[-1]
-        if hi - lo + 1 != len(rows) or list(rows) != list(range(lo, hi + 1)):
-            if len(rows) < 16:
-                for row in rows:
-                    self[row] = value
-            else:  # a batch with gaps (rejected rows between): one vectorised write
-                self.set_rows(np.fromiter(rows, np.int64, len(rows)), np.full(len(rows), value, np.uint8))
-            return
+        first = 0
+        for i in range(1, n):
+            if rows[i] != rows[i - 1] + 1:
+                self._set_run(rows[first], rows[i - 1], value)
+                first = i
+        self._set_run(rows[first], rows[n - 1], value)
+
+    def _set_run(self, lo: int, hi: int, value: int) -> None:
         if lo & 1:
             self[lo] = value
             lo += 1
