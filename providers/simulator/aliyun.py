@@ -320,7 +320,7 @@ class AliyunGateway:
         if self._receipts.index is not None:
             keys = phones if set(map(len, phones)) == {11} else [phone_key(p) for p in phones]
             self._receipts.add(keys, Sent(out_id, biz, template, t))
-        self._stats.accepted_requests += 1
+        self._stats.accept(params.get("AccessKeyId", ""), n)
         rid = self._ids.request_id()
         if card:
             body = orjson.dumps(
