@@ -417,7 +417,7 @@ class LeasedGovernor:
         *,
         target: float,
         recipients_rate: float | None = None,
-        backoff: tuple[float, float] = (0.05, 1.0),
+        backoff: tuple[float, float] = (0.05, 0.5),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.target = self.current = target
