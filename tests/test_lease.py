@@ -213,6 +213,7 @@ async def test_redis_keys_carry_a_hash_tag_and_no_secret(redis: RedisServer) -> 
 
 
 # -- the Unix-socket host ------------------------------------------------------------------------
+@pytest.mark.parametrize("anyio_backend", [("asyncio", {}), ("asyncio", {"use_uvloop": True})], ids=str)
 async def test_unix_host_serves_the_algorithm_and_its_ttl(tmp_path: Path) -> None:
     path = tmp_path / "lease.sock"
     async with serve_leases(path, limit=100, ttl=0.05) as server:

@@ -39,7 +39,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 from urllib.parse import urlsplit
 
 import anyio
@@ -278,10 +278,9 @@ class _LeaseConnection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
-        self._live.add(transport)
-        transport.write(self._server.greeting)
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is no asyncio.Transport subclass
+        self._live.add(self._transport)
+        self._transport.write(self._server.greeting)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._transport is not None:
