@@ -242,9 +242,13 @@ async def _governor(
     async with connect_limiter(
         limiter, limit=max(1, int(limits.requests_per_second)), account_key=account
     ) as lim:
-        yield LeasedGovernor(
+        governor = LeasedGovernor(
             lim, target=limits.requests_per_second, recipients_rate=limits.recipients_per_second
         )
+        try:
+            yield governor
+        finally:
+            log.info("lease_counts", **governor.counts)  # tokens leased, used, dropped unused
 
 
 def _pin_source(

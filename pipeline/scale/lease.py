@@ -422,6 +422,7 @@ class LeasedGovernor:
         self.target = self.current = target
         self.throttles = 0
         self.outages = 0
+        self.counts = {"leases": 0, "refused": 0, "tokens": 0, "used": 0, "dropped": 0}
         self._limiter = limiter
         self._clock = clock
         self._backoff_first, self._backoff_max = backoff
@@ -443,12 +444,15 @@ class LeasedGovernor:
                 while True:
                     now = self._clock()
                     if now < self._paused_until:
+                        self.counts["dropped"] += self._tokens
                         self._tokens = 0
                         await anyio.sleep(self._paused_until - now)
                     elif self._tokens > 0 and now < self._expires:
                         self._tokens -= 1
+                        self.counts["used"] += 1
                         return
                     else:
+                        self.counts["dropped"] += self._tokens
                         self._tokens = 0  # expired leftovers are dropped, never used late
                         await self._lease()
         finally:
@@ -471,9 +475,12 @@ class LeasedGovernor:
             self._down = False
             log.info("limiter_back")
         self._backoff = self._backoff_first
+        self.counts["leases"] += 1
         if granted:
+            self.counts["tokens"] += granted
             self._tokens, self._expires = granted, t_req + self._limiter.ttl
         else:
+            self.counts["refused"] += 1
             await anyio.sleep(min(max(wait, 0.0005), 1.0))
 
     def throttled(self, retry_after: float | None) -> None:
