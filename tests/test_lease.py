@@ -277,6 +277,7 @@ async def test_governor_uses_tokens_only_within_ttl_of_the_request() -> None:
     clock[0] = 100.0551  # 3 left but expired: dropped, asked again
     await governor.acquire()
     assert len(limiter.asked) == 3
+    assert governor.counts == {"leases": 3, "refused": 0, "tokens": 11, "used": 4, "dropped": 3}
 
 
 async def test_governor_asks_for_the_waiters_up_to_the_burst() -> None:
@@ -338,3 +339,17 @@ def test_simulator_sliding_peak_is_exact_with_bounded_memory() -> None:
         assert len(peak._recent) <= 10_001  # the last second only
     assert peak.peak_requests == max_in_window(times)
     assert peak.peak_recipients == 3 * peak.peak_requests
+
+
+def test_cli_takes_a_limiter_url_on_run_and_resume() -> None:
+    from pipeline.app.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["run", "c.toml", "--limiter", "redis://h:6379/0"]).limiter == "redis://h:6379/0"
+    assert (
+        parser.parse_args(["resume", "runs/x", "--limiter", "unix:/run/l.sock"]).limiter == "unix:/run/l.sock"
+    )
+    assert parser.parse_args(["run", "c.toml"]).limiter is None
+    with pytest.raises(SystemExit) as exited:
+        parser.parse_args(["run", "c.toml", "--limiter", "http://h:6379"])
+    assert exited.value.code == 2
