@@ -707,6 +707,10 @@ class TestRouting:
             stats = (await client.get(f"{sim.base_url}/__stats")).json()
             assert stats["accepted_recipients"] == 6 and stats["accepted_requests"] == 3
             assert stats["actions"] == {"SendBatchSms": 1, "submail.batchsend": 2, "nxcloud.mt": 2}
+            peaks = stats["peak_1s"]  # per account: access key id, appid, accessKey
+            assert len(peaks) == 3 and "" not in peaks
+            counts = sorted((p["requests"], p["recipients"]) for p in peaks.values())
+            assert counts == [(1, 1), (1, 2), (1, 3)]
         lines = receipts(tmp_path / "receipts.jsonl")
         assert [x.get("provider") for x in lines] == [None, "submail", "submail", *["nxcloud"] * 3]
 

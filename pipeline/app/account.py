@@ -22,7 +22,14 @@ from providers import registry
 from providers.base import CredentialsError, Provider
 from providers.spec import MIN_SECRET_LENGTH, ProviderKind, ProviderSettings
 
-__all__ = ("check_credentials", "make_provider", "protocol_of", "provider_kind", "sync_server_clock")
+__all__ = (
+    "check_credentials",
+    "limiter_account",
+    "make_provider",
+    "protocol_of",
+    "provider_kind",
+    "sync_server_clock",
+)
 
 
 def protocol_of(campaign: Campaign) -> str:
@@ -94,6 +101,19 @@ def make_provider(
         raise CampaignError("provider.kind", f"{spec.kind} needs credentials: {exc}") from None
     except ValueError as exc:
         raise CampaignError("message", str(exc)) from None
+
+
+def limiter_account(
+    campaign: Campaign, *, endpoint: str | None = None, environ: Mapping[str, str] = os.environ
+) -> str:
+    """The account's key in a shared lease limiter: a hash of the protocol, the endpoint and the
+    credentials' non-secret parts (access key id, appid); never a secret."""
+    from pipeline.scale.lease import account_key
+
+    spec = provider_kind(campaign)
+    env = _environ(campaign, spec, environ)
+    url = endpoint or campaign.provider.endpoint or spec.default_endpoint
+    return account_key(spec.kind, url, [env.get(v.name, "") for v in spec.env if not v.secret])
 
 
 async def sync_server_clock(provider: Provider, transport: httpx.AsyncBaseTransport) -> float | None:

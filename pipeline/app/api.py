@@ -15,7 +15,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from pipeline.app.rundir import RunDir
 from pipeline.engine import Progress, RunResult, run_campaign
 from pipeline.errors import CampaignError, RunDirError
 from pipeline.ledger import replay
+from pipeline.limit import Governor
 from pipeline.source import compare_file_fingerprints
 from providers.base import Provider
 
@@ -141,11 +143,13 @@ async def start_run(
     on_progress: Callable[[Progress], None] | None = None,
     stop: anyio.Event | None = None,
     total_hint: int | None = None,
+    limiter: str | None = None,
 ) -> RunResult:
     """Start ``campaign`` in ``run_dir``, or continue it there if it was started already.
 
     A run directory holding a different campaign or source is refused unless
-    ``force``.
+    ``force``. ``limiter`` (``redis://…`` or ``unix:/path``): the provider account's limit is
+    shared, through that lease limiter, with every other run using it.
     """
     rd = RunDir(run_dir)
     with rd.lock("sluice run"):
@@ -163,17 +167,19 @@ async def start_run(
         else:
             doc = rd.create(campaign.to_dict(), campaign.digest(), fingerprint)
         provider = provider or make_provider(campaign, run_id=doc["run_id"], endpoint=endpoint)
-        return await run_campaign(
-            campaign,
-            rd,
-            provider=provider,
-            run_id=doc["run_id"],
-            transport=transport,
-            on_progress=on_progress,
-            stop=stop,
-            total_hint=total_hint,
-            force=force,
-        )
+        async with _governor(campaign, limiter, endpoint) as governor:
+            return await run_campaign(
+                campaign,
+                rd,
+                provider=provider,
+                run_id=doc["run_id"],
+                transport=transport,
+                on_progress=on_progress,
+                stop=stop,
+                total_hint=total_hint,
+                force=force,
+                governor=governor,
+            )
 
 
 async def resume_run(
@@ -187,11 +193,13 @@ async def resume_run(
     on_progress: Callable[[Progress], None] | None = None,
     stop: anyio.Event | None = None,
     total_hint: int | None = None,
+    limiter: str | None = None,
 ) -> RunResult:
     """Continue the run in ``run_dir`` with its pinned campaign.
 
     Skips every settled recipient, retries deferred ones, and re-sends unknown
     ones only with ``resend_unknown``. Refuses a changed source unless ``force``.
+    ``limiter``: as for :func:`start_run`.
     """
     rd = RunDir(run_dir)
     rd.load()  # a missing or foreign directory: refused before a lock file is put in it
@@ -202,18 +210,45 @@ async def resume_run(
             total_hint = _rows(fingerprint, total_hint)
         _pin_source(campaign, rd, doc, fingerprint, force=force)
         provider = provider or make_provider(campaign, run_id=doc["run_id"], endpoint=endpoint)
-        return await run_campaign(
-            campaign,
-            rd,
-            provider=provider,
-            run_id=doc["run_id"],
-            transport=transport,
-            resend_unknown=resend_unknown,
-            on_progress=on_progress,
-            stop=stop,
-            total_hint=total_hint,
-            force=force,
+        async with _governor(campaign, limiter, endpoint) as governor:
+            return await run_campaign(
+                campaign,
+                rd,
+                provider=provider,
+                run_id=doc["run_id"],
+                transport=transport,
+                resend_unknown=resend_unknown,
+                on_progress=on_progress,
+                stop=stop,
+                total_hint=total_hint,
+                force=force,
+                governor=governor,
+            )
+
+
+@asynccontextmanager
+async def _governor(
+    campaign: Campaign, limiter: str | None, endpoint: str | None
+) -> AsyncIterator[Governor | None]:
+    """A governor on the shared lease limiter at ``limiter``; None: the run's own."""
+    if limiter is None:
+        yield None
+        return
+    from pipeline.app.account import limiter_account
+    from pipeline.scale.lease import LeasedGovernor, connect_limiter
+
+    limits = campaign.limits
+    account = limiter_account(campaign, endpoint=endpoint)
+    async with connect_limiter(
+        limiter, limit=max(1, int(limits.requests_per_second)), account_key=account
+    ) as lim:
+        governor = LeasedGovernor(
+            lim, target=limits.requests_per_second, recipients_rate=limits.recipients_per_second
         )
+        try:
+            yield governor
+        finally:
+            log.info("lease_counts", **governor.counts)  # tokens leased, used, dropped unused
 
 
 def _pin_source(

@@ -86,12 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PHONE[,PHONE...]",
         help="send the first rendered message to these numbers only, in a run directory of its own",
     )
+    r.add_argument("--limiter", type=_limiter_url, help=LIMITER_HELP)
     r.set_defaults(func=cmd_run)
 
     s = sub.add_parser("resume", help="resume a run after a crash or a stop")
     s.add_argument("run_dir")
     s.add_argument("--resend-unknown", action="store_true", help="send unknown recipients again")
     s.add_argument("--force", action="store_true", help="resume even though the source changed")
+    s.add_argument("--limiter", type=_limiter_url, help=LIMITER_HELP)
     s.set_defaults(func=cmd_resume)
 
     st = sub.add_parser("status", help="where a run stands")
@@ -175,6 +177,18 @@ def _sluice_error(group: BaseExceptionGroup) -> BaseException:
             return inner
         matched = inner
     return group
+
+
+LIMITER_HELP = (
+    "share the provider account's requests/s with other runs through this lease limiter: "
+    "redis://host:port/db (or unix:/path of a local one)"
+)
+
+
+def _limiter_url(text: str) -> str:
+    if not text.startswith(("redis://", "rediss://", "unix:")):
+        raise argparse.ArgumentTypeError("a limiter is redis://host:port/db or unix:/path")
+    return text
 
 
 def _positive(text: str) -> int:

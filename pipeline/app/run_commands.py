@@ -201,6 +201,8 @@ def _execute(
 
     check_credentials(campaign)
     kwargs: dict[str, Any] = {"force": args.force, "total_hint": _count_rows(campaign)}
+    if getattr(args, "limiter", None):
+        kwargs["limiter"] = args.limiter
     if resume:
         fn: Any = resume_run
         kwargs.update(run_dir=run_dir, resend_unknown=args.resend_unknown)

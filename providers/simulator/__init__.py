@@ -94,6 +94,8 @@ class Simulator:
             "requests": s.requests,
             "accepted_requests": s.accepted_requests,
             "accepted_recipients": self._receipts.accepted,
+            # per account, the most accepted in any sliding one-second window
+            "peak_1s": s.peak_1s(),
             "throttled": s.throttled,
             "faults": dict(s.faults),
             "rejected": dict(s.rejected),

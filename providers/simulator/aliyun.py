@@ -245,7 +245,7 @@ class AliyunGateway:
             self._authenticate(req, params, query, v3, secret)
 
         if action in SEND_ACTIONS:
-            self._send(conn, params, action, fault)
+            self._send(conn, params, action, fault, key_id)
         elif action == "QuerySendDetails":
             conn.respond(200, self._query(params), delay=self._delay())
         elif action == "GetCardSmsDetails":
@@ -299,7 +299,9 @@ class AliyunGateway:
                 raise _Reject(400, "SignatureNonceUsed")
 
     # -- SendBatchSms / SendBatchCardSms ------------------------------------------------
-    def _send(self, conn: Connection, params: dict[str, str], action: str, fault: object) -> None:
+    def _send(
+        self, conn: Connection, params: dict[str, str], action: str, fault: object, key_id: str
+    ) -> None:
         card = action == "SendBatchCardSms"
         phones, signs, template, out_id = _validate_send(params, card)
         n = len(phones)
@@ -320,7 +322,7 @@ class AliyunGateway:
         if self._receipts.index is not None:
             keys = phones if set(map(len, phones)) == {11} else [phone_key(p) for p in phones]
             self._receipts.add(keys, Sent(out_id, biz, template, t))
-        self._stats.accepted_requests += 1
+        self._stats.accept(key_id, n)
         rid = self._ids.request_id()
         if card:
             body = orjson.dumps(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import bisect
 import os
 import random
+import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +26,7 @@ __all__ = (
     "Pacer",
     "ReceiptLog",
     "Sent",
+    "SlidingPeak",
     "Stats",
 )
 
@@ -300,16 +303,61 @@ class Pacer:
             raise AssertionError(f"unhandled fault {fault!r}")
 
 
+class SlidingPeak:
+    """The most requests, and recipients, accepted in any sliding window of ``span`` seconds.
+
+    Exact: the busiest window ``[s, s + span)`` starts at an accepted request, and holds what
+    the window ``(e - span, e]`` ending at its last request holds, which is counted as each
+    request arrives. Only the last span's requests are kept, plus the running peaks.
+    """
+
+    def __init__(self, span: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self._span = span
+        self._clock = clock
+        self._recent: deque[tuple[float, int]] = deque()  # (time, recipients), oldest first
+        self._requests = self._recipients = 0  # in the current window
+        self.peak_requests = self.peak_recipients = 0
+
+    def add(self, recipients: int) -> None:
+        now = self._clock()
+        recent = self._recent
+        while recent and recent[0][0] <= now - self._span:
+            self._requests -= 1
+            self._recipients -= recent.popleft()[1]
+        recent.append((now, recipients))
+        self._requests += 1
+        self._recipients += recipients
+        self.peak_requests = max(self.peak_requests, self._requests)
+        self.peak_recipients = max(self.peak_recipients, self._recipients)
+
+
 class Stats:
     """Counters, served by ``GET /__stats``."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.requests = 0
         self.accepted_requests = 0
+        self.peaks: dict[str, SlidingPeak] = {}  # per account (access key id, appid): across connections
+        self._clock = clock
         self.throttled = 0
         self.faults: dict[str, int] = {}
         self.rejected: dict[str, int] = {}
         self.actions: dict[str, int] = {}
+
+    def accept(self, account: str, recipients: int) -> None:
+        """A request of ``recipients`` accepted for ``account``."""
+        self.accepted_requests += 1
+        peak = self.peaks.get(account)
+        if peak is None:
+            peak = self.peaks[account] = SlidingPeak(clock=self._clock)
+        peak.add(recipients)
+
+    def peak_1s(self) -> dict[str, dict[str, int]]:
+        """Per account: the most requests and recipients accepted in any sliding second."""
+        return {
+            account: {"requests": p.peak_requests, "recipients": p.peak_recipients}
+            for account, p in self.peaks.items()
+        }
 
     def fault(self, kind: str) -> None:
         self.faults[kind] = self.faults.get(kind, 0) + 1

@@ -310,7 +310,7 @@ class NxcloudGateway:
             records.append((_Record(message_id, phone, content, sender, t), sys_id))
             results.append(_item(phone, message_id))
         if records:
-            self._store(records, t)
+            self._store(records, t, h.get("accesskey", ""))
         self._pacer.finish(conn, _ok(results), fault, self._stats)
 
     def _check_hourly(self, planned: list[tuple[str, str, str, str]], bad: list[bool], t: float) -> None:
@@ -345,7 +345,7 @@ class NxcloudGateway:
         if not hmac.compare_digest(expected.encode(), h["sign"].encode()):
             raise _Reject(1003)
 
-    def _store(self, records: list[tuple[_Record, str]], t: float) -> None:
+    def _store(self, records: list[tuple[_Record, str]], t: float, account: str) -> None:
         tail = f',"provider":"nxcloud","t":{t!r}}}\n'
         lines = [  # content and sender: what the record query reports, for a restart (restore)
             f'{{"phone":"{r.phone}","out_id":{orjson.dumps(sys_id).decode()},"message_id":'
@@ -357,7 +357,7 @@ class NxcloudGateway:
         if self._index is not None:
             for r, _ in records:
                 self._index.setdefault(r.message_id, []).append(r)
-        self._stats.accepted_requests += 1
+        self._stats.accept(account, len(records))
 
     # -- /api/sms/get ---------------------------------------------------------------------------------
     def _record_query(self, req: Request) -> bytes:

@@ -452,7 +452,7 @@ class SubmailGateway:
         self._receipts.write(data.encode(), len(rows))
         if self._index is not None:
             self._index.add(rows)
-        self._stats.accepted_requests += 1
+        self._stats.accept(req.appid, len(rows))
 
     # -- sms/log -----------------------------------------------------------------------------------
     def _log(self, appid: str, params: dict[str, str]) -> bytes:
