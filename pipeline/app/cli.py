@@ -55,13 +55,13 @@ def _operator_command(name: str) -> Callable[[argparse.Namespace, Console], int]
     return command
 
 
-cmd_export = _operator_command("cmd_export")
-cmd_listen = _operator_command("cmd_listen")
-cmd_receipts = _operator_command("cmd_receipts")
-cmd_reconcile = _operator_command("cmd_reconcile")
-cmd_report = _operator_command("cmd_report")
-cmd_simulate = _operator_command("cmd_simulate")
-cmd_status = _operator_command("cmd_status")
+_cmd_export = _operator_command("cmd_export")
+_cmd_listen = _operator_command("cmd_listen")
+_cmd_receipts = _operator_command("cmd_receipts")
+_cmd_reconcile = _operator_command("cmd_reconcile")
+_cmd_report = _operator_command("cmd_report")
+_cmd_simulate = _operator_command("cmd_simulate")
+_cmd_status = _operator_command("cmd_status")
 
 
 # -- argument parsing ----------------------------------------------------------
@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="where a run stands")
     st.add_argument("run_dir")
     st.add_argument("--json", action="store_true")
-    st.set_defaults(func=cmd_status)
+    st.set_defaults(func=_cmd_status)
 
     rc = sub.add_parser("reconcile", help="settle unknown recipients through the provider's status API")
     rc.add_argument("run_dir")
@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=600.0,
         help="seconds after which a send the provider has no record of counts as not sent",
     )
-    rc.set_defaults(func=cmd_reconcile)
+    rc.set_defaults(func=_cmd_reconcile)
 
     ls = sub.add_parser("listen", help="receive the providers' delivery receipts for a run over HTTP")
     ls.add_argument("run_dir")
@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="SUBMAIL_SUBHOOK_KEY",
         help="environment variable holding the SUBHOOK key SUBMAIL signs its events with",
     )
-    ls.set_defaults(func=cmd_listen)
+    ls.set_defaults(func=_cmd_listen)
 
     rr = sub.add_parser("receipts", help="pull delivery receipts from the provider's status API")
     rr.add_argument("run_dir")
@@ -140,23 +140,23 @@ def build_parser() -> argparse.ArgumentParser:
         default=600.0,
         help="ask only about recipients sent at least this many seconds ago",
     )
-    rr.set_defaults(func=cmd_receipts)
+    rr.set_defaults(func=_cmd_receipts)
 
     rp = sub.add_parser("report", help="an HTML page and PNG charts of a run")
     rp.add_argument("run_dir")
     rp.add_argument("--output", "-o", help="directory (default: RUN_DIR/report)")
-    rp.set_defaults(func=cmd_report)
+    rp.set_defaults(func=_cmd_report)
 
     ex = sub.add_parser("export", help="the final outcome of every recipient, as CSV or JSONL")
     ex.add_argument("run_dir")
     ex.add_argument("--format", choices=("csv", "jsonl"), default="csv")
     ex.add_argument("--output", "-o", default="-", help="file to write (default: stdout)")
-    ex.set_defaults(func=cmd_export)
+    ex.set_defaults(func=_cmd_export)
 
     # Its options are the simulator's own (main() hands them over whole: argparse's REMAINDER
     # would take `sluice simulate --port 0` for options of sluice's).
     sim = sub.add_parser("simulate", help="serve the provider simulator on loopback", add_help=False)
-    sim.set_defaults(func=cmd_simulate, simulator_args=[])
+    sim.set_defaults(func=_cmd_simulate, simulator_args=[])
 
     d = sub.add_parser("demo", help="a real campaign against the embedded simulator")
     d.add_argument("--recipients", type=_positive, default=100_000)
@@ -221,7 +221,7 @@ def _version() -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["simulate"]:
-        return cmd_simulate(argparse.Namespace(simulator_args=argv[1:]), Console(stderr=True))
+        return _cmd_simulate(argparse.Namespace(simulator_args=argv[1:]), Console(stderr=True))
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "json", False) and args.command == "run" and not args.dry_run:
