@@ -141,11 +141,12 @@ async def start_run(
     on_progress: Callable[[Progress], None] | None = None,
     stop: anyio.Event | None = None,
     total_hint: int | None = None,
+    fence: Callable[[], bool] | None = None,
 ) -> RunResult:
     """Start ``campaign`` in ``run_dir``, or continue it there if it was started already.
 
     A run directory holding a different campaign or source is refused unless
-    ``force``.
+    ``force``. ``fence``: see :func:`pipeline.engine.run_campaign` (a shard worker's claim).
     """
     rd = RunDir(run_dir)
     with rd.lock("sluice run"):
@@ -173,6 +174,7 @@ async def start_run(
             stop=stop,
             total_hint=total_hint,
             force=force,
+            fence=fence,
         )
 
 

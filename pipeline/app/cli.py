@@ -48,6 +48,7 @@ from pipeline.app.ops_commands import (
     cmd_status,
 )
 from pipeline.app.run_commands import cmd_demo, cmd_resume, cmd_run
+from pipeline.app.worker_command import add_worker_parser
 
 __all__ = ("build_parser", "main")
 
@@ -143,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     # would take `sluice simulate --port 0` for options of sluice's).
     sim = sub.add_parser("simulate", help="serve the provider simulator on loopback", add_help=False)
     sim.set_defaults(func=cmd_simulate, simulator_args=[])
+
+    add_worker_parser(sub)
 
     d = sub.add_parser("demo", help="a real campaign against the embedded simulator")
     d.add_argument("--recipients", type=_positive, default=100_000)
