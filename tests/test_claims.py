@@ -23,7 +23,7 @@ from redis.asyncio import Redis
 
 from pipeline.app.rundir import RunDir
 from pipeline.errors import RunDirError
-from pipeline.scale.claims import ALL_DONE, Claim, Lease, ShardClaims, Waiting
+from pipeline.scale.claims import ALL_DONE, Claim, Lease, ShardClaims, Unregistered, Waiting
 from tests.conftest import REPO
 from tests.helpers import SimulatorProcess, simulator, sluice
 
@@ -41,37 +41,60 @@ def _free_port() -> int:
         return port
 
 
+class RedisServer:
+    """redis-server on 127.0.0.1 with no persistence: a restart starts it empty."""
+
+    def __init__(self, data: Path) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            if os.environ.get("CI") == "true":
+                pytest.fail("redis-server is not installed (.ci/run installs it)")
+            pytest.skip("redis-server is not installed")
+        data.mkdir(parents=True, exist_ok=True)
+        self.exe, self.data, self.port = exe, data, _free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        options = ["--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no"]
+        self.proc = subprocess.Popen(
+            [self.exe, *options, "--dir", str(self.data)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1)
+        try:
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    if client.ping():
+                        return
+                except redis.ConnectionError:
+                    if self.proc.poll() is not None or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.02)
+        finally:
+            client.close()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+
+
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    exe = shutil.which("redis-server")
-    if exe is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("redis-server is not installed (.ci/run installs it)")
-        pytest.skip("redis-server is not installed")
-    data = tmp_path_factory.mktemp("redis")
-    port = _free_port()
-    options = ["--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"]
-    proc = subprocess.Popen(
-        [exe, *options, "--dir", str(data)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1)
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                if client.ping():
-                    break
-            except redis.ConnectionError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
-        yield f"redis://127.0.0.1:{port}/0"
+        yield server.url
     finally:
-        client.close()
-        proc.terminate()
-        proc.wait(timeout=30)
+        server.stop()
 
 
 def wait_for(what: str, cond: Callable[[], object], timeout: float = 20.0, every: float = 0.01) -> None:
@@ -117,7 +140,7 @@ async def test_claims_give_distinct_shards_under_increasing_epochs(
     assert isinstance(waiting, Waiting) and 25 < waiting.seconds <= 30
     assert await ShardClaims(aclient, run + "-other", "w", ttl=30).progress() == (0, 0)
     unregistered = ShardClaims(aclient, run + "-other", "w", ttl=30)
-    with pytest.raises(redis.ResponseError, match="UNREGISTERED"):
+    with pytest.raises(Unregistered):
         await unregistered.claim()
 
 
@@ -518,3 +541,36 @@ def test_a_worker_frozen_past_its_lease_sends_nothing_after_it(tmp_path: Path, i
     events = shard_claims(run_dir)[shard]
     assert [str(e["owner"]).split("/")[1] for e in events] == [str(stale.pid), str(fresh.pid)]
     assert int(str(events[1]["epoch"])) > int(str(events[0]["epoch"]))
+
+
+@pytest.mark.slow
+def test_redis_restarted_empty_mid_shard_the_worker_stops_then_goes_on(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "redis-data")
+    try:
+        with simulator(tmp_path, "--latency-ms", "30") as sim:
+            campaign = make_run(tmp_path, sim.url)
+            run_dir = tmp_path / "run"
+            proc = worker(campaign, server.url, run_dir, 2)
+            wait_for("a claim", lambda: owned_by(server.url, proc.pid) is not None)
+            shard = owned_by(server.url, proc.pid)
+            shard_run = RunDir(run_dir / "shards" / f"{shard}-of-2")
+            wait_for("its first sends", lambda: ledger_lines(shard_run.ledger) >= 50)
+            server.kill()
+            killed_at = time.time()
+            wait_for(
+                "the shard to stop on its lease",
+                lambda: any(s.get("code") == "LeaseLost" for s in shard_run.load_sessions()),
+                timeout=LEASE_TTL * 4,
+            )
+            restarted_at = time.time()
+            server.start()  # empty: the worker registers the run again and finishes it
+            code, err = finish(proc)
+            sim.stop()
+            assert code in (0, 3), err
+            assert "lease lost" in err
+            # Nothing sent from one lease ttl after Redis went away until it was back.
+            receipts = [orjson.loads(line)["t"] for line in sim.receipts.read_bytes().splitlines()]
+            assert not [t for t in receipts if killed_at + LEASE_TTL < t < restarted_at]
+            check_once(sim, run_dir, max_unknown=4 * 10)
+    finally:
+        server.stop()

@@ -36,7 +36,7 @@ from typing import Any
 import anyio
 import structlog
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 __all__ = (
     "ALL_DONE",
@@ -44,6 +44,7 @@ __all__ = (
     "Claim",
     "Lease",
     "ShardClaims",
+    "Unregistered",
     "Waiting",
     "new_owner",
     "run_key",
@@ -82,6 +83,12 @@ class Claim:
     @property
     def token(self) -> str:
         return f"{self.owner}:{self.epoch}"
+
+
+class Unregistered(Exception):
+    """Redis holds no shards of the run: its state was lost (restarted without persistence,
+    flushed, evicted). Registering again is safe: the shards' ledgers say what was sent, a shard
+    done before is finished again at once, and new epochs stay above the old ones."""
 
 
 @dataclass(frozen=True)
@@ -125,10 +132,16 @@ class ShardClaims:
             raise
 
     async def claim(self) -> Claim | Waiting | str:
-        """A shard under a new epoch, or :class:`Waiting`, or :data:`ALL_DONE`."""
-        shard, epoch, value = await self._claim(
-            keys=[self.meta, self.leases, self.owners, self.epoch_key], args=[self.owner, self.ttl_ms]
-        )
+        """A shard under a new epoch, or :class:`Waiting`, or :data:`ALL_DONE`; raises
+        :class:`Unregistered` when Redis has no shards of the run (a Redis restarted empty)."""
+        try:
+            shard, epoch, value = await self._claim(
+                keys=[self.meta, self.leases, self.owners, self.epoch_key], args=[self.owner, self.ttl_ms]
+            )
+        except ResponseError as exc:
+            if str(exc).startswith("UNREGISTERED"):
+                raise Unregistered(str(exc)) from None
+            raise
         if shard == 0:
             return ALL_DONE
         if shard < 0:

@@ -35,6 +35,7 @@ from pipeline.scale.claims import (
     Claim,
     Lease,
     ShardClaims,
+    Unregistered,
     Waiting,
     new_owner,
     run_key,
@@ -129,7 +130,12 @@ class _Worker:
             t_req = time.monotonic()
             try:
                 with anyio.fail_after(ttl):
-                    got = await self.claims.claim()
+                    try:
+                        got = await self.claims.claim()
+                    except Unregistered:
+                        log.warning("claims_lost", detail="Redis has no shards of the run: registering again")
+                        await self.claims.register(self.shards)
+                        continue
             except COORDINATOR_ERRORS as exc:
                 log.warning("coordinator_unreachable", error=type(exc).__name__)
                 self.say(f"coordinator unreachable ({type(exc).__name__}): retrying in {backoff:.1f} s")
