@@ -574,3 +574,55 @@ def test_redis_restarted_empty_mid_shard_the_worker_stops_then_goes_on(tmp_path:
             check_once(sim, run_dir, max_unknown=4 * 10)
     finally:
         server.stop()
+
+
+def test_the_parent_run_pins_the_campaign_and_its_shards(tmp_path: Path) -> None:
+    import dataclasses
+
+    from pipeline.app.campaign import load_campaign
+    from pipeline.errors import CampaignError
+    from pipeline.scale.worker import prepare_run, shard_campaign
+
+    campaign = load_campaign(make_run(tmp_path, "http://127.0.0.1:9", rows=10))
+    run_dir = tmp_path / "run"
+    with pytest.raises(CampaignError, match="new run"):
+        prepare_run(campaign, run_dir, None)
+    doc, shards = prepare_run(campaign, run_dir, 3)
+    assert shards == 3 and doc["shards"] == 3 and RunDir(run_dir).load()["run_id"] == doc["run_id"]
+    again, shards = prepare_run(campaign, run_dir, None)  # a later worker: read, not created anew
+    assert shards == 3 and again["run_id"] == doc["run_id"]
+    with pytest.raises(CampaignError, match="in 3 shards, not 4"):
+        prepare_run(campaign, run_dir, 4)
+    with pytest.raises(CampaignError, match=r"source\.shard"):
+        prepare_run(shard_campaign(campaign, 1, 2), run_dir, 3)
+    other = dataclasses.replace(campaign, message=dataclasses.replace(campaign.message, sign_name="Other"))
+    with pytest.raises(RunDirError, match="different campaign"):
+        prepare_run(other, run_dir, 3)
+
+
+@pytest.mark.slow
+def test_a_worker_stopped_by_sigterm_gives_its_shard_back(tmp_path: Path, isolated_redis: str) -> None:
+    with simulator(tmp_path, "--latency-ms", "30") as sim:
+        campaign = make_run(tmp_path, sim.url)
+        run_dir = tmp_path / "run"
+        first = worker(campaign, isolated_redis, run_dir, 2)
+        wait_for("a claim", lambda: owned_by(isolated_redis, first.pid) is not None)
+        shard = owned_by(isolated_redis, first.pid)
+        ledger = run_dir / "shards" / f"{shard}-of-2" / "ledger.jsonl"
+        wait_for("its first sends", lambda: ledger_lines(ledger) >= 50)
+        first.send_signal(signal.SIGTERM)
+        code, err = finish(first)
+        assert code == 143, err
+        assert "interrupted" in err
+        client = redis.Redis.from_url(isolated_redis)
+        try:  # given back: free at once, not after its lease
+            (leases,) = list(client.scan_iter("sluice:claims:*:leases"))
+            assert client.zscore(leases, str(shard)) == 0
+        finally:
+            client.close()
+        second = worker(campaign, isolated_redis, run_dir, 2)
+        code, err = finish(second)
+        sim.stop()
+        assert code == 0, err
+        check_once(sim, run_dir, max_unknown=0)
+    assert done_shards(isolated_redis) == 2
