@@ -308,6 +308,36 @@ def test_a_newer_epoch_takes_the_lock_a_frozen_holder_keeps(tmp_path: Path) -> N
         holder.stdin.close()
 
 
+def test_a_live_worker_without_the_flock_still_holds_the_shard(tmp_path: Path) -> None:
+    """A worker that went on past a frozen holder's flock has none of its own until it retakes
+    it: a manual resume that finds the flock free is still refused while that worker lives."""
+    shard = tmp_path / "shards" / "1-of-2"
+    rd = RunDir(shard)
+    with rd.lock("sluice run"):
+        pass  # creates run.lock
+    alive = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    assert alive.stdin is not None
+    try:
+        info = {"pid": alive.pid, "host": socket.gethostname(), "since": 1.0, "command": "sluice worker"}
+        rd.lock_file.write_bytes(orjson.dumps({**info, "epoch": 7}))
+        with pytest.raises(RunDirError, match=f"in use by pid {alive.pid}"), rd.lock("sluice resume"):
+            pass
+        with pytest.raises(RunDirError, match="in use"), rd.lock("sluice worker", epoch=7):
+            pass
+        with rd.lock("sluice worker", epoch=8):  # a newer claim goes on
+            pass
+        rd.lock_file.write_bytes(orjson.dumps({**info, "epoch": 7}))
+        alive.stdin.close()
+        alive.wait(timeout=30)
+        with rd.lock("sluice resume"):  # that worker is gone
+            pass
+    finally:
+        if alive.poll() is None:
+            alive.kill()
+            alive.wait()
+        alive.stdin.close()
+
+
 # -- sluice worker processes against the simulator --------------------------------------
 def make_run(tmp: Path, url: str, rows: int = ROWS) -> Path:
     """An SQLite source of ``rows`` recipients (integer keys 1..rows) and its campaign."""

@@ -184,6 +184,8 @@ class RunDir:
                             "(a second process on one run directory would send twice)"
                         ) from None
                     time.sleep(0.02)
+            if superseded is None:
+                self._refuse_live_worker(epoch)
             info: dict[str, Any] = {
                 "pid": os.getpid(),
                 "host": socket.gethostname(),
@@ -206,6 +208,27 @@ class RunDir:
                     superseded.stop()
         finally:
             os.close(fd)  # releases the lock
+
+    def _refuse_live_worker(self, epoch: int | None) -> None:
+        """The flock is this process's, but ``run.lock`` may name a shard worker going on without
+        it (one that superseded a frozen holder, whose flock has just gone): the directory is
+        still in use while that process lives, unless this claim's epoch is newer. Checked on
+        this host only (another host's process cannot be asked)."""
+        recorded = self.holder()  # the flock is held (by us): this reads who wrote run.lock last
+        if recorded is None or recorded.epoch is None or recorded.pid in (None, os.getpid()):
+            return
+        if recorded.host != socket.gethostname() or (epoch is not None and recorded.epoch < epoch):
+            return
+        try:
+            os.kill(recorded.pid, 0)
+        except ProcessLookupError:
+            return
+        except PermissionError:
+            pass  # alive, another user's
+        raise RunDirError(
+            f"{self.path} is in use by {recorded.describe()}: wait for it to finish or stop it "
+            "(a second process on one run directory would send twice)"
+        )
 
     def holder(self) -> LockHolder | None:
         """The process holding the lock now, or None when nobody does (read without taking it)."""
