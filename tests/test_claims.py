@@ -336,6 +336,28 @@ def test_a_live_worker_without_the_flock_still_holds_the_shard(tmp_path: Path) -
             alive.kill()
             alive.wait()
         alive.stdin.close()
+    # A worker that let go of the shard (and lives on, with other shards) does not hold it.
+    moved_on = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from pathlib import Path; from pipeline.app.rundir import RunDir\n"
+            f"with RunDir(Path({str(shard)!r})).lock('sluice worker', epoch=9): pass\n"
+            "print('released', flush=True); sys.stdin.read()",
+        ],
+        cwd=REPO,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    assert moved_on.stdin is not None and moved_on.stdout is not None
+    try:
+        assert moved_on.stdout.readline() == b"released\n"
+        with rd.lock("sluice resume"):
+            pass
+    finally:
+        moved_on.stdin.close()
+        moved_on.wait(timeout=30)
+        moved_on.stdout.close()
 
 
 # -- sluice worker processes against the simulator --------------------------------------

@@ -65,6 +65,7 @@ class _Retake:
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
+        self.taken = False
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="run-lock-retake", daemon=True)
         self._thread.start()
@@ -77,6 +78,7 @@ class _Retake:
                 continue
             except OSError:
                 return
+            self.taken = True
             return
 
     def stop(self) -> None:
@@ -206,6 +208,9 @@ class RunDir:
                 _HELD.discard(held)
                 if superseded is not None:
                     superseded.stop()
+                if epoch is not None and (superseded is None or superseded.taken):
+                    with contextlib.suppress(OSError):  # gone: no longer names a live worker
+                        os.ftruncate(fd, 0)
         finally:
             os.close(fd)  # releases the lock
 
