@@ -35,11 +35,12 @@ PLACEHOLDERS = {
 
 
 def readme_command_lines() -> list[str]:
-    """Every line of a README code block that runs sluice, from `sluice` on, comments dropped."""
+    """Every line of a README code block that runs sluice, from `sluice` on, comments dropped
+    (a YAML list item too: a Kubernetes manifest's `args:`)."""
     lines = []
     for block in re.findall(r"```[a-z]*\n(.*?)```", README, flags=re.S):
         for line in block.splitlines():
-            found = re.search(r"(?:^|&& |\.venv/bin/)(sluice (?:.*))$", line.split("  #")[0].strip())
+            found = re.search(r"(?:^|^- |&& |\.venv/bin/)(sluice (?:.*))$", line.split("  #")[0].strip())
             if found:
                 lines.append(found.group(1).strip())
     return lines
@@ -78,12 +79,25 @@ def test_readme_command_line_parses(line: str) -> None:
 
 @pytest.mark.parametrize(
     "command",
-    ["run", "resume", "status", "reconcile", "report", "export", "simulate", "demo", "listen", "receipts"],
+    [
+        *("run", "resume", "status", "reconcile", "report", "export"),
+        *("simulate", "demo", "listen", "receipts", "worker"),
+    ],
 )
 def test_every_subcommand_has_help(command: str) -> None:
     done = subprocess.run([SLUICE, command, "--help"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(f"usage: sluice {command}")
+
+
+def test_the_kubernetes_manifest_runs_a_checked_worker_line() -> None:
+    """The Indexed Job's worker command line is one of the lines parsed above."""
+    manifest = next(b for b in re.findall(r"```yaml\n(.*?)```", README, flags=re.S) if "kind: Job" in b)
+    for setting in ("completionMode: Indexed", "podReplacementPolicy: Failed", "restartPolicy: Never"):
+        assert setting in manifest
+    worker_lines = [x.strip().removeprefix("- ") for x in manifest.splitlines() if "sluice worker" in x]
+    assert len(worker_lines) == 1 and worker_lines[0] in COMMANDS
+    assert "--coordinator redis://" in worker_lines[0]
 
 
 def test_run_json_without_dry_run_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:

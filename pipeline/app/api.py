@@ -144,12 +144,14 @@ async def start_run(
     stop: anyio.Event | None = None,
     total_hint: int | None = None,
     limiter: str | None = None,
+    fence: Callable[[], bool] | None = None,
 ) -> RunResult:
     """Start ``campaign`` in ``run_dir``, or continue it there if it was started already.
 
     A run directory holding a different campaign or source is refused unless
     ``force``. ``limiter`` (``redis://…`` or ``unix:/path``): the provider account's limit is
-    shared, through that lease limiter, with every other run using it.
+    shared, through that lease limiter, with every other run using it. ``fence``: see
+    :func:`pipeline.engine.run_campaign` (a shard worker's claim).
     """
     rd = RunDir(run_dir)
     with rd.lock("sluice run"):
@@ -179,6 +181,7 @@ async def start_run(
                 total_hint=total_hint,
                 force=force,
                 governor=governor,
+                fence=fence,
             )
 
 

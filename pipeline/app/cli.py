@@ -29,6 +29,7 @@ from pipeline.app.exits import (
     EXIT_USAGE,
 )
 from pipeline.app.run_commands import cmd_demo, cmd_resume, cmd_run
+from pipeline.app.worker_command import add_worker_parser
 from pipeline.errors import (
     CampaignError,
     RunDirError,
@@ -157,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     # would take `sluice simulate --port 0` for options of sluice's).
     sim = sub.add_parser("simulate", help="serve the provider simulator on loopback", add_help=False)
     sim.set_defaults(func=_cmd_simulate, simulator_args=[])
+
+    add_worker_parser(sub)
 
     d = sub.add_parser("demo", help="a real campaign against the embedded simulator")
     d.add_argument("--recipients", type=_positive, default=100_000)

@@ -20,6 +20,7 @@ import hashlib
 import os
 import secrets
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -58,6 +59,33 @@ def _seal(doc: dict[str, Any]) -> str:
     return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
+class _Retake:
+    """Takes the flock on ``fd`` once a superseded holder lets go of it (polled: a thread blocked
+    in flock could not be woken to stop)."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self.taken = False
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="run-lock-retake", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stopped.wait(0.2):
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            except OSError:
+                return
+            self.taken = True
+            return
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join()
+
+
 @dataclass(frozen=True)
 class LockHolder:
     """Who holds a run directory's lock, as it wrote itself into ``run.lock``."""
@@ -66,6 +94,7 @@ class LockHolder:
     host: str
     since: float | None
     command: str
+    epoch: int | None = None  # a shard worker's claim (pipeline.scale.claims)
 
     def describe(self) -> str:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.since)) if self.since else "?"
@@ -109,13 +138,20 @@ class RunDir:
 
     # -- the lock -----------------------------------------------------------
     @contextlib.contextmanager
-    def lock(self, command: str) -> Iterator[None]:
+    def lock(self, command: str, *, epoch: int | None = None) -> Iterator[None]:
         """Hold the run directory for this process, or raise RunDirError naming the holder.
 
         The lock is an ``flock`` on ``run.lock``: released by the kernel when the
         process ends however it ends. It excludes processes on one machine; on a
         network filesystem (NFS, SMB) whether two machines exclude each other depends
         on the filesystem and its mount options (README: "Run directories").
+
+        ``epoch``: a shard worker's claim (``sluice worker``), for which the claim's epoch, not the
+        flock, is what excludes. A holder that wrote a lower epoch was superseded: its lease
+        expired before this epoch was issued, so its fence keeps it from sending, but it may still
+        be alive (frozen: SIGSTOP, a long pause) and hold the flock. The newer claim then goes on
+        without the flock and takes it, in a background thread, once the old holder is gone; a
+        holder without an epoch (``sluice resume`` by hand) or with a higher one is refused.
         """
         self.check_is_dir()
         held = self.path.resolve()
@@ -131,6 +167,7 @@ class RunDir:
         finally:
             os.umask(old_umask)
         try:
+            superseded: _Retake | None = None
             # A reader probing the lock holds it for microseconds: a few tries ride over that.
             for attempt in range(5):
                 try:
@@ -139,18 +176,26 @@ class RunDir:
                 except BlockingIOError:
                     if attempt == 4:
                         holder = self.holder()
+                        old_epoch = holder.epoch if holder is not None else None
+                        if epoch is not None and old_epoch is not None and old_epoch < epoch:
+                            superseded = _Retake(fd)
+                            break
                         who = holder.describe() if holder else "another process"
                         raise RunDirError(
                             f"{self.path} is in use by {who}: wait for it to finish or stop it "
                             "(a second process on one run directory would send twice)"
                         ) from None
                     time.sleep(0.02)
-            info = {
+            if superseded is None:
+                self._refuse_live_worker(epoch)
+            info: dict[str, Any] = {
                 "pid": os.getpid(),
                 "host": socket.gethostname(),
                 "since": round(time.time(), 3),
                 "command": command,
             }
+            if epoch is not None:
+                info["epoch"] = epoch
             try:
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, orjson.dumps(info) + b"\n", 0)
@@ -161,8 +206,34 @@ class RunDir:
                 yield
             finally:
                 _HELD.discard(held)
+                if superseded is not None:
+                    superseded.stop()
+                if epoch is not None and (superseded is None or superseded.taken):
+                    with contextlib.suppress(OSError):  # gone: no longer names a live worker
+                        os.ftruncate(fd, 0)
         finally:
             os.close(fd)  # releases the lock
+
+    def _refuse_live_worker(self, epoch: int | None) -> None:
+        """The flock is this process's, but ``run.lock`` may name a shard worker going on without
+        it (one that superseded a frozen holder, whose flock has just gone): the directory is
+        still in use while that process lives, unless this claim's epoch is newer. Checked on
+        this host only (another host's process cannot be asked)."""
+        recorded = self.holder()  # the flock is held (by us): this reads who wrote run.lock last
+        if recorded is None or recorded.epoch is None or recorded.pid in (None, os.getpid()):
+            return
+        if recorded.host != socket.gethostname() or (epoch is not None and recorded.epoch < epoch):
+            return
+        try:
+            os.kill(recorded.pid, 0)
+        except ProcessLookupError:
+            return
+        except PermissionError:
+            pass  # alive, another user's
+        raise RunDirError(
+            f"{self.path} is in use by {recorded.describe()}: wait for it to finish or stop it "
+            "(a second process on one run directory would send twice)"
+        )
 
     def holder(self) -> LockHolder | None:
         """The process holding the lock now, or None when nobody does (read without taking it)."""
@@ -188,11 +259,13 @@ class RunDir:
             info = {}
         if not isinstance(info, dict):
             info = {}
+        epoch = info.get("epoch")
         return LockHolder(
             pid=info.get("pid"),
             host=str(info.get("host", "?")),
             since=info.get("since"),
             command=str(info.get("command", "?")),
+            epoch=epoch if isinstance(epoch, int) else None,
         )
 
     # -- run.json -----------------------------------------------------------

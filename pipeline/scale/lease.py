@@ -184,7 +184,7 @@ class Limiter(Protocol):
 
 
 # -- Redis -------------------------------------------------------------------------------------
-LUA = resources.files("pipeline.scale").joinpath("lease.lua").read_text(encoding="utf-8")
+LUA = resources.files("pipeline.scale").joinpath("lua", "lease.lua").read_text(encoding="utf-8")
 
 
 def _redacted(url: str) -> str:
