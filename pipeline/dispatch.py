@@ -183,6 +183,7 @@ class Dispatcher:
         self._batch_ids = batch_ids  # the run's batch ids, for the parts of a split batch
         self.on_refusal = on_refusal
         self._fence = fence  # False once this process may no longer send for its shard
+        self._pacing: set[anyio.CancelScope] = set()  # workers waiting on the governor
         self.splits = 0  # refused calls that were split
         self.split_requests = 0  # requests sent for their parts (included in requests)
 
@@ -194,6 +195,8 @@ class Dispatcher:
     def stopping(self, value: bool) -> None:
         self._stopping = value
         if value:
+            for pacing in self._pacing:
+                pacing.cancel()
             if self.gate is not None:
                 self.gate.abort()  # a request waiting for the window or the cap is not sent
             self._endpoint.reached()  # batches waiting for a prober go on, and see the stop
@@ -232,7 +235,12 @@ class Dispatcher:
             await self.gate.wait(len(batch.messages))  # send window and daily cap
         while True:
             await self._endpoint.wait_turn(batch)
-            await self._governor.acquire(len(batch.messages))
+            with anyio.CancelScope() as pacing:  # a stop ends the wait (a limiter that is down)
+                self._pacing.add(pacing)
+                try:
+                    await self._governor.acquire(len(batch.messages))
+                finally:
+                    self._pacing.discard(pacing)
             if self.stopping:
                 self._endpoint.release(batch)
                 return None  # never sent: the rows stay pending

@@ -289,6 +289,7 @@ async def run_campaign(
                     stop=stop,
                     on_progress=on_progress,
                     progress_interval=progress_interval,
+                    fence=fence,
                 )
     finally:
         structlog.contextvars.unbind_contextvars("run_id", "provider")

@@ -31,7 +31,7 @@ from pipeline.admit import Admission, skip_table
 from pipeline.app.campaign import Campaign
 from pipeline.batch import Batcher
 from pipeline.dispatch import Dispatcher
-from pipeline.errors import REJECT_RATIO, SourceError
+from pipeline.errors import LEASE_LOST, REJECT_RATIO, SourceError
 from pipeline.ledger import LedgerState, LedgerWriter
 from pipeline.limit import Governor
 from pipeline.render import rejects_over_limit
@@ -265,6 +265,7 @@ class Run:
         stop: anyio.Event | None,
         on_progress: Callable[[Progress], None] | None,
         progress_interval: float,
+        fence: Callable[[], bool] | None = None,
     ) -> None:
         """Every task until the source is sent or the run stops."""
         async with anyio.create_task_group() as outer:
@@ -274,7 +275,16 @@ class Run:
                 main.start_soon(self.send_batches, dispatcher)
                 outer.start_soon(self.watch_stop, main.cancel_scope, stop)
                 outer.start_soon(self.flush_ledger, progress_interval, on_progress)
+                if fence is not None:
+                    outer.start_soon(self.watch_fence, fence)
             outer.cancel_scope.cancel()
+
+    async def watch_fence(self, fence: Callable[[], bool], every: float = 0.05) -> None:
+        """Stop the run once ``fence`` says no, even while every worker waits (on a limiter
+        that is down, say): the dispatcher asks it again before each send."""
+        while fence():  # noqa: ASYNC110 (a clock deadline each heartbeat moves: polled)
+            await anyio.sleep(every)
+        self.stop("the shard's lease lapsed", LEASE_LOST)
 
 
 async def _aclose(iterator: object) -> None:

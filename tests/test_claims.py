@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import collections
 import os
-import shutil
 import signal
 import socket
 import sqlite3
@@ -16,6 +15,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
+import httpx
 import orjson
 import pytest
 import redis
@@ -26,6 +26,7 @@ from pipeline.errors import RunDirError
 from pipeline.scale.claims import ALL_DONE, Claim, Lease, ShardClaims, Unregistered, Waiting
 from tests.conftest import REPO
 from tests.helpers import SimulatorProcess, simulator, sluice
+from tests.redis_server import redis_server
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -33,68 +34,11 @@ ROWS = 2000
 LEASE_TTL = 1.5
 
 
-# -- a redis-server on loopback (folded into the shared fixture later) --------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-class RedisServer:
-    """redis-server on 127.0.0.1 with no persistence: a restart starts it empty."""
-
-    def __init__(self, data: Path) -> None:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            if os.environ.get("CI") == "true":
-                pytest.fail("redis-server is not installed (.ci/run installs it)")
-            pytest.skip("redis-server is not installed")
-        data.mkdir(parents=True, exist_ok=True)
-        self.exe, self.data, self.port = exe, data, _free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.start()
-
-    def start(self) -> None:
-        options = ["--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no"]
-        self.proc = subprocess.Popen(
-            [self.exe, *options, "--dir", str(self.data)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1)
-        try:
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    if client.ping():
-                        return
-                except redis.ConnectionError:
-                    if self.proc.poll() is not None or time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.02)
-        finally:
-            client.close()
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=30)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=30)
-
-
+# -- a redis-server on loopback (tests/redis_server.py), one per module ---------------------
 @pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    try:
+def redis_url() -> Iterator[str]:
+    with redis_server() as server:
         yield server.url
-    finally:
-        server.stop()
 
 
 def wait_for(what: str, cond: Callable[[], object], timeout: float = 20.0, every: float = 0.01) -> None:
@@ -400,7 +344,9 @@ backoff_max_ms = 100
     return campaign
 
 
-def worker(campaign: Path, redis_url: str, run_dir: Path, shards: int) -> subprocess.Popen[bytes]:
+def worker(
+    campaign: Path, redis_url: str, run_dir: Path, shards: int, *extra: str
+) -> subprocess.Popen[bytes]:
     return sluice(
         "worker",
         str(campaign),
@@ -412,6 +358,7 @@ def worker(campaign: Path, redis_url: str, run_dir: Path, shards: int) -> subpro
         str(shards),
         "--lease-ttl",
         str(LEASE_TTL),
+        *extra,
     )
 
 
@@ -501,17 +448,30 @@ def isolated_redis(redis_url: str) -> str:
 
 
 @pytest.mark.slow
-def test_two_workers_send_every_recipient_once(tmp_path: Path, isolated_redis: str) -> None:
+@pytest.mark.parametrize("limiter", [None, "none"], ids=["shared-limit", "each-its-own"])
+def test_two_workers_send_every_recipient_once(
+    tmp_path: Path, isolated_redis: str, limiter: str | None
+) -> None:
+    """Two workers share the campaign's 50 requests/s through the coordinator's lease limiter:
+    at the simulator, no sliding second holds more. With ``--limiter none`` each paces alone
+    and together they go over (the check can fail)."""
     with simulator(tmp_path, "--latency-ms", "10") as sim:
         campaign = make_run(tmp_path, sim.url)
         run_dir = tmp_path / "run"
-        procs = [worker(campaign, isolated_redis, run_dir, 4) for _ in range(2)]
+        extra = () if limiter is None else ("--limiter", limiter)
+        procs = [worker(campaign, isolated_redis, run_dir, 4, *extra) for _ in range(2)]
         results = [finish(p) for p in procs]
+        peaks = httpx.get(sim.url + "/__stats", timeout=5).json()["peak_1s"]
         sim.stop()
         for code, err in results:
             assert code == 0, err
             assert "every shard of" in err
         check_once(sim, run_dir, max_unknown=0)
+    (peak,) = peaks.values()  # one account
+    if limiter is None:
+        assert peak["requests"] <= 50, peak
+    else:
+        assert peak["requests"] > 50, peak
     assert done_shards(isolated_redis) == 4
     claims = shard_claims(run_dir)
     assert sorted(claims) == [1, 2, 3, 4]
@@ -597,35 +557,31 @@ def test_a_worker_frozen_past_its_lease_sends_nothing_after_it(tmp_path: Path, i
 
 @pytest.mark.slow
 def test_redis_restarted_empty_mid_shard_the_worker_stops_then_goes_on(tmp_path: Path) -> None:
-    server = RedisServer(tmp_path / "redis-data")
-    try:
-        with simulator(tmp_path, "--latency-ms", "30") as sim:
-            campaign = make_run(tmp_path, sim.url)
-            run_dir = tmp_path / "run"
-            proc = worker(campaign, server.url, run_dir, 2)
-            wait_for("a claim", lambda: owned_by(server.url, proc.pid) is not None)
-            shard = owned_by(server.url, proc.pid)
-            shard_run = RunDir(run_dir / "shards" / f"{shard}-of-2")
-            wait_for("its first sends", lambda: ledger_lines(shard_run.ledger) >= 50)
-            server.kill()
-            killed_at = time.time()
-            wait_for(
-                "the shard to stop on its lease",
-                lambda: any(s.get("code") == "LeaseLost" for s in shard_run.load_sessions()),
-                timeout=LEASE_TTL * 4,
-            )
-            restarted_at = time.time()
-            server.start()  # empty: the worker registers the run again and finishes it
-            code, err = finish(proc)
-            sim.stop()
-            assert code in (0, 3), err
-            assert "lease lost" in err
-            # Nothing sent from one lease ttl after Redis went away until it was back.
-            receipts = [orjson.loads(line)["t"] for line in sim.receipts.read_bytes().splitlines()]
-            assert not [t for t in receipts if killed_at + LEASE_TTL < t < restarted_at]
-            check_once(sim, run_dir, max_unknown=4 * 10)
-    finally:
-        server.stop()
+    with redis_server() as server, simulator(tmp_path, "--latency-ms", "30") as sim:
+        campaign = make_run(tmp_path, sim.url)
+        run_dir = tmp_path / "run"
+        proc = worker(campaign, server.url, run_dir, 2)
+        wait_for("a claim", lambda: owned_by(server.url, proc.pid) is not None)
+        shard = owned_by(server.url, proc.pid)
+        shard_run = RunDir(run_dir / "shards" / f"{shard}-of-2")
+        wait_for("its first sends", lambda: ledger_lines(shard_run.ledger) >= 50)
+        server.kill()
+        killed_at = time.time()
+        wait_for(
+            "the shard to stop on its lease",
+            lambda: any(s.get("code") == "LeaseLost" for s in shard_run.load_sessions()),
+            timeout=LEASE_TTL * 4,
+        )
+        restarted_at = time.time()
+        server.start()  # empty: the worker registers the run again and finishes it
+        code, err = finish(proc)
+        sim.stop()
+        assert code in (0, 3), err
+        assert "lease lost" in err
+        # Nothing sent from one lease ttl after Redis went away until it was back.
+        receipts = [orjson.loads(line)["t"] for line in sim.receipts.read_bytes().splitlines()]
+        assert not [t for t in receipts if killed_at + LEASE_TTL < t < restarted_at]
+        check_once(sim, run_dir, max_unknown=4 * 10)
 
 
 def test_the_parent_run_pins_the_campaign_and_its_shards(tmp_path: Path) -> None:

@@ -37,6 +37,12 @@ def add_worker_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         metavar="SECONDS",
         help=f"a shard claim lapses this long after the last heartbeat (default {DEFAULT_LEASE_TTL:g})",
     )
+    w.add_argument(
+        "--limiter",
+        metavar="URL",
+        help="the lease limiter all workers pace with: redis://… or unix:/path (default: the "
+        "coordinator; 'none' to let each worker pace by itself, which multiplies the rate)",
+    )
     w.set_defaults(func=cmd_worker)
 
 
@@ -83,6 +89,9 @@ def cmd_worker(args: argparse.Namespace, console: Console) -> int:
         client = Redis.from_url(args.coordinator, socket_timeout=ttl / 4, socket_connect_timeout=ttl / 4)
     except ValueError as exc:
         raise CampaignError("--coordinator", f"not a Redis URL: {exc}") from None
+    limiter = args.coordinator if args.limiter is None else None if args.limiter == "none" else args.limiter
+    if limiter is not None and not limiter.startswith(("redis://", "rediss://", "unix:")):
+        raise CampaignError("--limiter", "a limiter is redis://host:port/db, unix:/path or none")
     doc, shards = prepare_run(campaign, run_dir, args.shards)
     open_log(run_dir, echo=not console.is_terminal)
     signalled: list[int] = []
@@ -117,6 +126,7 @@ def cmd_worker(args: argparse.Namespace, console: Console) -> int:
                     stop=stop,
                     endpoint=endpoint,
                     say=say,
+                    limiter=limiter,
                 )
             except COORDINATOR_ERRORS as exc:  # registering: the coordinator was never reached
                 unreachable.append(exc)

@@ -121,6 +121,7 @@ class _Worker:
     endpoint: str | None
     say: Callable[[str], None]  # a line for the operator
     margin: float
+    limiter: str | None = None  # the lease limiter every shard paces with (the coordinator's Redis)
     report: WorkerReport = field(default_factory=WorkerReport)
 
     async def loop(self) -> None:
@@ -205,6 +206,7 @@ class _Worker:
                     endpoint=self.endpoint,
                     stop=self.stop,
                     fence=lease.fence,
+                    limiter=self.limiter,
                 )
         counts = result.counts
         if result.stop_code == LEASE_LOST:
@@ -244,16 +246,20 @@ async def work(
     stop: anyio.Event,
     endpoint: str | None = None,
     say: Callable[[str], None],
+    limiter: str | None = None,
 ) -> WorkerReport:
     """Register the run's shards (once), then claim and run shards until every one is done, the
-    worker is stopped, or a shard stops it (the provider refused the account, the disk...)."""
+    worker is stopped, or a shard stops it (the provider refused the account, the disk...).
+
+    ``limiter``: the lease limiter URL the shards pace with, so that every worker of every
+    machine shares the provider account's limit (None: each shard paces by itself)."""
     claims = ShardClaims(client, run_key(doc), new_owner(), ttl)
     try:
         with anyio.fail_after(max(ttl, 5.0)):
             await claims.register(shards)
     except ValueError as exc:
         raise CampaignError("--shards", str(exc)) from None
-    worker = _Worker(campaign, run_dir, shards, claims, stop, endpoint, say, margin=ttl / 5)
+    worker = _Worker(campaign, run_dir, shards, claims, stop, endpoint, say, margin=ttl / 5, limiter=limiter)
     await worker.loop()
     report = worker.report
     report.shards = shards
