@@ -30,6 +30,8 @@ from pipeline.app.rundir import RunDir
 from pipeline.engine import Progress, RunResult, run_campaign
 from pipeline.errors import CampaignError, RunDirError
 from pipeline.ledger import replay
+from pipeline.limit import Governor
+from pipeline.scale.shards import shard_count
 from pipeline.source import compare_file_fingerprints
 from providers.base import Provider
 
@@ -153,7 +155,7 @@ async def start_run(
         if campaign.source.kind in DB_KINDS:
             total_hint = _rows(fingerprint, total_hint)
         if rd.exists():
-            doc = rd.load()
+            doc = _not_sharded(rd)
             if not force and doc["campaign_hash"] != campaign.digest():
                 raise RunDirError(
                     f"{run_dir} holds a run of a different campaign; use another --run-dir "
@@ -187,14 +189,16 @@ async def resume_run(
     on_progress: Callable[[Progress], None] | None = None,
     stop: anyio.Event | None = None,
     total_hint: int | None = None,
+    governor: Governor | None = None,
 ) -> RunResult:
     """Continue the run in ``run_dir`` with its pinned campaign.
 
     Skips every settled recipient, retries deferred ones, and re-sends unknown
     ones only with ``resend_unknown``. Refuses a changed source unless ``force``.
+    ``governor``: the limiter a shard of a run shares (see ``run_campaign``).
     """
     rd = RunDir(run_dir)
-    rd.load()  # a missing or foreign directory: refused before a lock file is put in it
+    _not_sharded(rd)  # a missing or foreign directory: refused before a lock file is put in it
     with rd.lock("sluice resume"):
         campaign, doc = pinned_campaign(rd)
         fingerprint = await _checked_source(campaign, full=False)
@@ -213,7 +217,20 @@ async def resume_run(
             stop=stop,
             total_hint=total_hint,
             force=force,
+            governor=governor,
         )
+
+
+def _not_sharded(rd: RunDir) -> dict[str, Any]:
+    """run.json of a run that is not sharded (a sharded one's parent has no ledger of its own)."""
+    doc = rd.load()
+    count = shard_count(doc)
+    if count is not None:
+        raise RunDirError(
+            f"{rd.path} is a run in {count} shards: `sluice resume {rd.path}` resumes them all, "
+            f"`sluice resume {rd.path}/shards/I-of-{count}` one of them"
+        )
+    return doc
 
 
 def _pin_source(

@@ -89,6 +89,14 @@ def cmd_status(args: argparse.Namespace, console: Console) -> int:
             "refused calls split", f"{status['splits']:,} ({status['split_requests']:,} requests for parts)"
         )
     out.print(table)
+    if "shards" in status:  # a sharded run: the counts above are its shards' added up
+        shards = Table(title="shards")
+        for col in ("shard", "state", "sent", "failed", "rejected", "unknown", "deferred", "pending"):
+            shards.add_column(col, justify="left" if col in ("shard", "state") else "right")
+        for s in status["shards"]:
+            counts = (s[k] for k in ("sent", "failed", "rejected", "unknown", "deferred", "pending"))
+            shards.add_row(s["name"], s["state"], *("?" if v is None else f"{v:,}" for v in counts))
+        out.print(shards)
     running = status["running"]
     if running is not None:
         out.print(f"[bold]running[/] ({running['describe']}): these counts are still moving")
