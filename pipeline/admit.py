@@ -267,6 +267,7 @@ class Admission:
         rejects: Rejects = []
         todo: list[tuple[int, str, Mapping[str, object]]] = []
         skipped_phones: list[str] = []
+        foreign_phones: list[tuple[int, str]] = []
         spec_country = self.campaign.source.default_country
         own_rows = 0
         for i, (row, rec) in enumerate(chunk):
@@ -274,7 +275,7 @@ class Admission:
                 if self.phones is not None and not isinstance(rec, str):
                     phone = normalize_phone(str(rec.get(self.campaign.source.phone, "")), spec_country)
                     if phone is not None:
-                        skipped_phones.append(phone)  # taken, as far as this shard can tell
+                        foreign_phones.append((row, phone))  # taken, as far as this shard can tell
                 continue
             own_rows += 1
             if row < n_status and skip[status[row]]:
@@ -310,7 +311,16 @@ class Admission:
             out = kept
         if self.phones is not None:
             self.phones.add(skipped_phones)
-            dup_phone = self.phones.add([m.phone for m in out])
+            if foreign_phones:  # in row order with this shard's: the earlier row keeps the number
+                entries = sorted(
+                    [(m.row, m.phone, i) for i, m in enumerate(out)] + [(r, p, -1) for r, p in foreign_phones]
+                )
+                dup_phone = [False] * len(out)
+                for (_, _, i), d in zip(entries, self.phones.add([p for _, p, _ in entries]), strict=True):
+                    if i >= 0:
+                        dup_phone[i] = d
+            else:
+                dup_phone = self.phones.add([m.phone for m in out])
             pairs = list(zip(out, dup_phone, strict=True))
             rejects.extend((m.row, m.key, "duplicate phone") for m, d in pairs if d)
             out = [m for m, d in pairs if not d]

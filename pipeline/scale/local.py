@@ -47,9 +47,10 @@ _ORDER = (EXIT_OK, EXIT_UNSETTLED, EXIT_STOPPED, 143, 130, EXIT_USAGE, EXIT_DISK
 
 
 def worst_exit(codes: list[int]) -> int:
-    """The worst of the workers' exit codes (one killed by a signal counts as an error)."""
+    """The worst of the workers' exit codes (a worker killed by a signal counts as an error)."""
     rank = {code: i for i, code in enumerate(_ORDER)}
-    return max(codes, key=lambda c: rank.get(c, len(_ORDER)), default=EXIT_OK) if codes else EXIT_OK
+    worst = max(codes, key=lambda c: rank.get(c, len(_ORDER)), default=EXIT_OK)
+    return worst if worst in rank else EXIT_ERROR
 
 
 def shard_governor(campaign: Campaign, workers: int) -> Governor:
