@@ -28,6 +28,8 @@ from pipeline.errors import CampaignError, RunDirError, RunStopped, SluiceError,
 
 __all__ = ("main",)
 
+_EARLY: list[int] = []  # SIGINT/SIGTERM that came before the run could take them
+
 
 def _emit(doc: dict[str, Any]) -> None:
     sys.stdout.buffer.write(orjson.dumps(doc) + b"\n")
@@ -63,6 +65,9 @@ async def _run_shard(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
 
         async def watch() -> None:
             with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                if _EARLY:
+                    signalled.extend(_EARLY)
+                    stop.set()
                 async for signum in signals:
                     signalled.append(signum)
                     stop.set()
@@ -110,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--endpoint")
     p.add_argument("--resend-unknown", action="store_true")
     p.add_argument("--force", action="store_true")
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda n, _frame: _EARLY.append(n))
     args = p.parse_args(argv)
     from pipeline.app.run_commands import backend_options, open_log
     from pipeline.app.rundir import RunDir

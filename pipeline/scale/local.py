@@ -145,6 +145,8 @@ async def _supervise(
             start_new_session=True,
         ) as process:
             w.process = process
+            if signalled:  # a signal came while it was being started
+                process.send_signal(signal.Signals(signalled[-1]))
             assert process.stdout is not None
             lines = BufferedByteReceiveStream(process.stdout)
             while True:
