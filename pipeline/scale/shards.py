@@ -18,12 +18,14 @@ import dataclasses
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pipeline.app.campaign import Campaign
 from pipeline.app.rundir import RunDir
 from pipeline.errors import RunDirError
 from pipeline.scale import shard_dir
+
+if TYPE_CHECKING:  # `sluice status` reads no campaign, and imports no HTTP stack
+    from pipeline.app.campaign import Campaign
 
 __all__ = (
     "SHARDS_KEY",
