@@ -379,3 +379,6 @@ class TestWorkers:
         assert code == EXIT_USAGE and "--workers 2" in err, err
         code, _, err = _run("run", str(tmp_path / "c.toml"))
         assert code == EXIT_USAGE and "in 2 shards" in err, err
+        for command in ("reconcile", "receipts", "listen"):  # one ledger's commands: per shard
+            code, _, err = _run(command, str(tmp_path / "run"))
+            assert code == EXIT_USAGE and f"sluice {command} " in err and "I-of-2" in err, err

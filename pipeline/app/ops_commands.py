@@ -26,6 +26,7 @@ from pipeline.errors import (
     CampaignError,
 )
 from pipeline.ops.summary import export_rows, summarize
+from pipeline.scale.shards import refuse_sharded
 
 if TYPE_CHECKING:  # imported by the commands that need them: `status` reads no campaign
     pass
@@ -133,6 +134,7 @@ def cmd_reconcile(args: argparse.Namespace, console: Console) -> int:
 
     rd = RunDir(Path(args.run_dir))
     rd.load()
+    refuse_sharded(rd.path, "reconcile")
     with rd.lock("sluice reconcile"):
         open_log(rd.path, echo=not console.is_terminal)
         with ReconcileProgress(console) as progress:
@@ -158,6 +160,7 @@ def cmd_listen(args: argparse.Namespace, console: Console) -> int:
 
     from pipeline.ops.listen import print_ready, serve_listener
 
+    refuse_sharded(Path(args.run_dir), "listen")
     if not args.allow_remote and args.host not in ("127.0.0.1", "::1", "localhost"):
         raise CampaignError("--host", "listening beyond loopback needs --allow-remote")
     stats = asyncio.run(
@@ -176,6 +179,8 @@ def cmd_listen(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_receipts(args: argparse.Namespace, console: Console) -> int:
     from pipeline.ops.receipts_pull import PullResult, pull_receipts
+
+    refuse_sharded(Path(args.run_dir), "receipts")
 
     def progress(r: PullResult, total: int) -> None:
         sys.stderr.write(f"asked {r.asked:,}/{total:,}: {r.delivered:,} delivered, {r.undelivered:,} not\n")

@@ -34,6 +34,7 @@ __all__ = (
     "merged_summary",
     "open_sharded_run",
     "prepare_sharded_run",
+    "refuse_sharded",
     "run_parts",
     "shard_campaign",
     "shard_count",
@@ -118,6 +119,16 @@ def prepare_sharded_run(
         elif not force and shard.load()["campaign_hash"] != part.digest():
             raise RunDirError(f"{path} holds a run of a different campaign than {run_dir}")
     return run
+
+
+def refuse_sharded(run_dir: Path, command: str) -> None:
+    """RunDirError for a command that works on one ledger, given a sharded run's parent."""
+    if is_sharded(run_dir):
+        count = open_sharded_run(run_dir).count
+        raise RunDirError(
+            f"{run_dir} is a run in {count} shards, each with its own ledger: "
+            f"`sluice {command} {run_dir}/shards/I-of-{count}` for each shard"
+        )
 
 
 def open_sharded_run(run_dir: Path) -> ShardedRun:
