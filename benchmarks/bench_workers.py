@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             [
                 "client",
                 "recipients/s",
-                "cores used",
+                "cores",
                 "CPU µs/recipient",
                 "responder cores (share)",
                 "others' cores",

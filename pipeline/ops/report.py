@@ -228,7 +228,7 @@ def build_report(run_dir: Path, out_dir: Path | None = None) -> Path:
     rows = "".join(
         f"<tr><td>{html.escape(k.replace('_', ' '))}</td><td>{html.escape(_shown(k, v))}</td></tr>"
         for k, v in [*_identity(doc).items(), *summary.items()]
-        if not isinstance(v, dict)
+        if not isinstance(v, dict | list)  # per-code tables and a sharded run's shards: in report.json
     )
     images = "".join(
         f"<h2>{html.escape(name[:-4].replace('_', ' '))}</h2>"
