@@ -349,7 +349,9 @@ def record_offset(path: Path, records: int, block_size: int = 1 << 20) -> int | 
             if not data:
                 return None
             block = carry + data
-            if b'"' in block or b"\x00" in block or block.count(b"\r") != block.count(b"\r\n"):
+            # a CR that ends the block may start a CRLF the next block ends (it stays in the carry)
+            bare_cr = block.count(b"\r") - block.endswith(b"\r") != block.count(b"\r\n")
+            if b'"' in block or b"\x00" in block or bare_cr:
                 return None
             buf = np.frombuffer(block, np.uint8)
             ends = np.flatnonzero(buf == 10)
