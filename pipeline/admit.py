@@ -31,7 +31,7 @@ from pipeline.app.campaign import DB_KINDS, Campaign
 from pipeline.keys import KeySet, plain_keys
 from pipeline.ledger import Status, StatusArray
 from pipeline.render import Renderer, Template, campaign_text_limit, normalize_phone
-from pipeline.source import Chunk, Columns, CsvSource, JsonlSource, Source
+from pipeline.source import Chunk, Columns, CsvSource, JsonlSource, Shard, Source, file_shard
 from providers.base import Message
 
 if TYPE_CHECKING:
@@ -134,9 +134,15 @@ def open_source(
     """The campaign's source. Given the ledger's statuses and the ``skip`` table of a resume,
     rows settled earlier are read no further than admission needs: a CSV source keeps only
     their key and phone (none of a leading run of them when nothing is needed), a database
-    source starts after its last settled checkpoint in ``run_dir``."""
+    source starts after its last settled checkpoint in ``run_dir``.
+
+    A file shard (``source.shard``) is read whole, other shards' rows kept to what
+    de-duplication reads (a CSV's key and phone; a JSONL line not even parsed when nothing is);
+    :class:`Admission` passes over them."""
     spec = campaign.source
     resuming = status is not None and skip is not None and len(status) > 1
+    shard = file_shard(spec.kind, spec.shard)
+    needed = tuple(c for c in (spec.key, spec.phone if spec.dedupe_phone else None) if c)
     if spec.kind in DB_KINDS:
         from pipeline.db import CHECKPOINTS, open_db_source, read_checkpoints
 
@@ -157,11 +163,14 @@ def open_source(
             rows_status, table = status, skip
             settled = lambda first, stop: rows_status.flags(table, first, stop)  # noqa: E731
             # Rows a resume skips only need what de-duplication reads: the key and the phone.
-            keep = tuple(c for c in (spec.key, spec.phone if spec.dedupe_phone else None) if c)
+            keep = needed
             if not keep:
                 # Nothing is read from settled rows: the leading run of them is not even parsed.
-                end = status.first(bytes(not flag for flag in skip), 1)
+                end = _first_open(status, bytes(not flag for flag in skip), shard)
                 prefix = (len(status) if end < 0 else end) - 1
+        if shard is not None:
+            keep = needed
+            settled = _or_foreign(settled, shard)
         return CsvSource(
             Path(spec.path),
             delimiter=spec.delimiter,
@@ -170,8 +179,40 @@ def open_source(
             keep=keep,
             columnar=columnar,
             skip_records=prefix,
+            shard=shard,
         )
-    return JsonlSource(Path(spec.path))
+    return JsonlSource(Path(spec.path), only=shard if shard is not None and not needed else None)
+
+
+def _first_open(status: StatusArray, acts: bytes, shard: Shard | None) -> int:
+    """The first row (of ``shard``, or any) whose status ``acts`` flags, or -1."""
+    if shard is None:
+        return status.first(acts, 1)
+    i, n = shard
+    window = n << 16
+    for start in range(1, len(status), window):
+        flags = status.flags(acts, start, min(start + window, len(status)))
+        offset = (i - start) % n
+        at = flags[offset::n].find(1)
+        if at >= 0:
+            return start + offset + at * n
+    return -1
+
+
+def _or_foreign(settled: Callable[[int, int], bytes] | None, shard: Shard) -> Callable[[int, int], bytes]:
+    """``settled``'s flags with every row of another shard flagged too (read for its key only)."""
+    i, n = shard
+
+    def flags(first: int, stop: int) -> bytes:
+        out = bytearray(b"\x01" * (stop - first))
+        out[(i - first) % n :: n] = bytes(len(range((i - first) % n, stop - first, n)))
+        if settled is not None:
+            own = settled(first, stop)
+            for p in range((i - first) % n, len(own), n):
+                out[p] = own[p]
+        return bytes(out)
+
+    return flags
 
 
 class Admission:
@@ -198,16 +239,19 @@ class Admission:
         self.keys = KeySet() if self.key_col else None
         self.phones = KeySet() if campaign.source.dedupe_phone else None
         self.suppressed = load_suppression(campaign) if campaign.source.suppress else None
-        self.rows_read = 0
+        # A file shard: other shards' rows count for de-duplication only (not rendered, not read).
+        self.shard = file_shard(campaign.source.kind, campaign.source.shard)
+        self.rows_read = 0  # of this shard
 
     def admit(self, chunk: Chunk) -> list[Message]:
         """The messages to send from ``chunk``; the other rows' reasons go to ``on_reject``."""
         if isinstance(chunk, Columns):
             out = self._admit_columns(chunk)
             if out is not None:
-                self.rows_read += len(chunk)
+                self.rows_read += len(self._own(chunk.first, len(chunk)))
                 return out
             chunk = chunk.records()
+        own_i, own_n = self.shard or (1, 1)
         status = self.status
         n_status = self.settled_end
         skip = self.skip
@@ -226,7 +270,17 @@ class Admission:
         rejects: Rejects = []
         todo: list[tuple[int, str, Mapping[str, object]]] = []
         skipped_phones: list[str] = []
+        foreign_phones: list[tuple[int, str]] = []
+        spec_country = self.campaign.source.default_country
+        own_rows = 0
         for i, (row, rec) in enumerate(chunk):
+            if (row - own_i) % own_n:  # another shard's row: a settled row of sorts
+                if self.phones is not None and not isinstance(rec, str):
+                    phone = normalize_phone(str(rec.get(self.campaign.source.phone, "")), spec_country)
+                    if phone is not None:
+                        foreign_phones.append((row, phone))  # taken, as far as this shard can tell
+                continue
+            own_rows += 1
             if row < n_status and skip[status[row]]:
                 # A settled row holds its number unless it was rejected (then it never took it).
                 if self.phones is not None and not isinstance(rec, str) and status[row] != Status.REJECTED:
@@ -260,14 +314,30 @@ class Admission:
             out = kept
         if self.phones is not None:
             self.phones.add(skipped_phones)
-            dup_phone = self.phones.add([m.phone for m in out])
+            if foreign_phones:  # in row order with this shard's: the earlier row keeps the number
+                entries = sorted(
+                    [(m.row, m.phone, i) for i, m in enumerate(out)] + [(r, p, -1) for r, p in foreign_phones]
+                )
+                dup_phone = [False] * len(out)
+                for (_, _, i), d in zip(entries, self.phones.add([p for _, p, _ in entries]), strict=True):
+                    if i >= 0:
+                        dup_phone[i] = d
+            else:
+                dup_phone = self.phones.add([m.phone for m in out])
             pairs = list(zip(out, dup_phone, strict=True))
             rejects.extend((m.row, m.key, "duplicate phone") for m, d in pairs if d)
             out = [m for m, d in pairs if not d]
         if rejects:
             self.on_reject(rejects)
-        self.rows_read += len(chunk)
+        self.rows_read += own_rows
         return out
+
+    def _own(self, first: int, n: int) -> range:
+        """The positions in a chunk of ``n`` rows from row ``first`` that are this shard's."""
+        if self.shard is None:
+            return range(n)
+        i, step = self.shard
+        return range((i - first) % step, n, step)
 
     def _admit_columns(self, chunk: Columns) -> list[Message] | None:
         """:meth:`admit` for a chunk of columns, with no dict per row; None (before any
@@ -278,10 +348,12 @@ class Admission:
         status = self.status
         key_col = self.key_col
         rows = range(first, first + n)
+        own = self._own(first, n)
         if first < self.settled_end:
             skipped = status.flags(self.skip, first, first + n)
             if 1 in skipped:  # rows settled earlier (a resume)
-                if len(skipped) < n or 0 in skipped:
+                mine = skipped[own.start :: own.step]
+                if len(mine) < len(own) or 0 in mine:
                     return None  # some still to send: the row path sorts them out
                 if key_col is not None:  # all settled: only their keys still count
                     column = chunk.column(key_col)
@@ -302,7 +374,17 @@ class Admission:
             dup = self.keys.add(keys)
         rejects: Rejects = []
         values = chunk.values
-        if dup is not None and any(dup):
+        if self.shard is not None:  # only this shard's rows: the others counted for their keys
+            keep = [False] * n
+            for p in own:
+                keep[p] = True
+            if dup is not None:
+                rejects = [(rows[p], keys[p], "duplicate key") for p in own if dup[p]]
+                keep = [k and not d for k, d in zip(keep, dup, strict=True)]
+            rows = list(itertools.compress(rows, keep))  # type: ignore[assignment]
+            keys = list(itertools.compress(keys, keep))
+            values = [tuple(itertools.compress(v, keep)) for v in values]
+        elif dup is not None and any(dup):
             rejects = [(r, k, "duplicate key") for r, k, d in zip(rows, keys, dup, strict=True) if d]
             keep = [not d for d in dup]
             rows = list(itertools.compress(rows, keep))  # type: ignore[assignment]

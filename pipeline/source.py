@@ -39,7 +39,9 @@ __all__ = (
     "check_decoded",
     "compare_file_fingerprints",
     "file_fingerprint",
+    "file_shard",
     "record_offset",
+    "shard_rows",
 )
 
 Record = Mapping[str, object] | str
@@ -84,6 +86,26 @@ class Columns:
 
 
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+
+Shard = tuple[int, int]
+"""(i, n) of ``source.shard = "i/n"``: the rows whose number is congruent to i - 1 modulo n."""
+
+
+def file_shard(kind: str, shard: str | None) -> Shard | None:
+    """The shard a CSV or JSONL source is read as, or None (unsharded, or a database source,
+    whose query selects its shard itself)."""
+    if shard is None or kind not in ("csv", "jsonl"):
+        return None
+    i, n = shard.split("/")
+    return int(i), int(n)
+
+
+def shard_rows(rows: int, shard: Shard | None) -> int:
+    """How many of rows 1..``rows`` belong to ``shard`` (all of them when None)."""
+    if shard is None:
+        return rows
+    i, n = shard
+    return max(0, (rows - i) // n + 1)
 
 
 Chunk = Rows | Columns
@@ -166,6 +188,7 @@ class CsvSource:
     # check): passed over by counting lines, without parsing, where the file allows it.
     skip_records: int = 0
     rows_before: int = 0  # records passed over that way (the engine counts them as read)
+    shard: Shard | None = None  # rows_before counts this shard's records only
 
     def _open(self) -> tuple[Iterator[list[str]], list[str] | None, object]:
         try:
@@ -216,7 +239,8 @@ class CsvSource:
                 raw.seek(offset)
                 f = io.TextIOWrapper(raw, encoding=self.encoding, errors="surrogateescape", newline="")
                 reader = csv.reader(f, delimiter=self.delimiter)
-                row = self.rows_before = self.skip_records
+                row = self.skip_records
+                self.rows_before = shard_rows(row, self.shard)
             keep_at = [(c, header.index(c)) for c in self.keep if c in header]
             width = len(header)
             while True:
@@ -325,7 +349,9 @@ def record_offset(path: Path, records: int, block_size: int = 1 << 20) -> int | 
             if not data:
                 return None
             block = carry + data
-            if b'"' in block or b"\x00" in block or block.count(b"\r") != block.count(b"\r\n"):
+            # a CR that ends the block may start a CRLF the next block ends (it stays in the carry)
+            bare_cr = block.count(b"\r") - block.endswith(b"\r") != block.count(b"\r\n")
+            if b'"' in block or b"\x00" in block or bare_cr:
                 return None
             buf = np.frombuffer(block, np.uint8)
             ends = np.flatnonzero(buf == 10)
@@ -353,6 +379,7 @@ class JsonlSource:
     """One JSON object per line; the row is the line number; blank lines skipped."""
 
     path: Path
+    only: Shard | None = None  # lines of other shards are not parsed, nor yielded
 
     def columns(self) -> list[str] | None:
         return None
@@ -368,9 +395,10 @@ class JsonlSource:
         with f:
             line_no = 0
             chunk: Rows = []
+            i, n = self.only or (1, 1)
             for line in f:
                 line_no += 1
-                if not line.strip():
+                if (line_no - i) % n or not line.strip():
                     continue
                 try:
                     obj = orjson.loads(line)

@@ -9,7 +9,7 @@ from unittest.mock import patch
 import anyio
 import httpx
 import orjson
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from pipeline.ledger import Status, replay
@@ -214,6 +214,7 @@ class TestRecordOffset:
 
     @settings(max_examples=300, deadline=None)
     @given(st.lists(line, max_size=30), st.integers(1, 12), st.sampled_from([1 << 20, 5]))
+    @example(lines=[""] * 8 + ["a\r"], n=1, block=5)  # a CRLF split across two blocks
     def test_lands_where_the_reader_would(self, lines: list[str], n: int, block: int) -> None:
         import csv
         import io

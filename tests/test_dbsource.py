@@ -199,7 +199,7 @@ class TestCampaign:
             make_campaign(tmp_path, src)
         assert exc.value.field == field
 
-    @pytest.mark.parametrize("key", ["table", "dsn_env", "shard", "key_from"])
+    @pytest.mark.parametrize("key", ["table", "dsn_env", "key_from"])  # shard: files too (test_shards)
     def test_db_keys_refused_for_files(self, tmp_path: Path, key: str) -> None:
         with pytest.raises(CampaignError) as exc:
             make_campaign(tmp_path, {"kind": "csv", "path": "r.csv", "phone": "p", key: "1/2"})

@@ -32,6 +32,7 @@ from pipeline.engine import Progress, RunResult, run_campaign
 from pipeline.errors import CampaignError, RunDirError
 from pipeline.ledger import replay
 from pipeline.limit import Governor
+from pipeline.scale.shards import shard_count
 from pipeline.source import compare_file_fingerprints
 from providers.base import Provider
 
@@ -159,7 +160,7 @@ async def start_run(
         if campaign.source.kind in DB_KINDS:
             total_hint = _rows(fingerprint, total_hint)
         if rd.exists():
-            doc = rd.load()
+            doc = _not_sharded(rd)
             if not force and doc["campaign_hash"] != campaign.digest():
                 raise RunDirError(
                     f"{run_dir} holds a run of a different campaign; use another --run-dir "
@@ -197,15 +198,17 @@ async def resume_run(
     stop: anyio.Event | None = None,
     total_hint: int | None = None,
     limiter: str | None = None,
+    governor: Governor | None = None,
 ) -> RunResult:
     """Continue the run in ``run_dir`` with its pinned campaign.
 
     Skips every settled recipient, retries deferred ones, and re-sends unknown
     ones only with ``resend_unknown``. Refuses a changed source unless ``force``.
-    ``limiter``: as for :func:`start_run`.
+    ``limiter``: as for :func:`start_run`; ``governor``: the limiter a shard of a run shares
+    (see ``run_campaign``), used instead.
     """
     rd = RunDir(run_dir)
-    rd.load()  # a missing or foreign directory: refused before a lock file is put in it
+    _not_sharded(rd)  # a missing or foreign directory: refused before a lock file is put in it
     with rd.lock("sluice resume"):
         campaign, doc = pinned_campaign(rd)
         fingerprint = await _checked_source(campaign, full=False)
@@ -213,7 +216,7 @@ async def resume_run(
             total_hint = _rows(fingerprint, total_hint)
         _pin_source(campaign, rd, doc, fingerprint, force=force)
         provider = provider or make_provider(campaign, run_id=doc["run_id"], endpoint=endpoint)
-        async with _governor(campaign, limiter, endpoint) as governor:
+        async with _governor(campaign, limiter, endpoint, given=governor) as governor:
             return await run_campaign(
                 campaign,
                 rd,
@@ -231,11 +234,11 @@ async def resume_run(
 
 @asynccontextmanager
 async def _governor(
-    campaign: Campaign, limiter: str | None, endpoint: str | None
+    campaign: Campaign, limiter: str | None, endpoint: str | None, *, given: Governor | None = None
 ) -> AsyncIterator[Governor | None]:
-    """A governor on the shared lease limiter at ``limiter``; None: the run's own."""
-    if limiter is None:
-        yield None
+    """``given``, or a governor on the shared lease limiter at ``limiter``; None: the run's own."""
+    if given is not None or limiter is None:
+        yield given
         return
     from pipeline.app.account import limiter_account
     from pipeline.scale.lease import LeasedGovernor, connect_limiter
@@ -252,6 +255,18 @@ async def _governor(
             yield governor
         finally:
             log.info("lease_counts", **governor.counts)  # tokens leased, used, dropped unused
+
+
+def _not_sharded(rd: RunDir) -> dict[str, Any]:
+    """run.json of a run that is not sharded (a sharded one's parent has no ledger of its own)."""
+    doc = rd.load()
+    count = shard_count(doc)
+    if count is not None:
+        raise RunDirError(
+            f"{rd.path} is a run in {count} shards: `sluice resume {rd.path}` resumes them all, "
+            f"`sluice resume {rd.path}/shards/I-of-{count}` one of them"
+        )
+    return doc
 
 
 def _pin_source(

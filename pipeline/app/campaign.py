@@ -511,9 +511,10 @@ def _check_source(src: dict[str, Any]) -> None:
             raise CampaignError("source.path", "is not used by a postgres source (see source.dsn_env)")
     elif not src.get("path"):
         raise CampaignError("source.path", "is required")
+    _check_shard(src)
     if kind not in DB_KINDS:
         for name in _DB_ONLY:
-            if src.get(name) is not None:
+            if name != "shard" and src.get(name) is not None:
                 raise CampaignError(f"source.{name}", "is only for sqlite and postgres sources")
         if src.get("snapshot", False) or src.get("row_number", "rank") != "rank":
             name = "snapshot" if src.get("snapshot", False) else "row_number"
@@ -543,18 +544,22 @@ def _check_source(src: dict[str, Any]) -> None:
         raise CampaignError("source.dsn_env", "is only for postgres sources")
     if src.get("row_number", "rank") not in ("rank", "key"):
         raise CampaignError("source.row_number", 'must be "rank" or "key"')
-    shard = src.get("shard")
-    if shard is not None:
-        m = _SHARD.match(shard)
-        if m is None or not 1 <= int(m[1]) <= int(m[2]) <= 10_000:
-            raise CampaignError("source.shard", 'must be "i/n" with 1 <= i <= n <= 10000, e.g. "2/4"')
-        src["shard"] = f"{int(m[1])}/{int(m[2])}"
     lo, hi = src.get("key_from"), src.get("key_to")
     if lo is not None and hi is not None:
         if isinstance(lo, str) != isinstance(hi, str):
             raise CampaignError("source.key_to", "must be of the same type as source.key_from")
         if not lo < hi:
             raise CampaignError("source.key_to", "must be above source.key_from (the range is [from, to))")
+
+
+def _check_shard(src: dict[str, Any]) -> None:
+    """``shard = "i/n"``: rows (files) or integer keys (databases) congruent to i - 1 modulo n."""
+    shard = src.get("shard")
+    if shard is not None:
+        m = _SHARD.match(shard) if isinstance(shard, str) else None
+        if m is None or not 1 <= int(m[1]) <= int(m[2]) <= 10_000:
+            raise CampaignError("source.shard", 'must be "i/n" with 1 <= i <= n <= 10000, e.g. "2/4"')
+        src["shard"] = f"{int(m[1])}/{int(m[2])}"
 
 
 def load_campaign(path: Path) -> Campaign:

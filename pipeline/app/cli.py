@@ -88,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="send the first rendered message to these numbers only, in a run directory of its own",
     )
     r.add_argument("--limiter", type=_limiter_url, help=LIMITER_HELP)
+    r.add_argument(
+        "--workers",
+        type=_positive,
+        metavar="N",
+        help="send in N shards, a process each (README: Scaling out)",
+    )
     r.set_defaults(func=cmd_run)
 
     s = sub.add_parser("resume", help="resume a run after a crash or a stop")
@@ -95,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resend-unknown", action="store_true", help="send unknown recipients again")
     s.add_argument("--force", action="store_true", help="resume even though the source changed")
     s.add_argument("--limiter", type=_limiter_url, help=LIMITER_HELP)
+    s.add_argument(
+        "--workers", type=_positive, metavar="N", help="a sharded run: its shard count (the default)"
+    )
     s.set_defaults(func=cmd_resume)
 
     st = sub.add_parser("status", help="where a run stands")
@@ -231,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--json goes with --dry-run (a run reports on the terminal; see `sluice status --json`)")
     if args.command == "run" and args.dry_run and args.test_to is not None:
         parser.error("--test-to sends; --dry-run does not: use one of them")
+    if args.command == "run" and args.workers is not None and (args.dry_run or args.test_to or args.listen):
+        parser.error("--workers goes with neither --dry-run, --test-to nor --listen")
     console = Console(stderr=True)
     try:
         try:

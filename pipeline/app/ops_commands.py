@@ -26,6 +26,7 @@ from pipeline.errors import (
     CampaignError,
 )
 from pipeline.ops.summary import export_rows, summarize
+from pipeline.scale.shards import refuse_sharded
 
 if TYPE_CHECKING:  # imported by the commands that need them: `status` reads no campaign
     pass
@@ -89,6 +90,14 @@ def cmd_status(args: argparse.Namespace, console: Console) -> int:
             "refused calls split", f"{status['splits']:,} ({status['split_requests']:,} requests for parts)"
         )
     out.print(table)
+    if "shards" in status:  # a sharded run: the counts above are its shards' added up
+        shards = Table(title="shards")
+        for col in ("shard", "state", "sent", "failed", "rejected", "unknown", "deferred", "pending"):
+            shards.add_column(col, justify="left" if col in ("shard", "state") else "right")
+        for s in status["shards"]:
+            counts = (s[k] for k in ("sent", "failed", "rejected", "unknown", "deferred", "pending"))
+            shards.add_row(s["name"], s["state"], *("?" if v is None else f"{v:,}" for v in counts))
+        out.print(shards)
     running = status["running"]
     if running is not None:
         out.print(f"[bold]running[/] ({running['describe']}): these counts are still moving")
@@ -125,6 +134,7 @@ def cmd_reconcile(args: argparse.Namespace, console: Console) -> int:
 
     rd = RunDir(Path(args.run_dir))
     rd.load()
+    refuse_sharded(rd.path, "reconcile")
     with rd.lock("sluice reconcile"):
         open_log(rd.path, echo=not console.is_terminal)
         with ReconcileProgress(console) as progress:
@@ -150,6 +160,7 @@ def cmd_listen(args: argparse.Namespace, console: Console) -> int:
 
     from pipeline.ops.listen import print_ready, serve_listener
 
+    refuse_sharded(Path(args.run_dir), "listen")
     if not args.allow_remote and args.host not in ("127.0.0.1", "::1", "localhost"):
         raise CampaignError("--host", "listening beyond loopback needs --allow-remote")
     stats = asyncio.run(
@@ -168,6 +179,8 @@ def cmd_listen(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_receipts(args: argparse.Namespace, console: Console) -> int:
     from pipeline.ops.receipts_pull import PullResult, pull_receipts
+
+    refuse_sharded(Path(args.run_dir), "receipts")
 
     def progress(r: PullResult, total: int) -> None:
         sys.stderr.write(f"asked {r.asked:,}/{total:,}: {r.delivered:,} delivered, {r.undelivered:,} not\n")

@@ -297,6 +297,18 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         raise CampaignError("run.dir", "no run directory: set [run] dir or pass --run-dir")
     if args.test_to is not None:
         return cmd_test_send(campaign, run_dir, args, console)
+    if args.workers is not None:
+        from pipeline.scale.local import run_sharded
+
+        return run_sharded(
+            campaign,
+            run_dir,
+            args.workers,
+            force=args.force,
+            resend_unknown=False,
+            console=console,
+            limiter=args.limiter,
+        )
     if args.listen is not None:
         with _listening(run_dir, args.listen, console):
             return _execute(campaign, run_dir, False, args, console)
@@ -346,6 +358,22 @@ def cmd_resume(args: argparse.Namespace, console: Console) -> int:
     from pipeline.app.api import pinned_campaign
 
     run_dir = Path(args.run_dir)
+    from pipeline.scale.shards import is_sharded
+
+    if is_sharded(run_dir):
+        from pipeline.scale.local import run_sharded
+
+        return run_sharded(
+            None,
+            run_dir,
+            args.workers,
+            force=args.force,
+            resend_unknown=args.resend_unknown,
+            console=console,
+            limiter=args.limiter,
+        )
+    if args.workers is not None:
+        raise RunDirError(f"{run_dir} is not a sharded run: resume it without --workers")
     campaign, _ = pinned_campaign(RunDir(run_dir))
     return _execute(campaign, run_dir, True, args, console)
 

@@ -20,15 +20,17 @@ import io
 import math
 import time
 from collections import Counter, defaultdict
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 from pipeline.app.rundir import RunDir
-from pipeline.ledger import Attempt, Intent, events
+from pipeline.ledger import Attempt, Event, Intent, events
 from pipeline.ops.receipts import delivery_report
 from pipeline.ops.summary import summarize
+from pipeline.scale.shards import run_parts
 
 __all__ = ("build_report", "chart_step", "collect_series")
 
@@ -38,18 +40,29 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
-def collect_series(ledger: Path, *, latency_buckets: int = 60, step: float = 1.0) -> dict[str, Any]:
+def _events(ledgers: Path | Sequence[Path]) -> Iterator[tuple[int, Event]]:
+    """(which ledger, event) for the batch events of one ledger, or of a sharded run's ledgers
+    one after the other (each numbers its batches from 1)."""
+    for part, ledger in enumerate([ledgers] if isinstance(ledgers, Path) else ledgers):
+        for event in events(ledger, recipients=False):
+            yield part, event
+
+
+def collect_series(
+    ledger: Path | Sequence[Path], *, latency_buckets: int = 60, step: float = 1.0
+) -> dict[str, Any]:
     """Settled recipients, retries and throttles per ``step`` seconds (counts per bucket, the
-    bucket's start in ``seconds``); latency percentiles over time."""
-    rows_in_batch: dict[int, int] = {}
+    bucket's start in ``seconds``); latency percentiles over time. Several ledgers (a sharded
+    run's) add up."""
+    rows_in_batch: dict[tuple[int, int], int] = {}  # (ledger, batch) → rows
     settled: dict[str, Counter[int]] = defaultdict(Counter)
     retries: Counter[int] = Counter()
     throttles: Counter[int] = Counter()
     splits: Counter[int] = Counter()
     latencies: list[tuple[float, float]] = []
-    for event in events(ledger, recipients=False):
+    for part, event in _events(ledger):
         if isinstance(event, Intent):
-            rows_in_batch[event.batch] = len(event.rows)
+            rows_in_batch[part, event.batch] = len(event.rows)
         elif isinstance(event, Attempt) and event.time is not None:
             second = math.floor(event.time / step)
             if event.status in ("retry", "throttled"):  # sent again: a throttle is a retry too
@@ -58,7 +71,7 @@ def collect_series(ledger: Path, *, latency_buckets: int = 60, step: float = 1.0
             elif event.status == "split":  # nothing settled: its parts are batches of their own
                 splits[second] += 1
             else:
-                settled[event.status][second] += rows_in_batch.get(event.batch, 0)
+                settled[event.status][second] += rows_in_batch.get((part, event.batch), 0)
             if event.ms and event.status != "deferred":
                 latencies.append((event.time, event.ms))
     seconds = sorted({s for c in (*settled.values(), retries, splits) for s in c})
@@ -95,12 +108,10 @@ def _png(fig: Any) -> bytes:
     return buf.getvalue()
 
 
-def chart_step(ledger: Path) -> float:
+def chart_step(ledger: Path | Sequence[Path]) -> float:
     """The bucket the charts use: a second, or finer for a run shorter than 30 s (so that a run
     under a second still draws a line, not one point)."""
-    times = [
-        e.time for e in events(ledger, recipients=False) if isinstance(e, Attempt) and e.time is not None
-    ]
+    times = [e.time for _, e in _events(ledger) if isinstance(e, Attempt) and e.time is not None]
     span = max(times) - min(times) if times else 0.0
     for step in (0.05, 0.1, 0.25, 0.5):
         if span <= 30 * step:
@@ -202,9 +213,10 @@ def build_report(run_dir: Path, out_dir: Path | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True, mode=0o700)
     doc = rd.load(strict=False)
     summary = summarize(run_dir)
-    series = collect_series(rd.ledger)
-    step = chart_step(rd.ledger)
-    charts = _charts(series if step == 1.0 else collect_series(rd.ledger, step=step), summary["outcomes"])
+    ledgers = [RunDir(part).ledger for part in run_parts(run_dir)]
+    series = collect_series(ledgers)
+    step = chart_step(ledgers)
+    charts = _charts(series if step == 1.0 else collect_series(ledgers, step=step), summary["outcomes"])
     delivery, delivery_charts = delivery_report(run_dir, summary["sent"])
     summary.update(delivery)
     charts.update(delivery_charts)
@@ -216,7 +228,7 @@ def build_report(run_dir: Path, out_dir: Path | None = None) -> Path:
     rows = "".join(
         f"<tr><td>{html.escape(k.replace('_', ' '))}</td><td>{html.escape(_shown(k, v))}</td></tr>"
         for k, v in [*_identity(doc).items(), *summary.items()]
-        if not isinstance(v, dict)
+        if not isinstance(v, dict | list)  # per-code tables and a sharded run's shards: in report.json
     )
     images = "".join(
         f"<h2>{html.escape(name[:-4].replace('_', ' '))}</h2>"

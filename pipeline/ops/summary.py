@@ -19,6 +19,7 @@ from pipeline.errors import RunDirError
 from pipeline.ledger import Attempt, Intent, LedgerState, events, final_outcomes, final_states, replay
 from pipeline.ops.receipts import EXPORT_FIELDS as DELIVERY_FIELDS
 from pipeline.ops.receipts import delivery_counts, with_delivery
+from pipeline.source import file_shard, shard_rows
 
 __all__ = ("export_rows", "status_counts", "summarize")
 
@@ -51,6 +52,10 @@ def summarize(run_dir: Path) -> dict[str, Any]:
     then sent in parts) and ``split_requests`` (the requests for those parts, within ``requests``)."""
     rd = RunDir(run_dir)
     doc = rd.load(strict=False)
+    from pipeline.scale.shards import merged_summary, shard_count
+
+    if shard_count(doc) is not None:
+        return merged_summary(run_dir)
     holder = rd.holder()
     try:
         rd.check_ledger(doc, force=False)
@@ -168,7 +173,7 @@ def _count_source_rows(doc: dict[str, Any]) -> int | None:
             n = sum(block.count(newline) for block in iter(lambda: f.read(1 << 20), b""))
     except OSError:
         return None
-    return max(0, n - 1) if kind == "csv" else n
+    return shard_rows(max(0, n - 1) if kind == "csv" else n, file_shard(kind, source.get("shard")))
 
 
 _CODEC = {"utf-16": "utf-16-le"}  # a newline without the BOM
@@ -255,13 +260,21 @@ def _source_phones(rd: RunDir) -> dict[int, str]:
 
 
 def export_rows(run_dir: Path, fmt: str, out: IO[bytes]) -> int:
-    """Write the final outcome of every settled recipient as CSV or JSONL; returns the count."""
+    """Write the final outcome of every settled recipient as CSV or JSONL; returns the count
+    (a sharded run's shards one after the other: its rows keep the source's numbers)."""
+    from pipeline.scale.shards import run_parts
+
     rd = RunDir(run_dir)
     rd.load()
     phones = _source_phones(rd)
+    records = (
+        rec
+        for part in run_parts(run_dir)
+        for rec in with_delivery(_final_lines(RunDir(part).ledger, phones), part)
+    )
     n = 0
     if fmt == "jsonl":
-        for rec in with_delivery(_final_lines(rd.ledger, phones), run_dir):
+        for rec in records:
             out.write(orjson.dumps(rec) + b"\n")
             n += 1
         return n
@@ -270,7 +283,7 @@ def export_rows(run_dir: Path, fmt: str, out: IO[bytes]) -> int:
     text = io.TextIOWrapper(out, encoding="utf-8", newline="", write_through=True)
     writer = csv.DictWriter(text, fieldnames=EXPORT_FIELDS)
     writer.writeheader()
-    for rec in with_delivery(_final_lines(rd.ledger, phones), run_dir):
+    for rec in records:
         writer.writerow(rec)
         n += 1
     text.detach()
