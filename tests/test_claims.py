@@ -575,7 +575,9 @@ def test_redis_restarted_empty_mid_shard_the_worker_stops_then_goes_on(tmp_path:
         restarted_at = time.time()
         server.start()  # empty: the worker registers the run again and finishes it
         code, err = finish(proc)
+        (peak,) = httpx.get(sim.url + "/__stats", timeout=5).json()["peak_1s"].values()
         sim.stop()
+        assert peak["requests"] <= 50, peak  # the limiter's state was lost too: its quiet span held
         assert code in (0, 3), err
         assert "lease lost" in err
         # Nothing sent from one lease ttl after Redis went away until it was back.
