@@ -17,6 +17,7 @@ from typing import Literal
 import httpx
 import orjson
 
+from providers import aliyun_receipts
 from providers.aliyun_query import (
     SendRecord,
     beijing_date,
@@ -483,4 +484,5 @@ SPEC = ProviderKind(
     test_env=ALIYUN_TEST_ENV,
     reconcile=ReconcileQuery(lookup=_lookup, delivery=_delivery),
     text_limit=lambda options, message: AliyunSms.text_limit(message.get("template_text")),
+    receipts=aliyun_receipts.PUSH,
 )

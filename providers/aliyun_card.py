@@ -45,6 +45,7 @@ from typing import Any, Final, Literal
 import httpx
 import orjson
 
+from providers import aliyun_receipts
 from providers.aliyun import (
     ALIYUN_CONFIG,
     ALIYUN_ENV,
@@ -522,4 +523,5 @@ SPEC = ProviderKind(
     text_limit=lambda options, message: AliyunCardSms.text_limit(
         message.get("fallback_type") or "", message.get("template_text")
     ),
+    receipts=aliyun_receipts.PUSH,
 )

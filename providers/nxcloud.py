@@ -54,6 +54,7 @@ from typing import Any, Literal
 import httpx
 import orjson
 
+from providers import nxcloud_receipts
 from providers.aliyun_query import beijing_date
 from providers.base import (
     Batch,
@@ -597,4 +598,5 @@ SPEC = ProviderKind(
     reconcile=ReconcileQuery(lookup=_lookup, delivery=_delivery, preflight=_preflight),
     text_limit=lambda options, message: NxcloudSms.text_limit(),
     message_id=message_id,
+    receipts=nxcloud_receipts.PUSH,
 )

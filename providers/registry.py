@@ -2,7 +2,8 @@
 
 The pipeline asks this module, never a provider module by name: campaign.py validates
 ``[provider]`` keys and batch sizes, account.py builds the provider and reads its
-credentials, reconcile.py picks the status query, the CLI masks every declared secret.
+credentials, reconcile.py picks the status query, the CLI masks every declared secret,
+``sluice listen`` serves the receipt pushes and matches them.
 
 Adding a provider: write ``providers/<name>.py`` (the :class:`~providers.base.Provider`
 contract plus a ``SPEC = ProviderKind(...)``) and add it to ``_BUILTIN`` below, or call
@@ -16,7 +17,7 @@ from collections.abc import Iterator, Mapping
 
 from providers import aliyun, aliyun_card, nxcloud, submail
 from providers.base import Provider
-from providers.spec import ConfigKey, ProviderKind
+from providers.spec import ConfigKey, ProviderKind, ReceiptPush
 
 __all__ = (
     "SIMULATOR",
@@ -24,6 +25,7 @@ __all__ = (
     "kinds",
     "lookup",
     "protocol_of",
+    "receipt_pushes",
     "register",
     "registered",
     "secret_names",
@@ -46,6 +48,11 @@ def register(spec: ProviderKind) -> None:
     for key in spec.config:
         if key.name in known and known[key.name] != key:
             raise ValueError(f"[provider] {key.name} is declared differently by another provider")
+    push = spec.receipts
+    if push is not None and (push.path.startswith("_") or "/" in push.path):
+        raise ValueError(f"receipt path {push.path!r}: one segment, not starting with '_' (the listener's)")
+    if push is not None and receipt_pushes().get(push.path, push) is not push:
+        raise ValueError(f"receipt path {push.path!r} is another provider's")
     _KINDS[spec.kind] = spec
 
 
@@ -87,3 +94,9 @@ def config_keys() -> Mapping[str, ConfigKey]:
 def secret_names() -> tuple[str, ...]:
     """The environment variables holding secrets, of every registered kind."""
     return tuple(dict.fromkeys(name for spec in _KINDS.values() for name in spec.secret_names))
+
+
+def receipt_pushes() -> dict[str, ReceiptPush]:
+    """Path → the receipt push served there, of every registered kind that declares one
+    (kinds speaking one receipt protocol share its path), in registration order."""
+    return {spec.receipts.path: spec.receipts for spec in _KINDS.values() if spec.receipts is not None}

@@ -1,6 +1,7 @@
 """What a provider module declares about itself (its ``SPEC``), read by the pipeline through
 providers/registry.py: the kind, environment variables (and which are secrets), default
-endpoint, largest batch, ``[provider]`` keys with their types, and optional capabilities.
+endpoint, largest batch, ``[provider]`` keys with their types, and optional capabilities
+(clock sync, the status query, delivery receipts pushed over HTTP).
 
 Declarations are read once per run (campaign check, provider construction, log set-up),
 never per batch: the hot path stays ``build_wire`` / ``parse_response``.
@@ -19,12 +20,17 @@ if TYPE_CHECKING:  # only in annotations: `sluice status` imports no HTTP stack
 
 __all__ = (
     "MIN_SECRET_LENGTH",
+    "BadReceipt",
+    "BadSignature",
     "ClockSync",
     "ConfigKey",
     "EnvVar",
     "Fetch",
     "ProviderKind",
     "ProviderSettings",
+    "PushRequest",
+    "Receipt",
+    "ReceiptPush",
     "ReconcileQuery",
     "UnknownSend",
 )
@@ -113,6 +119,57 @@ class ReconcileQuery:
     preflight: Callable[[Provider], None] | None = None  # raises CredentialsError when unusable
 
 
+class BadReceipt(ValueError):
+    """A push that is not a receipt of the protocol it was sent to (answered 400)."""
+
+
+class BadSignature(ValueError):
+    """A push whose signature does not verify, or that no key is set to verify (answered 403)."""
+
+
+@dataclass(slots=True)  # not frozen: made per receipt, and a frozen __init__ costs ~1.5 µs more
+class Receipt:
+    """One delivery report, before it is matched to a recipient: by its batch (``batch_ref`` or
+    ``batch_id``) and the phone in it, or by ``message_id``."""
+
+    provider: str
+    phone: str
+    delivered: bool
+    code: str  # the provider's code (e.g. a carrier's DELIVRD)
+    reported_at: float | None  # epoch seconds
+    provider_id: str = ""  # the provider's id of the message, kept with the receipt
+    batch_ref: str = ""  # the batch's out_id as the provider echoes it (cut to batch_ref_chars)
+    batch_id: str = ""  # the provider's id of the send request (the ledger's attempt line ``id``)
+    message_id: str = ""  # the id sluice chose for the recipient (ProviderKind.message_id)
+
+
+@dataclass(slots=True)  # made per request, like Receipt
+class PushRequest:
+    """An HTTP request a provider pushed to the listener, as read."""
+
+    method: str
+    body: bytes
+    content_type: str  # the media type alone, lower case
+    query: Mapping[str, str]
+    headers: Mapping[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiptPush:
+    """The provider pushes delivery receipts over HTTP: ``sluice listen`` serves them at
+    ``/<token>/<path>`` (kinds speaking one receipt protocol share one declaration)."""
+
+    path: str
+    parse: Callable[[PushRequest, str | None], list[Receipt]]
+    """(request, the key pushes are signed with, if set) → its receipts; [] for a push that
+    settles no message (answered, not stored). Raises BadReceipt or BadSignature."""
+    answer: bytes  # the reply that stops the provider's retries
+    answer_type: str  # its Content-Type
+    methods: frozenset[str] | None = frozenset({"POST"})  # None: any method
+    key_env: str | None = None  # the environment variable holding the signing key
+    batch_ref_chars: int | None = None  # the provider echoes at most this much of the out_id
+
+
 @dataclass(frozen=True, slots=True)
 class ProviderKind:
     """One provider API, as ``[provider] kind`` names it."""
@@ -134,6 +191,7 @@ class ProviderKind:
     message_id: Callable[[str, str], str] | None = None
     """(run id, recipient key) → the id the provider's receipts carry for the recipient, for
     providers whose ids sluice chooses (NXCloud's ``sysMessageId``); None: matched otherwise."""
+    receipts: ReceiptPush | None = None
     text_limit: Callable[[Mapping[str, Any], Mapping[str, Any]], TextLimit | None] = (
         lambda options, message: None
     )

@@ -47,6 +47,7 @@ from typing import Any, Literal
 import httpx
 import orjson
 
+from providers import submail_receipts
 from providers.aliyun_sign import percent_encode
 from providers.base import (
     Batch,
@@ -731,4 +732,5 @@ SPEC = ProviderKind(
     text_limit=lambda options, message: SubmailSms.text_limit(
         options.get("mode") or "batchsend", message.get("template_text")
     ),
+    receipts=submail_receipts.PUSH,
 )

@@ -3,22 +3,39 @@
 from __future__ import annotations
 
 import ast
+import asyncio
+import dataclasses
+import signal
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import httpx
+import orjson
 import pytest
 
 from pipeline.app.account import make_provider
 from pipeline.app.api import start_run
 from pipeline.app.campaign import Campaign, parse_campaign
 from pipeline.errors import CampaignError
+from pipeline.ledger import Intent, follow
+from pipeline.ops.listen import print_ready, serve_listener
 from pipeline.ops.reconcile import reconcile_run
 from providers import registry
 from providers.aliyun import AliyunCredentials, AliyunSms
 from providers.base import CredentialsError
 from providers.simulator import SimulatorConfig, serve
-from providers.spec import ConfigKey, EnvVar, ProviderKind, ProviderSettings
+from providers.spec import (
+    BadReceipt,
+    BadSignature,
+    ConfigKey,
+    EnvVar,
+    ProviderKind,
+    ProviderSettings,
+    PushRequest,
+    Receipt,
+    ReceiptPush,
+)
 from tests.conftest import REPO
 from tests.helpers import final_statuses, write_recipients
 
@@ -119,6 +136,21 @@ class TestNoProviderNamedInPipeline:
                     if node.module == "providers":
                         assert [a.name for a in node.names] == ["registry"], path.name
 
+    def test_the_receipt_stages_name_no_provider_and_no_field_of_one(self) -> None:
+        """Pushes are parsed, verified and routed through ``ProviderKind.receipts``: the
+        listener, the matcher and the pull know no provider, nor what its pushes carry."""
+        words = {spec.kind for spec in registry.registered()} | set(registry.receipt_pushes())
+        words |= {"aliyun", "submail", "nxcloud", "subhook", "smsreport", "sysmessageid"}
+        words |= {"biz_id", "send_id", "phone_number", "err_code", "report_time"}
+        words |= {"messageid", "drtime", "dropped_reason", "md5"}
+        ops = REPO / "pipeline" / "ops"
+        paths = [*sorted(ops.glob("receipts*.py")), ops / "listen.py"]
+        assert [p.name for p in paths] == ["receipts.py", "receipts_pull.py", "listen.py"]
+        for path in paths:
+            text = path.read_text(encoding="utf-8").lower()
+            named = sorted(word for word in words if word in text)
+            assert not named, f"{path.name} names {named}"
+
 
 # -- a provider added from outside pipeline/ --------------------------------------------------
 class AcmeSms(AliyunSms):
@@ -209,3 +241,84 @@ class TestRegisteredProvider:
             await start_run(acme_campaign(tmp_path, sim.base_url), tmp_path / "run")
             with pytest.raises(CampaignError, match="acme has no status query"):
                 await reconcile_run(tmp_path / "run", endpoint=sim.base_url)
+
+
+# -- its receipt pushes, served by `sluice listen` -----------------------------------------
+PUSH_KEY = "acme-push-key-1"
+
+
+def parse_acme_push(request: PushRequest, key: str | None) -> list[Receipt]:
+    """A made-up push: a JSON object per report, signed by a header carrying the key."""
+    if key is None or request.headers.get("x-acme-key") != key:
+        raise BadSignature("bad key")
+    try:
+        report = orjson.loads(request.body)
+    except orjson.JSONDecodeError:
+        raise BadReceipt("not JSON") from None
+    if report.get("kind") == "progress":
+        return []
+    return [Receipt("acme", report["to"], report["ok"], report["code"], None, batch_ref=report["batch"])]
+
+
+ACME_PUSH = ReceiptPush(
+    path="acme", parse=parse_acme_push, answer=b"got it", answer_type="text/plain", key_env="ACME_PUSH_KEY"
+)
+
+
+@pytest.fixture
+def acme_pushing(acme: None) -> Iterator[None]:
+    registry.unregister("acme")
+    registry.register(dataclasses.replace(ACME, receipts=ACME_PUSH))
+    yield  # the acme fixture unregisters it
+
+
+class TestRegisteredReceiptPush:
+    async def test_sluice_listen_serves_and_matches_it(
+        self, tmp_path: Path, acme_pushing: None, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        phones = write_recipients(tmp_path / "recipients.csv", 20)
+        run_dir = tmp_path / "run"
+        async with serve(SimulatorConfig(receipts=tmp_path / "receipts.jsonl")) as sim:
+            await start_run(acme_campaign(tmp_path, sim.base_url), run_dir)
+        events, _ = follow(run_dir / "ledger.jsonl", 0)
+        out_id = {row: e.out_id for e in events if isinstance(e, Intent) for row in e.rows}
+        up = asyncio.Event()
+        where: list[str] = []
+
+        def ready(base: str, token: str) -> None:
+            print_ready(base, token)
+            where.append(f"{base}/{token}/acme")
+            up.set()
+
+        stop = asyncio.Event()
+        listening = asyncio.create_task(
+            serve_listener(run_dir, environ={"ACME_PUSH_KEY": PUSH_KEY}, on_ready=ready, stop=stop)
+        )
+        try:
+            await asyncio.wait_for(up.wait(), 30)
+            report = {"batch": out_id[3], "to": phones[3], "ok": False, "code": "EXPIRED"}
+            signed = {"x-acme-key": PUSH_KEY}
+            async with httpx.AsyncClient(timeout=10) as client:
+                answer = await client.post(where[0], content=orjson.dumps(report), headers=signed)
+                assert (answer.status_code, answer.text) == (200, "got it")
+                assert answer.headers["content-type"] == "text/plain"
+                forged = await client.post(
+                    where[0], content=orjson.dumps(report), headers={"x-acme-key": "x"}
+                )
+                assert forged.status_code == 403
+                assert (await client.post(where[0], content=b"{", headers=signed)).status_code == 400
+                assert (await client.get(where[0], headers=signed)).status_code == 405
+                progress = await client.post(where[0], content=b'{"kind":"progress"}', headers=signed)
+                assert progress.status_code == 200
+        finally:
+            stop.set()
+            counts = await listening
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)  # the listener's: give them back to pytest
+        assert (counts["matched"], counts["bad_signature"], counts["bad_request"]) == (1, 1, 1)
+        assert counts["ignored_event"] == 1
+        (line,) = (run_dir / "receipts.jsonl").read_bytes().splitlines()
+        stored = orjson.loads(line)
+        assert (stored["r"], stored["d"], stored["c"], stored["p"]) == (3, 0, "EXPIRED", "acme")
+        assert f"acme {where[0]}" in capsys.readouterr().out.splitlines()

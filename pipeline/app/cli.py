@@ -134,8 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ls.add_argument(
         "--subhook-key-env",
-        default="SUBMAIL_SUBHOOK_KEY",
-        help="environment variable holding the SUBHOOK key SUBMAIL signs its events with",
+        default=None,
+        help="environment variable holding the key signed receipt pushes are checked with "
+        "(default: the one each provider declares)",
     )
     ls.set_defaults(func=_cmd_listen)
 

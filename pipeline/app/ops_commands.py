@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -169,7 +168,7 @@ def cmd_listen(args: argparse.Namespace, console: Console) -> int:
             host=args.host,
             port=args.port,
             max_body=args.max_body,
-            subhook_key=os.environ.get(args.subhook_key_env),
+            key_env=args.subhook_key_env,
             on_ready=print_ready,
         )
     )

@@ -324,10 +324,12 @@ def _listening(run_dir: Path, port: int, console: Console) -> Iterator[None]:
     )
     try:
         assert proc.stdout is not None
-        lines = [proc.stdout.readline().decode().strip() for _ in range(5)]
-        if not lines[0]:
+        lines = [proc.stdout.readline().decode().strip()]  # the base URL, one line per push, receipts-to
+        while lines[-1] and not lines[-1].startswith("receipts-to "):
+            lines.append(proc.stdout.readline().decode().strip())
+        if not lines[-1]:
             raise CampaignError("--listen", f"the receipts listener did not start (exit {proc.wait()})")
-        console.print("receipts: " + "; ".join(lines[1:4]))
+        console.print("receipts: " + "; ".join(lines[1:-1]))
         yield
     finally:
         proc.terminate()

@@ -2,13 +2,13 @@
 
 Served by aiohttp's web server (a maintained, pure-asyncio server with a request size limit
 built in, ``client_max_size``; see the README for the measured rate). Paths, under a secret
-token kept in the run directory (``listen-token``) so a restart answers the same URLs::
+token kept in the run directory (``listen-token``) so a restart answers the same URLs:
+``/<token>/<path>`` for each receipt push a registered provider declares
+(``ProviderKind.receipts``: its path, methods, parser, signing key and answer).
 
-    /<token>/aliyun    SmsReport: a JSON array      → {"code":0,"msg":"成功"}
-    /<token>/submail   SUBHOOK events (form or JSON), signature md5(token + key) checked
-    /<token>/nxcloud   DR: form body or query string → success
-
-A request to any other path is answered 404 and counted. Each receipt is matched, de-duplicated
+A request to any other path is answered 404 and counted. A push the provider's parser finds
+malformed is answered 400, one whose signature does not verify 403, one that settles no
+message is answered and counted as ignored. Each receipt is matched, de-duplicated
 and appended to ``receipts.jsonl`` (:mod:`pipeline.ops.receipts`); the answer that makes the
 provider stop retrying leaves only after the lines were fsynced. Requests arriving during one
 fsync share the next (group commit). The run's lock is not taken: ``sluice run`` writes the
@@ -24,33 +24,22 @@ import secrets
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl
 
 import numpy as np
-import orjson
 from aiohttp import web
 
 from pipeline.admit import open_source
 from pipeline.app.account import protocol_of
 from pipeline.app.api import pinned_campaign
 from pipeline.app.rundir import RunDir
-from pipeline.ops.receipts import (
-    BadReceipt,
-    Journal,
-    Receipt,
-    RecipientIndex,
-    parse_aliyun,
-    parse_nxcloud,
-    parse_submail,
-    phone_tail,
-    submail_signature_ok,
-)
+from pipeline.ops.receipts import Journal, RecipientIndex, phone_tail
 from pipeline.render import normalize_phone
 from providers import registry
+from providers.spec import BadReceipt, BadSignature, PushRequest, Receipt, ReceiptPush
 
 __all__ = (
     "DEFAULT_MAX_BODY",
@@ -65,7 +54,7 @@ __all__ = (
 
 DEFAULT_MAX_BODY = 1 << 20
 TOKEN_FILE = "listen-token"
-ALIYUN_OK = orjson.dumps({"code": 0, "msg": "成功"})
+POST_ONLY = frozenset({"POST"})  # what an unknown path allows
 
 
 def run_token(run_dir: Path) -> str:
@@ -82,14 +71,14 @@ def run_token(run_dir: Path) -> str:
 
 
 async def build_index(run_dir: Path) -> RecipientIndex:
-    """Numbers (and NXCloud message ids) of every source row, and the ledger read so far."""
+    """Numbers of every source row (and the message ids sluice chose, for a provider that
+    declares them), and the ledger read so far."""
     rd = RunDir(run_dir)
     campaign, doc = pinned_campaign(rd, strict=False)
-    nxcloud = protocol_of(campaign) == "nxcloud"
     key_col = campaign.source.key
     tails: list[int] = []
     ids: dict[str, int] = {}
-    spec = registry.lookup("nxcloud") if nxcloud else None
+    spec = registry.lookup(protocol_of(campaign))
     message_id = spec.message_id if spec is not None else None
     async for chunk in open_source(campaign).chunks():
         for row, rec in chunk:
@@ -103,7 +92,8 @@ async def build_index(run_dir: Path) -> RecipientIndex:
             if message_id is not None:
                 key = str(rec.get(key_col, row)) if key_col else str(row)
                 ids[message_id(doc["run_id"], key)] = row
-    index = RecipientIndex(rd.ledger, np.asarray(tails, dtype=np.int64), ids)
+    cuts = tuple(sorted({p.batch_ref_chars for p in registry.receipt_pushes().values() if p.batch_ref_chars}))
+    index = RecipientIndex(rd.ledger, np.asarray(tails, dtype=np.int64), ids, cuts)
     index.refresh()
     return index
 
@@ -151,7 +141,8 @@ class Listener:
     run_dir: Path
     journal: Journal
     token: str
-    subhook_key: str | None
+    keys: Mapping[str, str]  # push path → the key its pushes are signed with (where set)
+    pushes: Mapping[str, ReceiptPush] = field(default_factory=registry.receipt_pushes)
     clock: Callable[[], float] = time.time
     counts: dict[str, int] = field(default_factory=dict)
 
@@ -192,51 +183,34 @@ class Listener:
         if not hmac.compare_digest(request.match_info["token"].encode(), self.token.encode()):
             self.count("bad_token")
             raise web.HTTPNotFound()
-        provider = request.match_info["provider"]
-        if provider == "__stats" and request.method == "GET":
+        path = request.match_info["path"]
+        if path == "__stats" and request.method == "GET":
             return web.json_response(self.stats())
-        if request.method != "POST" and provider != "nxcloud":
-            raise web.HTTPMethodNotAllowed(request.method, ["POST"])
+        push = self.pushes.get(path)
+        methods = POST_ONLY if push is None else push.methods
+        if methods is not None and request.method not in methods:
+            raise web.HTTPMethodNotAllowed(request.method, sorted(methods))
         body = await request.read()  # beyond client_max_size: 413, nothing read further
+        if push is None:
+            self.count("bad_token")  # an unknown path: as unknown as a wrong token
+            raise web.HTTPNotFound()
+        pushed = PushRequest(request.method, body, request.content_type, request.query, request.headers)
         try:
-            if provider == "aliyun":
-                await self._store(parse_aliyun(body))
-                return web.Response(body=ALIYUN_OK, content_type="application/json")
-            if provider == "submail":
-                return await self._submail(request, body)
-            if provider == "nxcloud":
-                fields = _form(body) if body else dict(request.query)
-                await self._store([parse_nxcloud(fields)])
-                return web.Response(text="success")
+            receipts = push.parse(pushed, self.keys.get(path))
+            if receipts:
+                await self._store(receipts)
+            else:
+                self.count("ignored_event")
+        except BadSignature as exc:
+            self.count("bad_signature")
+            raise web.HTTPForbidden(text=str(exc)) from None
         except BadReceipt as exc:
             self.count("bad_request")
             raise web.HTTPBadRequest(text=str(exc)) from None
         except OSError:
             self.count("write_failed")
             raise web.HTTPServiceUnavailable() from None
-        self.count("bad_token")  # an unknown provider name: as unknown as a wrong token
-        raise web.HTTPNotFound()
-
-    async def _submail(self, request: web.Request, body: bytes) -> web.Response:
-        if request.content_type == "application/json":
-            try:
-                data = orjson.loads(body)
-            except orjson.JSONDecodeError as exc:
-                raise BadReceipt(f"not JSON: {exc}") from None
-            if not isinstance(data, dict):
-                raise BadReceipt("a SUBHOOK event is an object")
-            event = {k: str(v) for k, v in data.items()}
-        else:
-            event = _form(body)
-        if self.subhook_key is None or not submail_signature_ok(event, self.subhook_key):
-            self.count("bad_signature")
-            raise web.HTTPForbidden(text="bad signature")
-        receipt = parse_submail(event)
-        if receipt is not None:
-            await self._store([receipt])
-        else:
-            self.count("ignored_event")
-        return web.Response(text="success")
+        return web.Response(body=push.answer, headers={"Content-Type": push.answer_type})
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -250,16 +224,9 @@ class Listener:
         }
 
 
-def _form(body: bytes) -> dict[str, str]:
-    try:
-        return dict(parse_qsl(body.decode("utf-8"), keep_blank_values=True))
-    except UnicodeDecodeError:
-        raise BadReceipt("form body is not UTF-8") from None
-
-
 def make_app(listener: Listener, max_body: int) -> web.Application:
     app = web.Application(client_max_size=max_body)
-    app.router.add_route("*", "/{token}/{provider}", listener.handle)
+    app.router.add_route("*", "/{token}/{path}", listener.handle)
 
     @web.middleware
     async def count_404(request: web.Request, handler: Any) -> web.StreamResponse:
@@ -278,15 +245,25 @@ async def serve_listener(
     host: str = "127.0.0.1",
     port: int = 0,
     max_body: int = DEFAULT_MAX_BODY,
-    subhook_key: str | None = None,
+    key_env: str | None = None,
+    environ: Mapping[str, str] | None = None,
     on_ready: Callable[[str, str], None] | None = None,
     stop: asyncio.Event | None = None,
 ) -> dict[str, Any]:
-    """Serve until ``stop`` is set (or SIGTERM/SIGINT); returns the counters."""
+    """Serve until ``stop`` is set (or SIGTERM/SIGINT); returns the counters.
+
+    Each push that is signed is checked with the key in the environment variable its provider
+    declares (``ReceiptPush.key_env``), or in ``key_env`` when given."""
     RunDir(run_dir).check_is_dir()
     os.makedirs(run_dir, mode=0o700, exist_ok=True)
     journal = Journal(run_dir)
-    listener = Listener(run_dir, journal, run_token(run_dir), subhook_key)
+    environ = os.environ if environ is None else environ
+    keys: dict[str, str] = {}
+    for path, push in registry.receipt_pushes().items():
+        name = (key_env or push.key_env) if push.key_env else None
+        if name is not None and name in environ:
+            keys[path] = environ[name]
+    listener = Listener(run_dir, journal, run_token(run_dir), keys)
     runner = web.AppRunner(make_app(listener, max_body), access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
@@ -310,8 +287,8 @@ async def serve_listener(
 
 
 def print_ready(base: str, token: str) -> None:
-    """First line: the base URL; then the push URL of each provider and the simulator's form."""
-    lines = [base, *(f"{p} {base}/{token}/{p}" for p in ("aliyun", "submail", "nxcloud"))]
+    """First line: the base URL; then the URL of each receipt push and the simulator's form."""
+    lines = [base, *(f"{p} {base}/{token}/{p}" for p in registry.receipt_pushes())]
     lines.append(f"receipts-to {base}/{token}")
     sys.stdout.write("\n".join(lines) + "\n")
     sys.stdout.flush()

@@ -2,30 +2,25 @@
 
 ``receipts.jsonl`` in the run directory holds one line per recipient's first final receipt::
 
-    {"r":11,"d":1,"c":"DELIVRD","p":"aliyun","id":"9006^0","t":1700000100.0,"s":1700000001.2}
+    {"r":11,"d":1,"c":"DELIVRD","p":"acme","id":"9006^0","t":1700000100.0,"s":1700000001.2}
 
-``r`` row, ``d`` delivered (1) or not (0), ``c`` the provider's code, ``id`` its message id,
-``t`` when the provider reported it, ``s`` when sluice sent it (the intent's time). Receipts
-that match no recipient of the run go to ``receipts-unmatched.jsonl``. Both files are append-only
-and written by the listener (or ``sluice receipts``) only: never by ``sluice run``.
+``r`` row, ``d`` delivered (1) or not (0), ``c`` the provider's code, ``p`` the provider (its
+receipt protocol), ``id`` its message id, ``t`` when the provider reported it, ``s`` when sluice
+sent it (the intent's time). Receipts that match no recipient of the run go to
+``receipts-unmatched.jsonl``. Both files are append-only and written by the listener (or
+``sluice receipts``) only: never by ``sluice run``.
 
-Matching (PROTOCOLS.md §1.9, §2.6, §3.6):
-
-* Aliyun ``SmsReport``: ``out_id`` names the batch (the intent line's ``o``), ``biz_id`` too
-  (the attempt line's ``id``); the phone picks the recipient in it.
-* SUBMAIL SUBHOOK: ``tag`` is the batch's ``out_id`` (cut to 32), ``address`` the number.
-* NXCloud DR: ``messageid`` is the ``sysMessageId`` sluice sent for the recipient's key.
+Matching: a receipt names its batch (the out_id sluice gave it, perhaps cut to what the
+provider echoes, or the provider's id of the send request, which the attempt line holds) and
+the phone picks the recipient in it; or it carries the id sluice chose for the recipient
+(``ProviderKind.message_id``). What each provider's pushes carry is in its module
+(``ProviderKind.receipts``, providers/spec.py).
 """
 
 from __future__ import annotations
 
-import calendar
-import functools
-import hashlib
-import hmac
 import os
-import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,50 +29,23 @@ import numpy as np
 import orjson
 
 from pipeline.ledger import Intent, follow
+from providers.spec import Receipt
 
 __all__ = (
     "RECEIPTS",
     "UNMATCHED",
-    "BadReceipt",
     "DeliveryCounts",
     "Journal",
-    "Receipt",
     "RecipientIndex",
     "delivery_counts",
     "delivery_report",
     "final_receipts",
-    "parse_aliyun",
-    "parse_nxcloud",
-    "parse_submail",
     "phone_tail",
-    "submail_signature_ok",
     "with_delivery",
 )
 
 RECEIPTS = "receipts.jsonl"
 UNMATCHED = "receipts-unmatched.jsonl"
-BEIJING = 8 * 3600
-NXCLOUD_DELIVERED = "2"
-# SUBHOOK events that settle a message; the others (request, sending, mo, template_*) do not.
-SUBMAIL_FINAL = frozenset({"delivered", "dropped", "unknown"})
-
-
-class BadReceipt(ValueError):
-    """A push body that is not a receipt of the protocol it was sent to."""
-
-
-@dataclass(frozen=True, slots=True)
-class Receipt:
-    """One provider report, before matching. ``batch_ref``: the out_id/tag naming the batch."""
-
-    provider: str
-    phone: str
-    delivered: bool
-    code: str
-    reported_at: float | None
-    provider_id: str = ""
-    batch_ref: str = ""
-    biz_id: str = ""
 
 
 def phone_tail(phone: str) -> int:
@@ -85,93 +53,6 @@ def phone_tail(phone: str) -> int:
     whatever the country-code prefix each carries (0 when there are no digits)."""
     digits = "".join(ch for ch in phone[-16:] if ch.isdigit())[-11:]
     return int(digits) if digits else 0
-
-
-def _beijing_time(text: object) -> float | None:
-    """``yyyy-MM-dd HH:mm:ss`` in UTC+8 (how Aliyun and NXCloud write times) → epoch seconds."""
-    if not isinstance(text, str) or not text:
-        return None
-    return _parse_beijing(text)
-
-
-@functools.lru_cache(maxsize=4096)  # a push's reports share a few seconds: strptime is ~10 µs
-def _parse_beijing(text: str) -> float | None:
-    try:
-        return calendar.timegm(time.strptime(text[:19], "%Y-%m-%d %H:%M:%S")) - BEIJING
-    except ValueError:
-        return None
-
-
-def _text(value: object) -> str:
-    return "" if value is None else str(value)
-
-
-def parse_aliyun(body: bytes) -> list[Receipt]:
-    """``SmsReport``: a JSON array of ``{phone_number, success, err_code, biz_id, out_id, ...}``."""
-    try:
-        items = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise BadReceipt(f"not JSON: {exc}") from None
-    if not isinstance(items, list) or not items:
-        raise BadReceipt("SmsReport is a non-empty JSON array")
-    out = []
-    for item in items:
-        if not isinstance(item, dict) or not item.get("phone_number") or "success" not in item:
-            raise BadReceipt("each report needs phone_number and success")
-        ok = item["success"] in (True, "true", 1)
-        out.append(
-            Receipt(
-                "aliyun",
-                _text(item["phone_number"]),
-                ok,
-                _text(item.get("err_code")) or ("DELIVERED" if ok else "UNKNOWN"),
-                _beijing_time(item.get("report_time")),
-                _text(item.get("biz_id")),
-                _text(item.get("out_id")),
-                _text(item.get("biz_id")),
-            )
-        )
-    return out
-
-
-def submail_signature_ok(event: Mapping[str, str], key: str) -> bool:
-    """SUBHOOK: md5(token + key) == signature (PROTOCOLS.md §2.6)."""
-    expected = hashlib.md5((event.get("token", "") + key).encode()).hexdigest()
-    signature = event.get("signature", "")
-    return bool(signature) and hmac.compare_digest(expected, signature.lower())
-
-
-def parse_submail(event: Mapping[str, str]) -> Receipt | None:
-    """A SUBHOOK event; None for the events that do not settle a message (``request``, ``mo``...)."""
-    kind = event.get("events") or event.get("event") or ""
-    if not kind:
-        raise BadReceipt("SUBHOOK event without 'events'")
-    if kind not in SUBMAIL_FINAL:
-        return None
-    if not event.get("address") or not event.get("send_id"):
-        raise BadReceipt("SUBHOOK event needs send_id and address")
-    delivered = kind == "delivered"
-    code = event.get("report") or event.get("dropped_reason") or ("DELIVRD" if delivered else kind.upper())
-    try:
-        at: float | None = float(event.get("timestamp", ""))
-    except ValueError:
-        at = None
-    return Receipt("submail", event["address"], delivered, code, at, event["send_id"], event.get("tag", ""))
-
-
-def parse_nxcloud(fields: Mapping[str, str]) -> Receipt:
-    """A DR: ``phone``, ``messageid``, ``status`` (2 = DELIVRD), ``result``, ``drtime`` ..."""
-    if not fields.get("messageid") or not fields.get("status"):
-        raise BadReceipt("DR needs messageid and status")
-    delivered = fields["status"] == NXCLOUD_DELIVERED
-    return Receipt(
-        "nxcloud",
-        fields.get("phone", ""),
-        delivered,
-        fields.get("result") or f"status{fields['status']}",
-        _beijing_time(fields.get("drtime")),
-        fields["messageid"],
-    )
 
 
 @dataclass(slots=True)
@@ -182,41 +63,44 @@ class _Batch:
 
 @dataclass
 class RecipientIndex:
-    """Finds a receipt's row from the ledger (batches by out_id/BizId) and the source (numbers,
-    and for NXCloud the ``sysMessageId`` of every key). The ledger is re-read from where it was
-    left when a receipt names a batch not seen yet: the listener runs beside the sender."""
+    """Finds a receipt's row from the ledger (batches by out_id and by the provider's id of the
+    send request) and the source (numbers, and the message id sluice chose for every key when
+    the provider declares one). The ledger is re-read from where it was left when a receipt
+    names a batch not seen yet: the listener runs beside the sender."""
 
     ledger: Path
     phones: np.ndarray[Any, np.dtype[np.int64]]  # row → phone_tail
-    message_ids: dict[str, int] = field(default_factory=dict)  # NXCloud sysMessageId → row
+    message_ids: dict[str, int] = field(default_factory=dict)  # ProviderKind.message_id → row
+    ref_chars: tuple[int, ...] = ()  # the lengths providers cut an echoed out_id to
     sent_at: np.ndarray[Any, np.dtype[np.float64]] = field(init=False)  # row → last intent time
-    _by_ref: dict[str, _Batch] = field(default_factory=dict)  # out_id (and its 32-char tag)
+    _by_ref: dict[str, _Batch] = field(default_factory=dict)  # out_id (and its cut forms)
     _batch_of_id: dict[int, _Batch] = field(default_factory=dict)
-    _by_biz: dict[str, _Batch] = field(default_factory=dict)
+    _by_batch_id: dict[str, _Batch] = field(default_factory=dict)  # the attempt line's provider id
     _offset: int = 0
 
     def __post_init__(self) -> None:
         self.sent_at = np.zeros(len(self.phones), dtype=np.float64)
 
     def refresh(self) -> None:
-        """Read the ledger's new whole lines: intents (out_id → rows) and attempts (BizId)."""
+        """Read the ledger's new whole lines: intents (out_id → rows) and attempts (their id)."""
         found, self._offset = follow(self.ledger, self._offset)
         for event in found:
             if isinstance(event, Intent):
                 batch = _Batch([r for r in event.rows if r < len(self.phones)])
                 self._by_ref[event.out_id] = batch
-                self._by_ref.setdefault(event.out_id[:32], batch)
+                for chars in self.ref_chars:
+                    self._by_ref.setdefault(event.out_id[:chars], batch)
                 self._batch_of_id[event.batch] = batch
                 self.sent_at[batch.rows] = float(event.time or 0.0)
             elif event.provider_id is not None:
                 attempted = self._batch_of_id.get(event.batch)
                 if attempted is not None:
-                    self._by_biz[event.provider_id] = attempted
+                    self._by_batch_id[event.provider_id] = attempted
 
     def _in_batch(self, r: Receipt) -> int | None:
         batch = self._by_ref.get(r.batch_ref) if r.batch_ref else None
-        if batch is None and r.biz_id:
-            batch = self._by_biz.get(r.biz_id)
+        if batch is None and r.batch_id:
+            batch = self._by_batch_id.get(r.batch_id)
         if batch is None:
             return None
         if batch.by_phone is None:  # built on the batch's first receipt
@@ -226,8 +110,8 @@ class RecipientIndex:
 
     def match(self, r: Receipt) -> tuple[int, float] | None:
         """(row, time sent) or None."""
-        if r.provider == "nxcloud":
-            row = self.message_ids.get(r.provider_id)
+        if r.message_id:
+            row = self.message_ids.get(r.message_id)
             if row is not None and not self.sent_at[row]:
                 self.refresh()
             if row is None or not self.sent_at[row]:

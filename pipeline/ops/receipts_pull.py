@@ -1,12 +1,11 @@
 """``sluice receipts``: ask the provider what became of sent recipients that have no receipt yet.
 
-For providers or setups without pushes. The queries are reconciliation's
-(:mod:`pipeline.ops.reconcile`): Aliyun ``QuerySendDetails`` (``SendStatus`` 3 delivered, 2 failed),
-card ``GetCardSmsDetails`` (3 success; 2, 4 failed), NXCloud's record query (``dr``), SUBMAIL
-``sms/log`` (``delivered`` / ``dropped``; one page a minute by default). Only rows sent at least
-``settle_after`` seconds ago are asked about; a receipt found is appended to ``receipts.jsonl``
-(fsynced every ``sync_every`` receipts), so a killed pull loses at most that many answers and the
-next pull skips every row that has one. Queries go through a rate limiter.
+For providers or setups without pushes. The queries are reconciliation's, read for delivery
+(``ReconcileQuery.delivery`` / ``delivery_sweep`` of the provider's declaration, and its
+default pace ``queries_per_second``). Only rows sent at least ``settle_after`` seconds ago
+are asked about; a receipt found is appended to ``receipts.jsonl`` (fsynced every
+``sync_every`` receipts), so a killed pull loses at most that many answers and the next pull
+skips every row that has one. Queries go through a rate limiter.
 """
 
 from __future__ import annotations
@@ -25,8 +24,8 @@ from pipeline.app.rundir import RunDir
 from pipeline.errors import CampaignError
 from pipeline.ledger import Status, replay
 from pipeline.ops.asking import ask_all, last_intents, unsettled_sends
-from pipeline.ops.receipts import Journal, Receipt
-from providers.spec import UnknownSend
+from pipeline.ops.receipts import Journal
+from providers.spec import Receipt, UnknownSend
 
 __all__ = ("PullResult", "pull_receipts")
 
@@ -65,7 +64,7 @@ async def pull_receipts(
 ) -> PullResult:
     """Query the status API for every sent row of ``run_dir`` without a receipt; append what it says.
 
-    ``queries_per_second`` defaults to 50, and to one a minute for SUBMAIL's ``sms/log``.
+    ``queries_per_second`` defaults to the pace the provider's query declares.
     """
     rd = RunDir(run_dir)
     campaign, doc = pinned_campaign(rd, strict=False)
