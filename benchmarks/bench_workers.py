@@ -34,6 +34,7 @@ from benchmarks.common import (
     BenchError,
     ForeignLoad,
     Responder,
+    compile_bytecode,
     machine_info,
     markdown_table,
     median,
@@ -109,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-wait-quiet", type=float, default=10.0)
     p.add_argument("--workdir", type=Path, default=None)
     args = p.parse_args(argv)
+    bytecode = compile_bytecode()  # as pip install does: see benchmarks.common.compile_bytecode
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-workers-"))
     work.mkdir(parents=True, exist_ok=True)
     csv_path = work / f"recipients-{args.recipients}.csv"
@@ -158,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "workers",
         "command": "python -m benchmarks.bench_workers " + " ".join(argv or sys.argv[1:]),
         "machine": machine_info(),
+        "bytecode": bytecode,
         "rows": args.recipients,
         "distinct_recipients": distinct,
         "summary": summary,
