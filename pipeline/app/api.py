@@ -40,6 +40,7 @@ log = structlog.get_logger("sluice.api")
 
 __all__ = (
     "check_source",
+    "leased_governor",
     "make_provider",
     "pinned_campaign",
     "resume_run",
@@ -240,16 +241,30 @@ async def _governor(
     if given is not None or limiter is None:
         yield given
         return
+    async with leased_governor(campaign, limiter, endpoint) as governor:
+        yield governor
+
+
+@asynccontextmanager
+async def leased_governor(
+    campaign: Campaign, limiter: str, endpoint: str | None, *, recipients_share: float = 1.0
+) -> AsyncIterator[Governor]:
+    """A governor taking a lease from the limiter at ``limiter`` for every request, so that every
+    run (or shard) using it shares the account's requests/s. Recipients per second are not
+    leased: this process keeps ``recipients_share`` of them."""
     from pipeline.app.account import limiter_account
     from pipeline.scale.lease import LeasedGovernor, connect_limiter
 
     limits = campaign.limits
+    rps = limits.recipients_per_second
     account = limiter_account(campaign, endpoint=endpoint)
     async with connect_limiter(
         limiter, limit=max(1, int(limits.requests_per_second)), account_key=account
     ) as lim:
         governor = LeasedGovernor(
-            lim, target=limits.requests_per_second, recipients_rate=limits.recipients_per_second
+            lim,
+            target=limits.requests_per_second,
+            recipients_rate=rps * recipients_share if rps is not None else None,
         )
         try:
             yield governor

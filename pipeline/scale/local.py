@@ -66,22 +66,10 @@ async def shard_governor(
     sliding second holds more; an idle shard's share goes to the others. Recipients per
     second are not leased: each shard keeps 1/``workers`` of them.
     """
-    from pipeline.app.account import limiter_account
-    from pipeline.scale.lease import LeasedGovernor, connect_limiter
+    from pipeline.app.api import leased_governor
 
-    limits = campaign.limits
-    rps = limits.recipients_per_second
-    account = limiter_account(campaign, endpoint=endpoint)
-    async with connect_limiter(
-        limiter, limit=max(1, int(limits.requests_per_second)), account_key=account
-    ) as lim:
-        governor = LeasedGovernor(
-            lim, target=limits.requests_per_second, recipients_rate=rps / workers if rps is not None else None
-        )
-        try:
-            yield governor
-        finally:
-            log.info("lease_counts", **governor.counts)
+    async with leased_governor(campaign, limiter, endpoint, recipients_share=1 / workers) as governor:
+        yield governor
 
 
 @dataclass
