@@ -217,7 +217,7 @@ async def resume_run(
             total_hint = _rows(fingerprint, total_hint)
         _pin_source(campaign, rd, doc, fingerprint, force=force)
         provider = provider or make_provider(campaign, run_id=doc["run_id"], endpoint=endpoint)
-        async with _governor(campaign, limiter, endpoint, given=governor) as governor:
+        async with _governor(campaign, None if governor else limiter, endpoint) as shared:
             return await run_campaign(
                 campaign,
                 rd,
@@ -229,17 +229,17 @@ async def resume_run(
                 stop=stop,
                 total_hint=total_hint,
                 force=force,
-                governor=governor,
+                governor=governor or shared,
             )
 
 
 @asynccontextmanager
 async def _governor(
-    campaign: Campaign, limiter: str | None, endpoint: str | None, *, given: Governor | None = None
+    campaign: Campaign, limiter: str | None, endpoint: str | None
 ) -> AsyncIterator[Governor | None]:
-    """``given``, or a governor on the shared lease limiter at ``limiter``; None: the run's own."""
-    if given is not None or limiter is None:
-        yield given
+    """A governor on the shared lease limiter at ``limiter``; None: the run's own."""
+    if limiter is None:
+        yield None
         return
     async with leased_governor(campaign, limiter, endpoint) as governor:
         yield governor

@@ -37,6 +37,7 @@ from pipeline.errors import (
     SluiceError,
     SourceError,
 )
+from pipeline.scale import is_limiter_url
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -199,7 +200,7 @@ LIMITER_HELP = (
 
 
 def _limiter_url(text: str) -> str:
-    if not text.startswith(("redis://", "rediss://", "unix:")):
+    if not is_limiter_url(text):
         raise argparse.ArgumentTypeError("a limiter is redis://host:port/db or unix:/path")
     return text
 

@@ -15,6 +15,7 @@ from rich.table import Table
 
 from pipeline.app.exits import EXIT_DISK, EXIT_OK, EXIT_STOPPED, EXIT_UNSETTLED, EXIT_USAGE, SIGNAL_EXIT
 from pipeline.errors import DISK_FAULT, REJECT_RATIO, CampaignError
+from pipeline.scale import is_limiter_url
 
 if TYPE_CHECKING:
     from pipeline.scale.worker import WorkerReport
@@ -39,11 +40,18 @@ def add_worker_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     w.add_argument(
         "--limiter",
+        type=_limiter_or_none,
         metavar="URL",
         help="the lease limiter all workers pace with: redis://… or unix:/path (default: the "
         "coordinator; 'none' to let each worker pace by itself, which multiplies the rate)",
     )
     w.set_defaults(func=cmd_worker)
+
+
+def _limiter_or_none(text: str) -> str:
+    if text != "none" and not is_limiter_url(text):
+        raise argparse.ArgumentTypeError("a limiter is redis://host:port/db, unix:/path or none")
+    return text
 
 
 def _shards(text: str) -> int:
@@ -90,8 +98,6 @@ def cmd_worker(args: argparse.Namespace, console: Console) -> int:
     except ValueError as exc:
         raise CampaignError("--coordinator", f"not a Redis URL: {exc}") from None
     limiter = args.coordinator if args.limiter is None else None if args.limiter == "none" else args.limiter
-    if limiter is not None and not limiter.startswith(("redis://", "rediss://", "unix:")):
-        raise CampaignError("--limiter", "a limiter is redis://host:port/db, unix:/path or none")
     doc, shards = prepare_run(campaign, run_dir, args.shards)
     open_log(run_dir, echo=not console.is_terminal)
     signalled: list[int] = []

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ("SHARDS_DIR", "shard_dir", "shard_name")
+__all__ = ("SHARDS_DIR", "is_limiter_url", "shard_dir", "shard_name")
 
 SHARDS_DIR = "shards"
 
@@ -27,3 +27,8 @@ def shard_name(index: int, count: int) -> str:
 def shard_dir(run_dir: Path, index: int, count: int) -> Path:
     """Where shard ``index`` of ``count`` keeps its run directory inside ``run_dir``."""
     return run_dir / SHARDS_DIR / shard_name(index, count)
+
+
+def is_limiter_url(text: str) -> bool:
+    """A lease limiter's address: ``redis://host:port/db`` (``rediss://``) or ``unix:/path``."""
+    return text.startswith(("redis://", "rediss://", "unix:"))
